@@ -1,0 +1,331 @@
+"""Experiment configs: load `configs/x.py[:arg]`, apply `--config.a.b=v`, validate, persist."""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib.util
+import inspect
+import json
+import os
+from typing import Any, Iterable
+
+import ml_collections
+
+from dlfx.errors import ConfigError
+
+PARALLEL_MODES = ("auto", "pmap", "shard_map")
+DTYPES = ("float32", "bfloat16", "float16")
+OPTIMIZERS = ("sgd", "adam", "adamw", "lion")
+SCHEDULES = ("constant", "cosine", "warmup_cosine", "linear", "step")
+LOSSES = ("softmax_xent",)
+
+
+def base_config() -> ml_collections.ConfigDict:
+    """Every key dlfx knows, with its default; config files start from this."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0  # drives parameter init, dropout and data order
+
+    c.model = ml_collections.ConfigDict()
+    c.model.name = ""  # registry name, see dlfx.models; other keys are passed to the model
+
+    c.data = ml_collections.ConfigDict()
+    c.data.name = ""  # registry name, see dlfx.data; other keys are passed to the source
+    c.data.batch_size = 128  # global batch, split over processes and devices
+
+    c.loss = ml_collections.ConfigDict()
+    c.loss.name = "softmax_xent"
+    c.loss.label_smoothing = 0.0
+
+    c.optimizer = ml_collections.ConfigDict()
+    c.optimizer.name = "adamw"
+    c.optimizer.learning_rate = 1e-3  # peak learning rate
+    c.optimizer.schedule = "warmup_cosine"
+    c.optimizer.warmup_steps = 0
+    c.optimizer.end_learning_rate = 0.0  # cosine / linear end value
+    c.optimizer.boundaries = (0.5, 0.75)  # step schedule: fractions of the run
+    c.optimizer.decay_factor = 0.1  # step schedule: multiplier at each boundary
+    c.optimizer.weight_decay = 0.0  # decoupled; never applied to biases or norm scales
+    c.optimizer.clip_norm = 0.0  # global-norm clipping; 0 turns it off
+    c.optimizer.momentum = 0.9  # sgd
+    c.optimizer.nesterov = False  # sgd
+    c.optimizer.b1 = 0.9  # adam/adamw/lion
+    c.optimizer.b2 = 0.999  # adam/adamw; lion usually wants 0.99
+    c.optimizer.eps = 1e-8  # adam/adamw
+
+    c.train = ml_collections.ConfigDict()
+    c.train.steps = 0  # set steps or epochs (epochs = passes over the train split)
+    c.train.epochs = 0
+    c.train.eval_every = 0  # 0: evaluate only at the end
+    c.train.log_every = 50
+    c.train.checkpoint_every = 500  # also saved at the end
+    c.train.keep = 3  # newest checkpoints kept
+
+    c.parallel = ml_collections.ConfigDict()
+    c.parallel.mode = "auto"  # auto (= shard_map) | pmap | shard_map
+
+    c.precision = ml_collections.ConfigDict()
+    c.precision.compute_dtype = "float32"
+    c.precision.param_dtype = "float32"
+    return c
+
+
+def parse_config_spec(spec: str) -> tuple[str, str | None]:
+    """Split `path/to/x.py:arg` into the file path and the optional argument."""
+    path, sep, arg = spec.partition(":")
+    if sep and not path.endswith(".py"):  # a ':' inside the path itself, not an arg
+        return spec, None
+    return path, (arg if sep else None)
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """Run `get_config(arg)` of a config file given as `path.py[:arg]`."""
+    path, arg = parse_config_spec(spec)
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file not found: {path}")
+    name = "dlfx_config_" + os.path.splitext(os.path.basename(path))[0]
+    module_spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(module_spec)
+    try:
+        module_spec.loader.exec_module(module)
+    except SyntaxError as e:
+        raise ConfigError(f"config file {path}: syntax error at line {e.lineno}: {e.msg}") from None
+    except Exception as e:  # the file's own code failed
+        raise ConfigError(f"config file {path}: {type(e).__name__}: {e}") from None
+    get_config = getattr(module, "get_config", None)
+    if get_config is None:
+        raise ConfigError(f"config file {path} defines no get_config()")
+    takes_arg = bool(inspect.signature(get_config).parameters)
+    if arg is not None and not takes_arg:
+        raise ConfigError(f"config file {path} takes no argument, got ':{arg}'")
+    try:
+        config = get_config(arg) if takes_arg else get_config()
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"config file {path}: get_config({arg!r}) failed: {type(e).__name__}: {e}") from None
+    if not isinstance(config, ml_collections.ConfigDict):
+        raise ConfigError(f"config file {path}: get_config() must return a ConfigDict")
+    return config
+
+
+def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    """All leaf keys of a config as dotted paths."""
+    keys = []
+    for k, v in config.items():
+        if isinstance(v, ml_collections.ConfigDict):
+            keys.extend(flat_keys(v, f"{prefix}{k}."))
+        else:
+            keys.append(f"{prefix}{k}")
+    return keys
+
+
+def _unknown_key(key: str, config: ml_collections.ConfigDict) -> ConfigError:
+    close = difflib.get_close_matches(key, flat_keys(config), n=1, cutoff=0.6)
+    hint = f"; did you mean config.{close[0]}?" if close else ""
+    return ConfigError(f"unknown config key config.{key}{hint}")
+
+
+def _parse_bool(text: str) -> bool:
+    lowered = text.strip().lower()
+    if lowered in ("true", "1", "yes", "on"):
+        return True
+    if lowered in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(text)
+
+
+def _parse_sequence(text: str, like: tuple | list) -> tuple | list:
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, SyntaxError):
+        value = [part.strip() for part in text.split(",") if part.strip()]
+    if not isinstance(value, (list, tuple)):
+        value = [value]
+    if like and not all(isinstance(v, type(like[0])) or
+                        (isinstance(like[0], float) and isinstance(v, int)) for v in value):
+        raise ValueError(text)
+    return type(like)(value)
+
+
+def parse_value(text: str, current: Any) -> Any:
+    """Parse an override string into the type of the value it replaces."""
+    if isinstance(current, bool):
+        return _parse_bool(text)
+    if isinstance(current, int):
+        return int(text)
+    if isinstance(current, float):
+        return float(text)
+    if isinstance(current, str):
+        return text
+    if isinstance(current, (tuple, list)):
+        return _parse_sequence(text, current)
+    if current is None:
+        try:
+            return ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            return text
+    raise ValueError(text)
+
+
+def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]) -> None:
+    """Apply `a.b.c=value` overrides in place; each value takes the type of the key it replaces."""
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip().removeprefix("--").removeprefix("config.")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form config.a.b=value")
+        parts = key.split(".")
+        node = config
+        for part in parts[:-1]:
+            child = node.get(part) if isinstance(node, ml_collections.ConfigDict) else None
+            if not isinstance(child, ml_collections.ConfigDict):
+                raise _unknown_key(key, config)
+            node = child
+        leaf = parts[-1]
+        if leaf not in node:
+            raise _unknown_key(key, config)
+        current = node[leaf]
+        if isinstance(current, ml_collections.ConfigDict):
+            raise ConfigError(f"config.{key} is a section, set one of its keys "
+                              f"({', '.join(sorted(current.keys()))})")
+        try:
+            value = parse_value(text, current)
+        except ValueError:
+            expected = type(current).__name__
+            if isinstance(current, (tuple, list)) and current:
+                expected += f" of {type(current[0]).__name__}"
+            raise ConfigError(f"config.{key}: expected {expected}, got {text!r}") from None
+        with node.ignore_type():
+            node[leaf] = value
+
+
+def _check_choice(config: ml_collections.ConfigDict, key: str, choices: Iterable[str]) -> None:
+    section, leaf = key.split(".")
+    value = config[section][leaf]
+    if value not in choices:
+        close = difflib.get_close_matches(str(value), list(choices), n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"config.{key}={value!r} is not one of {', '.join(choices)}{hint}")
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Check that every section is present and every value is usable; raise ConfigError."""
+    from dlfx import data, models  # registries; imported here to keep config import light
+
+    reference = base_config()
+    for section in reference.keys():
+        if section not in config:
+            raise ConfigError(f"config.{section} is missing (start config files from dlfx.config.base_config())")
+    for key in flat_keys(config):
+        if key.split(".")[0] not in reference:
+            raise _unknown_key(key, reference)
+    for section in ("loss", "optimizer", "train", "parallel", "precision"):
+        for key in config[section].keys():
+            if key not in reference[section]:
+                raise _unknown_key(f"{section}.{key}", reference)
+    if not config.model.name:
+        raise ConfigError(f"config.model.name is not set (one of {', '.join(models.names())})")
+    _check_choice(config, "model.name", models.names())
+    if not config.data.name:
+        raise ConfigError(f"config.data.name is not set (one of {', '.join(data.names())})")
+    _check_choice(config, "data.name", data.names())
+    _check_choice(config, "loss.name", LOSSES)
+    _check_choice(config, "optimizer.name", OPTIMIZERS)
+    _check_choice(config, "optimizer.schedule", SCHEDULES)
+    _check_choice(config, "parallel.mode", PARALLEL_MODES)
+    _check_choice(config, "precision.compute_dtype", DTYPES)
+    _check_choice(config, "precision.param_dtype", DTYPES)
+    if not isinstance(config.data.batch_size, int) or config.data.batch_size <= 0:
+        raise ConfigError(f"config.data.batch_size must be a positive int, got {config.data.batch_size!r}")
+    if (config.train.steps > 0) == (config.train.epochs > 0):
+        raise ConfigError("set exactly one of config.train.steps and config.train.epochs to a positive number")
+    for key in ("eval_every", "log_every", "checkpoint_every", "keep", "warmup_steps"):
+        section = "optimizer" if key == "warmup_steps" else "train"
+        if config[section][key] < 0:
+            raise ConfigError(f"config.{section}.{key} must be >= 0, got {config[section][key]}")
+    if config.train.keep < 1:
+        raise ConfigError(f"config.train.keep must be >= 1, got {config.train.keep}")
+    if config.train.log_every < 1:
+        raise ConfigError(f"config.train.log_every must be >= 1, got {config.train.log_every}")
+    if config.optimizer.learning_rate < 0:
+        raise ConfigError(f"config.optimizer.learning_rate must be >= 0, got {config.optimizer.learning_rate}")
+    if not 0 <= config.loss.label_smoothing < 1:
+        raise ConfigError(f"config.loss.label_smoothing must be in [0, 1), got {config.loss.label_smoothing}")
+
+
+def load(spec: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
+    """Load a config file, apply overrides, validate and lock it."""
+    config = load_config_file(spec)
+    config.lock()
+    apply_overrides(config, overrides)
+    validate(config)
+    return config
+
+
+def to_dict(config: ml_collections.ConfigDict) -> dict:
+    """The config as plain JSON-compatible Python (tuples become lists)."""
+    return json.loads(config.to_json(sort_keys=True))
+
+
+def _tuples(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _tuples(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return tuple(_tuples(v) for v in value)
+    return value
+
+
+def from_dict(values: dict) -> ml_collections.ConfigDict:
+    """Rebuild a locked ConfigDict from `to_dict` output (lists become tuples again)."""
+    config = ml_collections.ConfigDict(_tuples(values))
+    config.lock()
+    return config
+
+
+def read_workdir_config(workdir: str) -> ml_collections.ConfigDict:
+    """The resolved config a run wrote to `workdir/config.json`."""
+    path = os.path.join(workdir, "config.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"no run in {workdir}: {path} does not exist")
+    try:
+        with open(path) as f:
+            return from_dict(json.load(f))
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+
+
+def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(set(old) | set(new)):
+            out += _diff(old.get(k, "<unset>"), new.get(k, "<unset>"), f"{prefix}{k}.")
+        return out
+    return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
+
+
+def check_workdir(config: ml_collections.ConfigDict, workdir: str, force: bool) -> None:
+    """Refuse a workdir whose config.json holds a different config, unless forced."""
+    path = os.path.join(workdir, "config.json")
+    if force or not os.path.isfile(path):
+        return
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path} is not valid JSON ({e}); use --force to overwrite it") from None
+    changes = _diff(old, to_dict(config))
+    if changes:
+        shown = "; ".join(changes[:5]) + (f"; ... {len(changes) - 5} more" if len(changes) > 5 else "")
+        raise ConfigError(f"workdir {workdir} holds a run with a different config ({shown}); "
+                          "use --force to run the new config there")
+
+
+def write_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Write the resolved config to `workdir/config.json` atomically."""
+    path = os.path.join(workdir, "config.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(to_dict(config), f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)

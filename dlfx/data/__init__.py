@@ -1,0 +1,47 @@
+"""Data: offline sources, the grain pipeline and eval batching."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any, Callable, Mapping
+
+from dlfx.data import sources
+from dlfx.data.pipeline import ArraySource, eval_batches, steps_per_epoch, train_iterator
+from dlfx.data.sources import Dataset
+from dlfx.errors import ConfigError, DataError
+
+SOURCES: dict[str, Callable[..., Dataset]] = {
+    "digits": sources.digits,
+    "mnist1d": sources.mnist1d,
+    "synthetic": sources.synthetic,
+}
+
+__all__ = ["ArraySource", "Dataset", "SOURCES", "eval_batches", "load", "names", "steps_per_epoch",
+           "train_iterator"]
+
+
+def names() -> list[str]:
+    """Registered data set names."""
+    return sorted(SOURCES)
+
+
+def load(data_config: Mapping[str, Any]) -> Dataset:
+    """Load the data set that `config.data` names, passing its other keys (not batch_size) to the source."""
+    name = data_config.get("name", "")
+    if name not in SOURCES:
+        raise ConfigError(f"config.data.name={name!r} is not one of {', '.join(names())}")
+    kwargs = {k: v for k, v in data_config.items() if k not in ("name", "batch_size")}
+    params = inspect.signature(SOURCES[name]).parameters
+    for key in kwargs:
+        if key not in params:
+            raise ConfigError(f"config.data.{key}: data set {name!r} takes no argument {key!r} "
+                              f"(valid: {', '.join(params)})")
+    try:
+        dataset = SOURCES[name](**kwargs)
+    except (DataError, ConfigError):
+        raise
+    except ImportError as e:
+        raise DataError(f"data set {name!r} needs a package that is not installed: {e}") from None
+    if len(dataset.test["y"]) == 0:
+        raise DataError(f"data set {name!r}: eval split is empty")
+    return dataset

@@ -1,0 +1,86 @@
+"""grain input pipeline: seeded, reshuffled each epoch, sharded per process, checkpointable."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator
+
+import grain
+import numpy as np
+
+from dlfx.errors import DataError
+
+
+class ArraySource:
+    """Random-access grain source over a dict of equally long numpy arrays."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]):
+        lengths = {k: len(v) for k, v in arrays.items()}
+        if len(set(lengths.values())) != 1:
+            raise DataError(f"arrays of a split differ in length: {lengths}")
+        self._arrays = arrays
+        self._len = next(iter(lengths.values()))
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return {k: v[index] for k, v in self._arrays.items()}
+
+    def __repr__(self) -> str:  # grain compares reprs when it restores a checkpointed iterator
+        shapes = {k: v.shape for k, v in self._arrays.items()}
+        return f"ArraySource({shapes})"
+
+
+def train_iterator(arrays: dict[str, np.ndarray], global_batch_size: int, seed: int,
+                   process_index: int = 0, process_count: int = 1,
+                   num_threads: int = 2) -> grain.DatasetIterator:
+    """Endless iterator of this process's share of each global batch, reshuffled every epoch.
+
+    Each process reads the disjoint shard `process_index::process_count`, so a global batch is
+    the concatenation of every process's local batch. The iterator supports get_state/set_state.
+    """
+    if global_batch_size % process_count:
+        raise DataError(f"config.data.batch_size={global_batch_size} is not divisible by the "
+                        f"{process_count} processes")
+    local_batch_size = global_batch_size // process_count
+    dataset = grain.MapDataset.source(ArraySource(arrays))[process_index::process_count]
+    if len(dataset) < local_batch_size:
+        raise DataError(f"train split has {len(dataset)} examples on process {process_index}, fewer than "
+                        f"one batch of {local_batch_size} (config.data.batch_size={global_batch_size})")
+    dataset = dataset.shuffle(seed=seed).repeat(None).batch(local_batch_size, drop_remainder=True)
+    options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)
+    return iter(dataset.to_iter_dataset(options))
+
+
+def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
+    """Full global batches in one pass over a split."""
+    return max(num_examples // global_batch_size, 1)
+
+
+def eval_batches(arrays: dict[str, np.ndarray], global_batch_size: int, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+    """This process's part of every eval batch over the whole split, padded, with a 0/1 'mask'.
+
+    Every example is seen exactly once; all processes yield the same number of batches.
+    """
+    num_examples = len(next(iter(arrays.values())))
+    if num_examples == 0:
+        raise DataError("eval split is empty")
+    local_batch_size = global_batch_size // process_count
+    num_batches = math.ceil(num_examples / global_batch_size)
+    local = {k: v[process_index::process_count] for k, v in arrays.items()}
+    num_local = len(local["y"]) if "y" in local else len(next(iter(local.values())))
+    padded_len = num_batches * local_batch_size
+    mask = np.zeros(padded_len, np.float32)
+    mask[:num_local] = 1.0
+    padded = {}
+    for k, v in local.items():
+        out = np.zeros((padded_len, *v.shape[1:]), v.dtype)
+        out[:num_local] = v
+        padded[k] = out
+    for b in range(num_batches):
+        window = slice(b * local_batch_size, (b + 1) * local_batch_size)
+        batch = {k: v[window] for k, v in padded.items()}
+        batch["mask"] = mask[window]
+        yield batch

@@ -1,0 +1,35 @@
+"""Classification losses and metrics (pure functions of logits and integer labels)."""
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def cross_entropy(logits: jnp.ndarray, labels: jnp.ndarray, label_smoothing: float = 0.0) -> jnp.ndarray:
+    """Per-example softmax cross-entropy against integer labels, optionally label-smoothed."""
+    logits = logits.astype(jnp.float32)
+    if label_smoothing == 0.0:
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), label_smoothing)
+    return optax.softmax_cross_entropy(logits, targets)
+
+
+def correct(logits: jnp.ndarray, labels: jnp.ndarray) -> jnp.ndarray:
+    """Per-example 1.0 where the arg-max class equals the label."""
+    return (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)
+
+
+def classification_loss(logits: jnp.ndarray, labels: jnp.ndarray,
+                        label_smoothing: float = 0.0) -> tuple[jnp.ndarray, dict[str, jnp.ndarray]]:
+    """Mean training loss and the batch metrics ('loss', 'accuracy')."""
+    loss = cross_entropy(logits, labels, label_smoothing).mean()
+    return loss, {"loss": loss, "accuracy": correct(logits, labels).mean()}
+
+
+def masked_sums(logits: jnp.ndarray, labels: jnp.ndarray, mask: jnp.ndarray) -> dict[str, jnp.ndarray]:
+    """Sums of unsmoothed loss and correct predictions over the real (mask=1) examples, and their count."""
+    return {
+        "loss": jnp.sum(cross_entropy(logits, labels) * mask),
+        "accuracy": jnp.sum(correct(logits, labels) * mask),
+        "count": jnp.sum(mask),
+    }

@@ -1,0 +1,88 @@
+"""TrainState and the per-device train and eval steps (pure functions, collectives over `axis_name`)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax import lax
+
+from dlfx import losses
+
+DATA_AXIS = "data"
+Batch = dict[str, jnp.ndarray]
+Metrics = dict[str, jnp.ndarray]
+
+
+@flax.struct.dataclass
+class TrainState:
+    """Everything that changes during training; all leaves are arrays so Orbax saves it directly."""
+
+    step: jnp.ndarray
+    params: Any
+    batch_stats: Any
+    opt_state: Any
+    rng: jnp.ndarray  # base key; each step folds in the step number and the device index
+
+
+def init_variables(model: nn.Module, example_x: jnp.ndarray, rng: jnp.ndarray) -> dict:
+    """Fresh model variables ('params' and, for batch-norm models, 'batch_stats')."""
+    params_rng, dropout_rng = jax.random.split(rng)
+    variables = model.init({"params": params_rng, "dropout": dropout_rng}, example_x, train=False)
+    return dict(variables)
+
+
+def create_train_state(variables: dict, tx: optax.GradientTransformation, rng: jnp.ndarray) -> TrainState:
+    """A step-0 TrainState from model variables and an optimizer."""
+    params = variables["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params), rng=rng)
+
+
+def _variables(state: TrainState, params: Any) -> dict:
+    if state.batch_stats:
+        return {"params": params, "batch_stats": state.batch_stats}
+    return {"params": params}
+
+
+def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
+                    label_smoothing: float = 0.0,
+                    axis_name: str = DATA_AXIS) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """One per-device SGD step: local grads, `pmean` over `axis_name`, optax update, synced BN stats."""
+
+    def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
+        dropout_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), lax.axis_index(axis_name))
+
+        def loss_fn(params):
+            logits, updates = model.apply(_variables(state, params), batch["x"], train=True,
+                                          rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
+            loss, metrics = losses.classification_loss(logits, batch["y"], label_smoothing)
+            return loss, (metrics, updates)
+
+        (_, (metrics, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+        grads = lax.pmean(grads, axis_name)
+        metrics = lax.pmean(metrics, axis_name)
+        batch_stats = lax.pmean(updates.get("batch_stats", state.batch_stats), axis_name)
+        param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, param_updates)
+        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
+        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                                  opt_state=opt_state)
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(model: nn.Module, axis_name: str = DATA_AXIS) -> Callable[[TrainState, Batch], Metrics]:
+    """Per-device eval: masked sums of loss/correct/count, `psum`-ed over `axis_name`."""
+
+    def eval_step(state: TrainState, batch: Batch) -> Metrics:
+        logits = model.apply(_variables(state, state.params), batch["x"], train=False)
+        return lax.psum(losses.masked_sums(logits, batch["y"], batch["mask"]), axis_name)
+
+    return eval_step
