@@ -1,0 +1,94 @@
+"""Parameter tables for `dlfx inspect`: read shapes from a run, checkpoint, safetensors or npz file."""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from dlfx.errors import CheckpointError
+
+
+def _key_name(key: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)
+
+
+def path_str(path: tuple) -> str:
+    """A pytree key path written `a/b/c`."""
+    return "/".join(_key_name(k) for k in path)
+
+
+def flatten(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
+    """`a/b/c` -> (shape, dtype) for every array-like leaf of a pytree."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {path_str(p): (tuple(leaf.shape), str(np.dtype(leaf.dtype))) for p, leaf in leaves
+            if hasattr(leaf, "shape")}
+
+
+def _checkpoint_step_dir(path: str) -> str:
+    if os.path.isdir(os.path.join(path, "state")):
+        return path
+    ckpt_dir = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
+    steps = sorted((int(d) for d in os.listdir(ckpt_dir) if d.isdigit()
+                    and os.path.isdir(os.path.join(ckpt_dir, d, "state"))), reverse=True)
+    if not steps:
+        raise CheckpointError(f"no checkpoint found under {path}")
+    return os.path.join(ckpt_dir, str(steps[0]))
+
+
+def read_shapes(path: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """Parameter (and batch-stat) shapes of a workdir, checkpoint folder, `.safetensors` or `.npz` file."""
+    if not os.path.exists(path):
+        raise CheckpointError(f"no such file or folder: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors import safe_open
+
+        try:
+            with safe_open(path, framework="numpy") as f:
+                return {k.replace(".", "/"): (tuple(f.get_slice(k).get_shape()), str(f.get_slice(k).get_dtype()).lower())
+                        for k in f.keys()}
+        except Exception as e:
+            raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
+    if path.endswith(".npz"):
+        try:
+            with np.load(path, allow_pickle=False) as arrays:
+                return {k: (arrays[k].shape, str(arrays[k].dtype)) for k in arrays.files}
+        except Exception as e:
+            raise CheckpointError(f"{path} is not a readable npz file: {e}") from None
+    import orbax.checkpoint as ocp
+
+    step_dir = os.path.abspath(_checkpoint_step_dir(path))
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # Orbax warns that sub-items lack their own metadata file
+    try:
+        tree = ocp.StandardCheckpointer().metadata(os.path.join(step_dir, "state")).item_metadata.tree
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint {step_dir}: {type(e).__name__}: {e}") from None
+    finally:
+        absl_logger.setLevel(level)
+    shapes = flatten(tree)
+    return {k: shapes[k] for k in sorted(shapes, key=lambda k: (not k.startswith("params/"), k))
+            if k.startswith(("params/", "batch_stats/"))}
+
+
+def format_table(shapes: dict[str, tuple[tuple[int, ...], str]]) -> str:
+    """A text table of path, shape, dtype and element count, with totals per top-level collection."""
+    rows = [(p, str(s), d, math.prod(s)) for p, (s, d) in shapes.items()]
+    width = max([len(r[0]) for r in rows] + [4])
+    shape_width = max([len(r[1]) for r in rows] + [5])
+    lines = [f"{'path':<{width}}  {'shape':<{shape_width}}  {'dtype':<8}  {'count':>12}"]
+    lines += [f"{p:<{width}}  {s:<{shape_width}}  {d:<8}  {c:>12,}" for p, s, d, c in rows]
+    totals: dict[str, int] = {}
+    for p, _, _, c in rows:
+        group = p.split("/")[0] if p.startswith(("params/", "batch_stats/")) else "total"
+        totals[group] = totals.get(group, 0) + c
+    lines.append("total: " + ", ".join(f"{c:,} {g}" for g, c in totals.items()) if rows else "total: 0")
+    return "\n".join(lines)

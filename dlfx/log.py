@@ -1,0 +1,81 @@
+"""Run logging: a tqdm progress bar, `metrics.jsonl` and TensorBoard event files (process 0 only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Mapping
+
+import tqdm
+
+
+def read_metrics(workdir: str) -> list[dict]:
+    """All records of a run's `metrics.jsonl` (empty if there is none)."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def truncate_metrics(workdir: str, last_step: int) -> None:
+    """Drop records after `last_step` so a resumed run does not log the same steps twice."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        return
+    kept = [r for r in read_metrics(workdir) if r.get("step", 0) <= last_step]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in kept)
+    os.replace(tmp, path)
+
+
+class RunLogger:
+    """Writes metrics to the console, `workdir/metrics.jsonl` and `workdir/events/`; a no-op when disabled."""
+
+    def __init__(self, workdir: str, total_steps: int, initial_step: int, enabled: bool = True):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from tensorboardX import SummaryWriter  # imported lazily: it is slow to import
+
+        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+        self._events = SummaryWriter(logdir=os.path.join(workdir, "events"))
+        self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, desc="train", unit="step",
+                              dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
+
+    def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
+        """Record one set of scalar metrics for `split` ('train' or 'eval') at `step`."""
+        if not self.enabled:
+            return
+        record = {"step": int(step), "split": split, **{k: float(v) for k, v in metrics.items()},
+                  "wall_time": time.time()}
+        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.flush()
+        for name, value in metrics.items():
+            self._events.add_scalar(f"{split}/{name}", float(value), global_step=int(step))
+        if split == "train":
+            self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", steps_per_s=f"{metrics.get('steps_per_sec', 0):.1f}",
+                                  refresh=False)
+        else:
+            shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
+            self._bar.write(f"step {step} {split}: {shown}")
+
+    def advance(self, step: int) -> None:
+        """Move the progress bar to `step`."""
+        if self.enabled:
+            self._bar.update(step - self._bar.n)
+
+    def message(self, text: str) -> None:
+        """Print a line above the progress bar."""
+        if self.enabled:
+            self._bar.write(text)
+
+    def close(self) -> None:
+        """Flush and close every writer."""
+        if self.enabled:
+            self._bar.close()
+            self._events.close()
+            self._jsonl.close()
