@@ -121,7 +121,9 @@ def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
 
 
 def _unknown_key(key: str, config: ml_collections.ConfigDict) -> ConfigError:
-    close = difflib.get_close_matches(key, flat_keys(config), n=1, cutoff=0.6)
+    leaves = flat_keys(config)
+    candidates = sorted({".".join(k.split(".")[:i + 1]) for k in leaves for i in range(k.count(".") + 1)})
+    close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
     hint = f"; did you mean config.{close[0]}?" if close else ""
     return ConfigError(f"unknown config key config.{key}{hint}")
 

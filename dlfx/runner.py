@@ -217,7 +217,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, force: bool = False) 
         steady = (step - first_log[1]) / (end_time - first_log[0])
     return {"status": status, "step": step, "total_steps": exp.total_steps, "train": train_metrics,
             "eval": eval_metrics, "wall_time": end_time - start_time, "steps_per_sec": steady,
-            "workdir": workdir, "mode": exp.mode, "devices": exp.mesh.devices.size}
+            "workdir": workdir, "mode": exp.mode, "devices": exp.mesh.devices.size, "state": state}
 
 
 def evaluate_workdir(workdir: str, step: int | None = None) -> dict[str, Any]:

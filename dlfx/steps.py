@@ -69,7 +69,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
         batch_stats = lax.pmean(updates.get("batch_stats", state.batch_stats), axis_name)
         param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, param_updates)
-        metrics["grad_norm"] = optax.global_norm(grads)
+        metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
         new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
                                   opt_state=opt_state)

@@ -1,0 +1,134 @@
+"""Offline sources, the grain pipeline (order, epochs, sharding, resume) and batch placement."""
+
+import os
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from dlfx import data, parallel
+from dlfx.checkpoint import Checkpointer
+from dlfx.errors import ConfigError, DataError
+
+
+def _arrays(n=96):
+    return {"x": np.arange(n, dtype=np.float32)[:, None], "y": np.arange(n, dtype=np.int32)}
+
+
+def _take(it, n):
+    return [next(it)["y"].copy() for _ in range(n)]
+
+
+def test_digits_split_is_fixed_disjoint_and_normalized():
+    a, b = data.load({"name": "digits"}), data.load({"name": "digits"})
+    chex.assert_shape(a.train["x"], (1438, 8, 8, 1))
+    chex.assert_shape(a.test["x"], (359, 8, 8, 1))
+    np.testing.assert_array_equal(a.test["x"], b.test["x"])
+    assert a.train["x"].dtype == np.float32 and a.train["y"].dtype == np.int32
+    assert 0.0 <= a.train["x"].min() and a.train["x"].max() <= 1.0
+    train_rows = {r.tobytes() for r in a.train["x"]}
+    overlap = sum(r.tobytes() in train_rows for r in a.test["x"])
+    assert overlap < 5  # only exact duplicate images present in the raw data can coincide
+    other = data.load({"name": "digits", "split_seed": 1})
+    assert not np.array_equal(other.test["y"], a.test["y"])
+
+
+def test_mnist1d_is_generated_offline_and_keeps_global_numpy_rng():
+    np.random.seed(123)
+    expected = np.random.rand(3)
+    np.random.seed(123)
+    ds = data.load({"name": "mnist1d", "num_samples": 500})
+    np.testing.assert_array_equal(np.random.rand(3), expected)
+    chex.assert_shape(ds.train["x"], (400, 40, 1))
+    chex.assert_shape(ds.test["x"], (100, 40, 1))
+    assert set(np.unique(ds.train["y"])) == set(range(10))
+
+
+def test_synthetic_labels_are_deterministic():
+    a = data.load({"name": "synthetic", "shape": (4, 4, 2), "num_classes": 3, "num_train": 64, "num_test": 16})
+    b = data.load({"name": "synthetic", "shape": (4, 4, 2), "num_classes": 3, "num_train": 64, "num_test": 16})
+    chex.assert_shape(a.train["x"], (64, 4, 4, 2))
+    np.testing.assert_array_equal(a.train["y"], b.train["y"])
+    assert a.num_classes == 3 and len(np.unique(a.train["y"])) == 3
+
+
+def test_bad_data_config_is_a_clear_error():
+    with pytest.raises(ConfigError, match="config.data.name='nope' is not one of"):
+        data.load({"name": "nope"})
+    with pytest.raises(ConfigError, match="config.data.num_sample: data set 'mnist1d' takes no argument"):
+        data.load({"name": "mnist1d", "num_sample": 10})
+    with pytest.raises(DataError, match="test_fraction"):
+        data.load({"name": "digits", "test_fraction": 1.5})
+    with pytest.raises(DataError, match="fewer than one batch"):
+        data.train_iterator(_arrays(10), 16, seed=0)
+
+
+def test_order_is_seeded_and_reshuffled_every_epoch():
+    first = np.concatenate(_take(data.train_iterator(_arrays(), 8, seed=0), 24))
+    again = np.concatenate(_take(data.train_iterator(_arrays(), 8, seed=0), 24))
+    other = np.concatenate(_take(data.train_iterator(_arrays(), 8, seed=1), 24))
+    np.testing.assert_array_equal(first, again)
+    assert not np.array_equal(first, other)
+    epoch1, epoch2 = first[:96], first[96:]
+    np.testing.assert_array_equal(np.sort(epoch1), np.arange(96))  # each epoch sees every example once
+    np.testing.assert_array_equal(np.sort(epoch2), np.arange(96))
+    assert not np.array_equal(epoch1, epoch2)
+
+
+def test_process_shards_are_disjoint_and_cover_the_data():
+    shards = [np.concatenate(_take(data.train_iterator(_arrays(), 8, seed=0, process_index=i, process_count=2), 12))
+              for i in range(2)]
+    assert all(len(s) == 48 for s in shards)
+    assert not set(shards[0]) & set(shards[1])
+    np.testing.assert_array_equal(np.sort(np.concatenate(shards)), np.arange(96))
+
+
+def test_iterator_state_resumes_the_exact_stream(tmp_path):
+    reference = data.train_iterator(_arrays(), 8, seed=0)
+    expected = _take(reference, 30)
+    it = data.train_iterator(_arrays(), 8, seed=0)
+    _take(it, 17)
+    fresh = data.train_iterator(_arrays(), 8, seed=0)
+    fresh.set_state(it.get_state())
+    chex.assert_trees_all_equal(_take(fresh, 13), expected[17:])
+    # and through an Orbax checkpoint
+    it = data.train_iterator(_arrays(), 8, seed=0)
+    _take(it, 5)
+    ckpt = Checkpointer(str(tmp_path / "ckpt"), keep=2)
+    ckpt.save(5, {"w": np.zeros(3, np.float32)}, it)
+    ckpt.wait()
+    restored_it = data.train_iterator(_arrays(), 8, seed=0)
+    ckpt.restore_latest({"w": jax.ShapeDtypeStruct((3,), np.float32)}, restored_it)
+    ckpt.close()
+    chex.assert_trees_all_equal(_take(restored_it, 25), expected[5:])
+
+
+@pytest.mark.parametrize("num_examples, batch, processes", [(359, 128, 1), (359, 128, 2), (17, 8, 2), (8, 8, 1)])
+def test_eval_batches_cover_every_example_once(num_examples, batch, processes):
+    arrays = _arrays(num_examples)
+    seen, counts = [], set()
+    for p in range(processes):
+        batches = list(data.eval_batches(arrays, batch, p, processes))
+        counts.add(len(batches))
+        for b in batches:
+            assert b["x"].shape[0] == batch // processes
+            seen.extend(b["y"][b["mask"] == 1].tolist())
+    assert len(counts) == 1  # every process runs the same number of eval steps
+    assert sorted(seen) == list(range(num_examples))
+
+
+def test_empty_eval_split_is_an_error():
+    with pytest.raises(DataError, match="eval split is empty"):
+        list(data.eval_batches({"x": np.zeros((0, 2)), "y": np.zeros(0)}, 8))
+
+
+@pytest.mark.parametrize("mode, shape", [("shard_map", (16, 3)), ("pmap", (8, 2, 3))])
+def test_shard_batch_gives_global_arrays_over_the_data_axis(mode, shape):
+    mesh = parallel.make_mesh()
+    local = {"x": np.arange(48, dtype=np.float32).reshape(16, 3)}
+    placed = parallel.shard_batch(local, mesh, mode)["x"]
+    chex.assert_shape(placed, shape)
+    assert placed.sharding.spec == jax.sharding.PartitionSpec("data")
+    assert len(placed.addressable_shards) == 8
+    np.testing.assert_array_equal(np.asarray(placed).reshape(16, 3), local["x"])

@@ -1,0 +1,75 @@
+"""Model registry, shapes, train/eval behaviour and precision options."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dlfx import models
+from dlfx.errors import ConfigError
+
+
+def _count(tree):
+    return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+
+
+@pytest.mark.parametrize("name, shape, kwargs", [
+    ("mlp", (4, 8, 8, 1), {"hidden_dims": (32, 16)}),
+    ("cnn", (4, 8, 8, 1), {"features": (8, 16)}),
+    ("cnn", (4, 28, 28, 3), {}),
+    ("cnn1d", (4, 40, 1), {}),
+    ("cnn1d", (4, 40), {}),
+])
+def test_logits_shape(name, shape, kwargs):
+    model = models.build(name, num_classes=7, **kwargs)
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros(shape), train=False)
+    logits = model.apply(variables, jnp.ones(shape), train=False)
+    chex.assert_shape(logits, (shape[0], 7))
+    chex.assert_tree_all_finite(logits)
+
+
+def test_parameter_counts_match_the_architecture():
+    model = models.build("cnn", num_classes=10, features=(32, 64), hidden_dim=128)
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 1)))
+    # conv 3*3*1*32 + BN 2*32 + conv 3*3*32*64 + BN 2*64 + dense 256*128+128 + head 128*10+10
+    assert _count(variables["params"]) == 288 + 64 + 18432 + 128 + 32896 + 1290
+    assert _count(variables["batch_stats"]) == 2 * (32 + 64)
+    mlp = models.build("mlp", num_classes=10, hidden_dims=(256, 256))
+    assert _count(mlp.init(jax.random.PRNGKey(0), jnp.zeros((1, 64)))["params"]) == 64 * 256 + 256 + 256 * 256 + 256 + 2570
+
+
+def test_dropout_only_in_training():
+    model = models.build("mlp", hidden_dims=(64,), dropout_rate=0.5)
+    x = jnp.ones((2, 16))
+    variables = model.init(jax.random.PRNGKey(0), x)
+    a = model.apply(variables, x, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
+    b = model.apply(variables, x, train=True, rngs={"dropout": jax.random.PRNGKey(2)})
+    assert not np.allclose(a, b)
+    chex.assert_trees_all_equal(model.apply(variables, x), model.apply(variables, x))
+
+
+def test_batch_norm_updates_statistics_in_training_only():
+    model = models.build("cnn", features=(4,))
+    x = jax.random.normal(jax.random.PRNGKey(0), (8, 8, 8, 1)) * 3 + 1
+    variables = model.init(jax.random.PRNGKey(0), x)
+    _, updates = model.apply(variables, x, train=True, mutable=["batch_stats"])
+    assert not np.allclose(updates["batch_stats"]["bn1"]["mean"], variables["batch_stats"]["bn1"]["mean"])
+    _, frozen = model.apply(variables, x, train=False, mutable=["batch_stats"])
+    chex.assert_trees_all_equal(frozen["batch_stats"], variables["batch_stats"])
+
+
+def test_bfloat16_compute_keeps_float32_params_and_logits():
+    model = models.build("cnn", features=(4,), dtype=jnp.bfloat16)
+    variables = model.init(jax.random.PRNGKey(0), jnp.zeros((2, 8, 8, 1)))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables["params"]))
+    assert model.apply(variables, jnp.ones((2, 8, 8, 1))).dtype == jnp.float32
+
+
+def test_registry_errors_name_the_problem():
+    with pytest.raises(ConfigError, match="unknown model 'vgg'"):
+        models.build("vgg")
+    with pytest.raises(ConfigError, match="config.model.width: model 'mlp' takes no argument 'width'"):
+        models.build("mlp", width=3)
+    assert {"mlp", "cnn", "cnn1d"} <= set(models.names())
+    assert "axis_name" in models.fields("cnn") and "axis_name" not in models.fields("mlp")
