@@ -135,11 +135,11 @@ def _mean(records: list[dict]) -> dict[str, float]:
 def train(config: ml_collections.ConfigDict, workdir: str, force: bool = False) -> dict[str, Any]:
     """Train `config` in `workdir` (resuming from its newest valid checkpoint); return a summary."""
     start_time = time.time()
-    exp = build(config)
+    config_lib.check_workdir(config, workdir, force)
+    exp = build(config)  # fails on bad input before anything is written
     is_main = jax.process_index() == 0
 
-    # --- Workdir: refuse a different config, then write it ---------------------------------
-    config_lib.check_workdir(config, workdir, force)
+    # --- Workdir: create it and write the resolved config -------------------------------------
     try:
         os.makedirs(workdir, exist_ok=True)
     except OSError as e:

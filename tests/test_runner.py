@@ -1,0 +1,112 @@
+"""The experiment loop: artifacts, exact resume, walking back over a broken checkpoint, refusals."""
+
+import json
+import os
+import shutil
+
+import chex
+import jax
+import numpy as np
+import pytest
+
+from dlfx import config as config_lib, log, runner
+from dlfx.errors import ConfigError
+
+
+def tiny_config(repo_root, *overrides):
+    base = ["model.features=(8, 16)", "model.hidden_dim=32", "model.dropout_rate=0.2", "data.batch_size=64",
+            "train.epochs=0", "train.steps=20", "train.checkpoint_every=10", "train.log_every=5",
+            "train.eval_every=10", "optimizer.warmup_steps=5"]
+    return config_lib.load(os.path.join(repo_root, "configs/digits_cnn.py"), base + list(overrides))
+
+
+def _train_records(workdir):
+    return {r["step"]: r for r in log.read_metrics(workdir) if r["split"] == "train"}
+
+
+def test_run_writes_all_artifacts(repo_root, tmp_path):
+    workdir = str(tmp_path / "run")
+    summary = runner.train(tiny_config(repo_root, "train.keep=1"), workdir)
+    assert summary["status"] == "finished" and summary["step"] == 20
+    assert sorted(os.listdir(workdir)) == ["checkpoints", "config.json", "events", "metrics.jsonl"]
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == ["20"]  # keep=1
+    assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "events")))
+    records = log.read_metrics(workdir)
+    assert [r["step"] for r in records if r["split"] == "train"] == [5, 10, 15, 20]
+    assert [r["step"] for r in records if r["split"] == "eval"] == [10, 20]
+    for r in records:
+        assert {"step", "split", "loss", "accuracy", "wall_time"} <= set(r)
+    assert {"grad_norm", "learning_rate", "steps_per_sec"} <= set(records[0])
+    assert summary["eval"] == {k: records[-1][k] for k in ("loss", "accuracy")}
+    assert config_lib.to_dict(config_lib.read_workdir_config(workdir)) == config_lib.to_dict(tiny_config(repo_root, "train.keep=1"))
+    evaluated = runner.evaluate_workdir(workdir)
+    assert evaluated["step"] == 20
+    np.testing.assert_allclose(evaluated["accuracy"], summary["eval"]["accuracy"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["shard_map", "pmap"])
+def test_resume_from_checkpoint_matches_uninterrupted_run(repo_root, tmp_path, mode):
+    config = tiny_config(repo_root, f"parallel.mode={mode}")
+    full_dir, resumed_dir = str(tmp_path / "full"), str(tmp_path / "resumed")
+    full = runner.train(config, full_dir)
+    # the same run, "killed" after its step-10 checkpoint: drop everything it wrote later
+    shutil.copytree(full_dir, resumed_dir)
+    shutil.rmtree(os.path.join(resumed_dir, "checkpoints", "20"))
+    resumed = runner.train(config, resumed_dir)
+    assert resumed["step"] == 20
+    for a, b in zip(jax.tree.leaves(full["state"]), jax.tree.leaves(resumed["state"])):
+        assert np.array_equal(np.asarray(a), np.asarray(b))  # bit-identical, dropout and data order included
+    full_log, resumed_log = _train_records(full_dir), _train_records(resumed_dir)
+    for step in (15, 20):  # same batches after the resume point give the same loss
+        assert full_log[step]["loss"] == resumed_log[step]["loss"]
+    steps = [(r["step"], r["split"]) for r in log.read_metrics(resumed_dir)]
+    assert len(steps) == len(set(steps))  # resumed steps are not logged twice
+
+
+def test_resume_walks_back_over_a_broken_checkpoint(repo_root, tmp_path, caplog):
+    config = tiny_config(repo_root)
+    workdir = str(tmp_path / "run")
+    full = runner.train(config, workdir)
+    state_dir = os.path.join(workdir, "checkpoints", "20", "state")
+    for root, _, files in os.walk(state_dir):
+        for name in files:
+            if name != "_METADATA":
+                with open(os.path.join(root, name), "wb"):
+                    pass  # truncate every data file of the newest checkpoint
+    with caplog.at_level("WARNING", logger="dlfx"):
+        again = runner.train(config, workdir, force=True)
+    assert "checkpoints/20 is unreadable" in caplog.text
+    chex.assert_trees_all_equal(jax.device_get(full["state"].params), jax.device_get(again["state"].params))
+
+
+def test_different_config_is_refused_and_nothing_changes(repo_root, tmp_path):
+    workdir = str(tmp_path / "run")
+    runner.train(tiny_config(repo_root, "train.steps=5", "train.eval_every=0", "optimizer.warmup_steps=2"), workdir)
+    before = {name: os.path.getmtime(os.path.join(workdir, name)) for name in ("config.json", "metrics.jsonl")}
+    with pytest.raises(ConfigError, match="different config .*optimizer.learning_rate"):
+        runner.train(tiny_config(repo_root, "train.steps=5", "train.eval_every=0", "optimizer.warmup_steps=2", "optimizer.learning_rate=0.5"), workdir)
+    assert before == {name: os.path.getmtime(os.path.join(workdir, name)) for name in before}
+
+
+def test_finished_run_is_not_retrained(repo_root, tmp_path):
+    workdir = str(tmp_path / "run")
+    config = tiny_config(repo_root, "train.steps=5", "train.eval_every=0", "optimizer.warmup_steps=2")
+    runner.train(config, workdir)
+    records = log.read_metrics(workdir)
+    again = runner.train(config, workdir)
+    assert again["step"] == 5 and again["status"] == "finished"
+    assert [r["step"] for r in log.read_metrics(workdir)] == [r["step"] for r in records] + [5]  # one eval line
+
+
+def test_failed_start_leaves_no_workdir(repo_root, tmp_path):
+    workdir = str(tmp_path / "run")
+    with pytest.raises(ConfigError, match="config.data.batch_size=100 is not divisible by the 8 devices"):
+        runner.train(tiny_config(repo_root, "data.batch_size=100"), workdir)
+    with pytest.raises(ConfigError, match="config.model.num_classes=5 but the data has 10 classes"):
+        runner.train(_with_num_classes(repo_root, 5), workdir)
+    assert not os.path.exists(workdir)
+
+
+def _with_num_classes(repo_root, n):
+    path = os.path.join(os.path.dirname(__file__), "data", "mlp_num_classes.py")
+    return config_lib.load(path + f":{n}")
