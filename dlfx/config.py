@@ -40,8 +40,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer = ml_collections.ConfigDict()
     c.optimizer.name = "adamw"
     c.optimizer.learning_rate = 1e-3  # peak learning rate
-    c.optimizer.schedule = "warmup_cosine"
-    c.optimizer.warmup_steps = 0
+    c.optimizer.schedule = "cosine"  # constant | cosine | warmup_cosine | linear | step
+    c.optimizer.warmup_steps = 0  # linear warmup before any schedule; > 0 for warmup_cosine
     c.optimizer.end_learning_rate = 0.0  # cosine / linear end value
     c.optimizer.boundaries = (0.5, 0.75)  # step schedule: fractions of the run
     c.optimizer.decay_factor = 0.1  # step schedule: multiplier at each boundary
