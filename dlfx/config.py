@@ -32,6 +32,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict()
     c.data.name = ""  # registry name, see dlfx.data; other keys are passed to the source
     c.data.batch_size = 128  # global batch, split over processes and devices
+    c.data.crop_padding = 0  # images: random crop after zero-padding by this many pixels (0: off)
+    c.data.random_flip = False  # images: random horizontal flip
 
     c.loss = ml_collections.ConfigDict()
     c.loss.name = "softmax_xent"

@@ -1,106 +1,26 @@
-"""The experiment loop: build from the config, resume, train, evaluate, log, checkpoint.
+"""The experiment loop: resume, train, evaluate, log, checkpoint.
 
-Read it top to bottom: `build` makes every piece from the config; `train` runs the loop.
+Read `train` top to bottom; `dlfx.experiment.build` makes every piece it uses from the config.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import json
 import os
 import signal
+import threading
 import time
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
-from jax.sharding import Mesh
 
 from dlfx import config as config_lib
-from dlfx import data, log, models, optim, parallel, steps
+from dlfx import data, log, parallel, steps
 from dlfx.checkpoint import Checkpointer, abstract_like
 from dlfx.errors import ConfigError, DlfxError
-
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-
-
-@dataclasses.dataclass
-class Experiment:
-    """Everything `build` makes from a config; the state is at step 0 until restored."""
-
-    config: ml_collections.ConfigDict
-    mode: str
-    mesh: Mesh
-    dataset: data.Dataset
-    model: Any
-    tx: optax.GradientTransformation
-    schedule: optax.Schedule
-    total_steps: int
-    data_seed: int
-    state: steps.TrainState
-
-
-def build_model(config: ml_collections.ConfigDict, num_classes: int) -> Any:
-    """The model of `config.model`, with num_classes, the device axis and dtypes filled in where it takes them."""
-    kwargs = {k: v for k, v in config.model.items() if k != "name"}
-    accepted = models.fields(config.model.name)
-    if "num_classes" in accepted:
-        kwargs.setdefault("num_classes", num_classes)
-        if kwargs["num_classes"] < num_classes:
-            raise ConfigError(f"config.model.num_classes={kwargs['num_classes']} but the data has {num_classes} classes")
-    if "axis_name" in accepted:
-        kwargs.setdefault("axis_name", steps.DATA_AXIS)
-    if "dtype" in accepted:
-        kwargs.setdefault("dtype", DTYPES[config.precision.compute_dtype])
-    if "param_dtype" in accepted:
-        kwargs.setdefault("param_dtype", DTYPES[config.precision.param_dtype])
-    return models.build(config.model.name, **kwargs)
-
-
-def build(config: ml_collections.ConfigDict) -> Experiment:
-    """Make mesh, data, model, optimizer and a fresh replicated train state; touches no files."""
-    # --- Devices ---------------------------------------------------------------------------
-    mode = parallel.resolve_mode(config.parallel.mode)
-    mesh = parallel.make_mesh()
-    parallel.check_batch_size(config.data.batch_size, mesh)
-
-    # --- Data ------------------------------------------------------------------------------
-    dataset = data.load(config.data)
-    per_epoch = data.steps_per_epoch(len(dataset.train["y"]), config.data.batch_size)
-    total_steps = config.train.steps or config.train.epochs * per_epoch
-    root_key = jax.random.PRNGKey(config.seed)
-    data_seed = int(jax.random.randint(jax.random.fold_in(root_key, 1), (), 0, 2**31 - 1))
-
-    # --- Model, optimizer, fresh state -----------------------------------------------------
-    model = build_model(config, dataset.num_classes)
-    tx, schedule = optim.build(config.optimizer, total_steps)
-    init_key, state_key = jax.random.split(jax.random.fold_in(root_key, 0))
-    example_x = jnp.zeros((1, *dataset.example_shape), jnp.float32)
-
-    def init_state():
-        return steps.create_train_state(steps.init_variables(model, example_x, init_key), tx, state_key)
-
-    try:
-        state = jax.jit(init_state, out_shardings=parallel.replicated(mesh))()
-    except (TypeError, ValueError) as e:
-        raise ConfigError(f"config.model ({config.model.name}) does not fit data {config.data.name!r} "
-                          f"with example shape {dataset.example_shape}: {str(e).splitlines()[0]}") from None
-    return Experiment(config, mode, mesh, dataset, model, tx, schedule, total_steps, data_seed, state)
-
-
-def evaluate(exp: Experiment, state: steps.TrainState, eval_step: Any) -> dict[str, float]:
-    """Loss and accuracy over the whole test split (padded batches, masked)."""
-    totals = None
-    for local in data.eval_batches(exp.dataset.test, exp.config.data.batch_size,
-                                   jax.process_index(), jax.process_count()):
-        sums = eval_step(state, parallel.shard_batch(local, exp.mesh, exp.mode))
-        totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
-    totals = jax.device_get(totals)
-    count = float(totals.pop("count"))
-    return {k: float(v) / count for k, v in totals.items()}
-
+from dlfx.experiment import build, evaluate
 
 class _Preemption:
     """Remembers a SIGTERM so the loop can save at the next step boundary."""
@@ -110,7 +30,7 @@ class _Preemption:
         self._previous = None
 
     def __enter__(self):
-        if jax.process_count() == 1 and _in_main_thread():
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
@@ -120,11 +40,6 @@ class _Preemption:
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
-
-
-def _in_main_thread() -> bool:
-    import threading
-    return threading.current_thread() is threading.main_thread()
 
 
 def _mean(records: list[dict]) -> dict[str, float]:
@@ -148,10 +63,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, force: bool = False) 
         raise ConfigError(f"workdir {workdir} is not writable")
     if is_main:
         config_lib.write_workdir(config, workdir)
+        if "vocab" in exp.dataset.metadata:  # lets `dlfx sample` decode tokens
+            with open(os.path.join(workdir, "vocab.json"), "w") as f:
+                json.dump(exp.dataset.metadata["vocab"], f)
 
     # --- Input pipeline and resume ----------------------------------------------------------
     train_iter = data.train_iterator(exp.dataset.train, config.data.batch_size, exp.data_seed,
-                                     jax.process_index(), jax.process_count())
+                                     jax.process_index(), jax.process_count(),
+                                     crop_padding=config.data.crop_padding, random_flip=config.data.random_flip)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep)
     state = exp.state
     restored = checkpointer.restore_latest(abstract_like(state), train_iter)
@@ -176,7 +95,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, force: bool = False) 
     eval_metrics: dict[str, float] = {}
     status = "finished"
     window_start, window_step = time.time(), step
-    first_log: tuple[float, int] | None = None
+    first_log: tuple[float, int] | None = None  # steady-state speed excludes compilation and eval
+    last_log: tuple[float, int] | None = None
     with _Preemption() as preemption:
         while step < exp.total_steps:
             batch = parallel.shard_batch(next(train_iter), exp.mesh, exp.mode)
@@ -188,6 +108,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, force: bool = False) 
                 now = time.time()
                 train_metrics["steps_per_sec"] = (step - window_step) / (now - window_start)
                 first_log = first_log or (now, step)
+                last_log = (now, step)
                 window_start, window_step, pending = now, step, []
                 logger.write(step, "train", train_metrics)
                 logger.advance(step)
@@ -213,8 +134,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, force: bool = False) 
     logger.close()
     end_time = time.time()
     steady = None
-    if first_log and step > first_log[1]:
-        steady = (step - first_log[1]) / (end_time - first_log[0])
+    if first_log and last_log[1] > first_log[1]:
+        steady = (last_log[1] - first_log[1]) / (last_log[0] - first_log[0])
     return {"status": status, "step": step, "total_steps": exp.total_steps, "train": train_metrics,
             "eval": eval_metrics, "wall_time": end_time - start_time, "steps_per_sec": steady,
             "workdir": workdir, "mode": exp.mode, "devices": exp.mesh.devices.size, "state": state}

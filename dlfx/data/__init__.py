@@ -6,7 +6,7 @@ import inspect
 from typing import Any, Callable, Mapping
 
 from dlfx.data import sources
-from dlfx.data.pipeline import ArraySource, eval_batches, steps_per_epoch, train_iterator
+from dlfx.data.pipeline import ArraySource, augment_images, eval_batches, steps_per_epoch, train_iterator
 from dlfx.data.sources import Dataset
 from dlfx.errors import ConfigError, DataError
 
@@ -14,9 +14,13 @@ SOURCES: dict[str, Callable[..., Dataset]] = {
     "digits": sources.digits,
     "mnist1d": sources.mnist1d,
     "synthetic": sources.synthetic,
+    "text": sources.text,
 }
 
-__all__ = ["ArraySource", "Dataset", "SOURCES", "eval_batches", "load", "names", "steps_per_epoch",
+# `config.data` keys used by the pipeline rather than passed to the source
+PIPELINE_KEYS = ("name", "batch_size", "crop_padding", "random_flip")
+
+__all__ = ["ArraySource", "Dataset", "PIPELINE_KEYS", "augment_images", "SOURCES", "eval_batches", "load", "names", "steps_per_epoch",
            "train_iterator"]
 
 
@@ -26,11 +30,11 @@ def names() -> list[str]:
 
 
 def load(data_config: Mapping[str, Any]) -> Dataset:
-    """Load the data set that `config.data` names, passing its other keys (not batch_size) to the source."""
+    """Load the data set that `config.data` names, passing its source keys (not the pipeline keys) to it."""
     name = data_config.get("name", "")
     if name not in SOURCES:
         raise ConfigError(f"config.data.name={name!r} is not one of {', '.join(names())}")
-    kwargs = {k: v for k, v in data_config.items() if k not in ("name", "batch_size")}
+    kwargs = {k: v for k, v in data_config.items() if k not in PIPELINE_KEYS}
     params = inspect.signature(SOURCES[name]).parameters
     for key in kwargs:
         if key not in params:

@@ -32,9 +32,27 @@ class ArraySource:
         return f"ArraySource({shapes})"
 
 
+def augment_images(batch: dict[str, np.ndarray], rng: np.random.Generator, crop_padding: int,
+                   random_flip: bool) -> dict[str, np.ndarray]:
+    """Random crop after zero padding, and random horizontal flip, of a batch of NHWC images."""
+    x = batch["x"]
+    if x.ndim != 4:
+        raise DataError(f"image augmentation needs NHWC images, got batch shape {x.shape}")
+    if crop_padding:
+        p = crop_padding
+        padded = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+        offsets = rng.integers(0, 2 * p + 1, size=(len(x), 2))
+        height, width = x.shape[1:3]
+        x = np.stack([padded[i, dy:dy + height, dx:dx + width] for i, (dy, dx) in enumerate(offsets)])
+    if random_flip:
+        flip = rng.random(len(x)) < 0.5
+        x = np.where(flip[:, None, None, None], x[:, :, ::-1], x)
+    return {**batch, "x": x}
+
+
 def train_iterator(arrays: dict[str, np.ndarray], global_batch_size: int, seed: int,
-                   process_index: int = 0, process_count: int = 1,
-                   num_threads: int = 2) -> grain.DatasetIterator:
+                   process_index: int = 0, process_count: int = 1, crop_padding: int = 0,
+                   random_flip: bool = False, num_threads: int = 2) -> grain.DatasetIterator:
     """Endless iterator of this process's share of each global batch, reshuffled every epoch.
 
     Each process reads the disjoint shard `process_index::process_count`, so a global batch is
@@ -49,6 +67,9 @@ def train_iterator(arrays: dict[str, np.ndarray], global_batch_size: int, seed: 
         raise DataError(f"train split has {len(dataset)} examples on process {process_index}, fewer than "
                         f"one batch of {local_batch_size} (config.data.batch_size={global_batch_size})")
     dataset = dataset.shuffle(seed=seed).repeat(None).batch(local_batch_size, drop_remainder=True)
+    if crop_padding or random_flip:  # seeded per batch index, so a resumed stream is augmented identically
+        dataset = dataset.random_map(
+            lambda batch, rng: augment_images(batch, rng, crop_padding, random_flip), seed=seed + 1)
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)
     return iter(dataset.to_iter_dataset(options))
 

@@ -15,8 +15,9 @@ class Dataset:
 
     train: dict[str, np.ndarray]
     test: dict[str, np.ndarray]
-    num_classes: int
+    num_classes: int  # classes, or the vocabulary size for language modelling
     name: str
+    metadata: dict = dataclasses.field(default_factory=dict)  # e.g. {'vocab': [...]} for text
 
     @property
     def example_shape(self) -> tuple[int, ...]:
@@ -71,3 +72,44 @@ def synthetic(shape: tuple = (8, 8, 1), num_classes: int = 10, num_train: int = 
     train = {"x": x[:num_train], "y": y[:num_train]}
     test = {"x": x[num_train:], "y": y[num_train:]}
     return Dataset(train=train, test=test, num_classes=num_classes, name="synthetic")
+
+
+def _default_corpus() -> str:
+    """English prose that ships with CPython (`pydoc_data.topics`), topics in sorted order."""
+    from pydoc_data.topics import topics
+
+    return "\n\n".join(topics[key] for key in sorted(topics))
+
+
+def text(path: str = "", seq_len: int = 128, val_fraction: float = 0.1) -> Dataset:
+    """Character-level LM data from a UTF-8 file (default: CPython's pydoc topics), split by position.
+
+    Examples are non-overlapping windows: x = chars[i:i+seq_len], y = chars[i+1:i+seq_len+1].
+    The last `val_fraction` of the text is the validation split.
+    """
+    if path:
+        try:
+            with open(path, encoding="utf-8") as f:
+                corpus = f.read()
+        except FileNotFoundError:
+            raise DataError(f"config.data.path: text file not found: {path}") from None
+        except UnicodeDecodeError as e:
+            raise DataError(f"config.data.path: {path} is not UTF-8 text ({e.reason} at byte {e.start})") from None
+    else:
+        corpus = _default_corpus()
+    if not 0 < val_fraction < 1:
+        raise DataError(f"config.data.val_fraction must be in (0, 1), got {val_fraction}")
+    vocab, ids = np.unique(np.array(list(corpus)), return_inverse=True)
+    ids = ids.astype(np.int32)
+    split = int(len(ids) * (1 - val_fraction))
+
+    def windows(part: np.ndarray, name: str) -> dict[str, np.ndarray]:
+        count = (len(part) - 1) // seq_len
+        if count < 1:
+            raise DataError(f"text {path or 'pydoc topics'}: the {name} split ({len(part)} chars) is shorter "
+                            f"than one window of config.data.seq_len={seq_len} + 1")
+        return {"x": part[:count * seq_len].reshape(count, seq_len),
+                "y": part[1:count * seq_len + 1].reshape(count, seq_len)}
+
+    return Dataset(train=windows(ids[:split], "train"), test=windows(ids[split:], "validation"),
+                   num_classes=len(vocab), name="text", metadata={"vocab": [str(c) for c in vocab]})

@@ -1,0 +1,239 @@
+"""Pre-LN Transformer: blocks with a KV cache, an encoder classifier and a GPT-style decoder LM.
+
+Parameter names (`wte`, `wpe`, `h/<i>/ln1`, `attn/qkv`, `attn/proj`, `mlp/fc1`, `ln_f`) mirror GPT-2's
+so Hugging Face weights map onto them directly.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention; with `decode=True` keys/values are appended to a 'cache' collection."""
+
+    num_heads: int
+    max_len: int
+    causal: bool = False
+    decode: bool = False
+    dropout_rate: float = 0.0
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        batch, length, embed = x.shape
+        if embed % self.num_heads:
+            raise ValueError(f"embed_dim={embed} is not divisible by num_heads={self.num_heads}")
+        head_dim = embed // self.num_heads
+        dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+        qkv = dense(3 * embed, name="qkv")(x).reshape(batch, length, 3, self.num_heads, head_dim)
+        q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+        q_pos = jnp.arange(length)
+        k_pos = jnp.arange(length)
+        if self.decode:
+            initialized = self.has_variable("cache", "key")
+            cache_shape = (batch, self.max_len, self.num_heads, head_dim)
+            cached_k = self.variable("cache", "key", jnp.zeros, cache_shape, k.dtype)
+            cached_v = self.variable("cache", "value", jnp.zeros, cache_shape, v.dtype)
+            index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+            if initialized:
+                start = index.value
+                cached_k.value = lax.dynamic_update_slice(cached_k.value, k, (0, start, 0, 0))
+                cached_v.value = lax.dynamic_update_slice(cached_v.value, v, (0, start, 0, 0))
+                index.value = start + length
+                k, v = cached_k.value, cached_v.value
+                q_pos = start + jnp.arange(length)
+                k_pos = jnp.arange(self.max_len)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(head_dim)
+        if self.causal or self.decode:
+            mask = k_pos[None, :] <= q_pos[:, None]
+            scores = jnp.where(mask[None, None], scores, jnp.finfo(jnp.float32).min)
+        weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        self.sow("intermediates", "attention_weights", weights)
+        weights = nn.Dropout(self.dropout_rate, deterministic=not train)(weights)
+        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, embed)
+        return dense(embed, name="proj")(out)
+
+
+class Block(nn.Module):
+    """Pre-LN block: x + attn(LN(x)), then x + MLP(LN(x)); dropout and drop-path on both branches."""
+
+    num_heads: int
+    mlp_dim: int
+    max_len: int
+    causal: bool = False
+    decode: bool = False
+    dropout_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+        norm = functools.partial(nn.LayerNorm, epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype)
+
+        def branch(y):
+            y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
+            return nn.Dropout(self.drop_path_rate, broadcast_dims=tuple(range(1, y.ndim)), deterministic=not train)(y)
+
+        y = SelfAttention(self.num_heads, self.max_len, self.causal, self.decode, self.dropout_rate, self.dtype,
+                          self.param_dtype, name="attn")(norm(name="ln1")(x), train)
+        x = x + branch(y)
+        y = norm(name="ln2")(x)
+        y = dense(self.mlp_dim, name="fc1")(y)
+        y = dense(x.shape[-1], name="fc2")(nn.gelu(y, approximate=True))
+        return x + branch(y)
+
+
+class _ScannedBlock(nn.Module):
+    """A Block in the (carry, x) -> (carry, y) form `nn.scan` needs."""
+
+    block_kwargs: dict
+    train: bool
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, _: Any) -> tuple[jnp.ndarray, None]:
+        return Block(**self.block_kwargs, name="block")(x, self.train), None
+
+
+class Stack(nn.Module):
+    """`num_layers` Blocks named `h/<i>`; `remat` recomputes activations, `scan_layers` stacks params."""
+
+    num_layers: int
+    block_kwargs: dict
+    drop_path_rate: float = 0.0
+    remat: bool = False
+    scan_layers: bool = False
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        if self.scan_layers:  # one compiled block for all layers; drop-path rate is uniform here
+            cls = nn.remat(_ScannedBlock) if self.remat else _ScannedBlock
+            scanned = nn.scan(cls, variable_axes={"params": 0, "cache": 0, "intermediates": 0},
+                              split_rngs={"params": True, "dropout": True}, length=self.num_layers)
+            x, _ = scanned(dict(self.block_kwargs, drop_path_rate=self.drop_path_rate), train, name="h")(x, None)
+            return x
+        cls = nn.remat(Block, static_argnums=(2,)) if self.remat else Block
+        for i in range(self.num_layers):
+            rate = self.drop_path_rate * i / max(self.num_layers - 1, 1)
+            x = cls(**self.block_kwargs, drop_path_rate=rate, name=f"h_{i}")(x, train)
+        return x
+
+
+def _block_kwargs(m: nn.Module, causal: bool, decode: bool = False) -> dict:
+    return dict(num_heads=m.num_heads, mlp_dim=m.mlp_dim or 4 * m.embed_dim, max_len=m.max_len, causal=causal,
+                decode=decode, dropout_rate=m.dropout_rate, dtype=m.dtype, param_dtype=m.param_dtype)
+
+
+class TransformerEncoder(nn.Module):
+    """Bidirectional encoder classifier over sequences: float (B, T, F) or tokens (B, T) with `vocab_size`."""
+
+    num_classes: int = 10
+    vocab_size: int | None = None
+    max_len: int = 512
+    num_layers: int = 4
+    num_heads: int = 4
+    embed_dim: int = 128
+    mlp_dim: int | None = None
+    dropout_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    remat: bool = False
+    scan_layers: bool = False
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        if self.vocab_size:
+            x = nn.Embed(self.vocab_size, self.embed_dim, param_dtype=self.param_dtype, name="wte")(x)
+        else:
+            x = x[..., None] if x.ndim == 2 else x
+            x = nn.Dense(self.embed_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="embed")(x)
+        length = x.shape[1]
+        if length > self.max_len:
+            raise ValueError(f"sequence length {length} exceeds max_len={self.max_len}")
+        wpe = self.param("wpe", nn.initializers.normal(0.02), (self.max_len, self.embed_dim), self.param_dtype)
+        x = (x + wpe[:length]).astype(self.dtype)
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        x = Stack(self.num_layers, _block_kwargs(self, causal=False), self.drop_path_rate, self.remat,
+                  self.scan_layers, name="h")(x, train)
+        x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype, name="ln_f")(x)
+        x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="head")(x.mean(axis=1))
+        return x.astype(jnp.float32)
+
+
+class GPT(nn.Module):
+    """Decoder-only LM: token + learned position embeddings, causal blocks, final LN, head tied to `wte`."""
+
+    vocab_size: int = 256
+    max_len: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    embed_dim: int = 256
+    mlp_dim: int | None = None
+    dropout_rate: float = 0.0
+    drop_path_rate: float = 0.0
+    remat: bool = False
+    scan_layers: bool = False
+    decode: bool = False  # autoregressive decoding with a KV cache (see `generate`)
+    dtype: Any = jnp.float32
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: jnp.ndarray, train: bool = False) -> jnp.ndarray:
+        length = tokens.shape[1]
+        start = jnp.zeros((), jnp.int32)
+        if self.decode:
+            position = self.variable("cache", "position", lambda: jnp.zeros((), jnp.int32))
+            if not self.is_initializing():
+                start = position.value
+                position.value = start + length
+        elif length > self.max_len:
+            raise ValueError(f"sequence length {length} exceeds max_len={self.max_len}")
+        wte = nn.Embed(self.vocab_size, self.embed_dim, embedding_init=nn.initializers.normal(0.02),
+                       param_dtype=self.param_dtype, name="wte")
+        wpe = self.param("wpe", nn.initializers.normal(0.01), (self.max_len, self.embed_dim), self.param_dtype)
+        positions = lax.dynamic_slice_in_dim(wpe, start, length) if self.decode else wpe[:length]
+        x = (wte(tokens) + positions).astype(self.dtype)
+        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        x = Stack(self.num_layers, _block_kwargs(self, causal=True, decode=self.decode), self.drop_path_rate,
+                  self.remat, self.scan_layers, name="h")(x, train)
+        x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype, name="ln_f")(x)
+        return wte.attend(x.astype(self.param_dtype)).astype(jnp.float32)
+
+
+def sample_logits(logits: jnp.ndarray, rng: jnp.ndarray, temperature: float) -> jnp.ndarray:
+    """Greedy (temperature 0) or temperature-scaled categorical sampling of the next token."""
+    if temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(rng, logits / temperature, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "length", "temperature"))
+def generate(model: GPT, params: Any, prompt: jnp.ndarray, length: int, rng: jnp.ndarray,
+             temperature: float = 1.0) -> tuple[jnp.ndarray, jnp.ndarray]:
+    """Sample `length` tokens after `prompt` (B, P) with a KV cache; returns (tokens (B, length), their logits)."""
+    if prompt.shape[1] + length > model.max_len:
+        raise ValueError(f"prompt ({prompt.shape[1]}) + length ({length}) exceeds max_len={model.max_len}")
+    decoder = model.clone(decode=True, dropout_rate=0.0)
+    shapes = jax.eval_shape(decoder.init, jax.random.PRNGKey(0), prompt[:, :1])["cache"]
+    cache = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    logits, updated = decoder.apply({"params": params, "cache": cache}, prompt, mutable=["cache"])
+
+    def step(carry, key):
+        cache, last_logits = carry
+        token = sample_logits(last_logits, key, temperature)
+        logits, updated = decoder.apply({"params": params, "cache": cache}, token[:, None], mutable=["cache"])
+        return (updated["cache"], logits[:, -1]), (token, last_logits)
+
+    _, (tokens, token_logits) = lax.scan(step, (updated["cache"], logits[:, -1]), jax.random.split(rng, length))
+    return tokens.T, jnp.swapaxes(token_logits, 0, 1)

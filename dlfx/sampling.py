@@ -1,0 +1,62 @@
+"""Text generation from a trained character LM run (`dlfx sample`)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dlfx import config as config_lib
+from dlfx.checkpoint import Checkpointer, abstract_like
+from dlfx.errors import CheckpointError, ConfigError, DataError
+from dlfx.experiment import build
+from dlfx.models import GPT, RNN
+from dlfx.models import rnn, transformer
+
+
+def encode(text: str, vocab: list[str]) -> np.ndarray:
+    """Character ids of `text`; a character outside the vocabulary is an error naming it."""
+    index = {c: i for i, c in enumerate(vocab)}
+    unknown = sorted({c for c in text if c not in index})
+    if unknown:
+        raise DataError(f"prompt has characters not in the run's vocabulary: {''.join(unknown)!r}")
+    return np.array([index[c] for c in text], np.int32)
+
+
+def sample_workdir(workdir: str, prompt: str, length: int, temperature: float = 1.0, seed: int = 0,
+                   num_samples: int = 1) -> list[str]:
+    """Restore a run's newest valid checkpoint and continue `prompt` by `length` characters."""
+    vocab_path = os.path.join(workdir, "vocab.json")
+    if not os.path.isfile(vocab_path):
+        raise ConfigError(f"{workdir} is not a language-model run: {vocab_path} does not exist")
+    with open(vocab_path) as f:
+        vocab = json.load(f)
+    if not prompt:
+        raise DataError("the prompt is empty; give at least one character")
+    if length < 1:
+        raise ConfigError(f"--length must be >= 1, got {length}")
+    config = config_lib.read_workdir_config(workdir)
+    exp = build(config)
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep)
+    try:
+        restored = checkpointer.restore_latest(abstract_like(exp.state))
+    finally:
+        checkpointer.close()
+    if restored is None:
+        raise CheckpointError(f"no checkpoint in {workdir}/checkpoints to sample from")
+    params = jax.device_get(restored[0].params)
+    prompt_ids = jnp.asarray(np.tile(encode(prompt, vocab), (num_samples, 1)))
+    rng = jax.random.PRNGKey(seed)
+    if isinstance(exp.model, GPT):
+        if prompt_ids.shape[1] + length > exp.model.max_len:
+            raise ConfigError(f"prompt ({prompt_ids.shape[1]}) + --length ({length}) exceeds the model's "
+                              f"max_len={exp.model.max_len}")
+        tokens, _ = transformer.generate(exp.model, params, prompt_ids, length, rng, temperature)
+    elif isinstance(exp.model, RNN) and exp.model.vocab_size:
+        tokens, _ = rnn.generate(exp.model, params, prompt_ids, length, rng, temperature)
+    else:
+        raise ConfigError(f"model {config.model.name!r} cannot generate text")
+    return [prompt + "".join(vocab[int(t)] for t in row) for row in np.asarray(tokens)]
