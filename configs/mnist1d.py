@@ -20,9 +20,10 @@ def get_config(arg=None):
     c.train.eval_every = 1000
     c.train.checkpoint_every = 1000
     c.train.steps = 4000
-    if model == "mlp":  # the paper's MLP: two hidden layers of 100
+    if model == "mlp":  # the paper's MLP is 100-100 without dropout; it overfits 4000 examples (~60-65 %)
         c.model.name = "mlp"
-        c.model.hidden_dims = (100, 100)
+        c.model.hidden_dims = (256, 256)
+        c.model.dropout_rate = 0.3
         c.optimizer.learning_rate = 1e-3
     elif model == "cnn":
         c.model.name = "cnn1d"

@@ -172,6 +172,33 @@ def parse_value(text: str, current: Any) -> Any:
     raise ValueError(text)
 
 
+_NOT_AN_ARGUMENT = object()
+
+
+def _constructor_default(config: ml_collections.ConfigDict, parts: list[str]) -> Any:
+    """Default of `model.X` / `data.X` when X is an argument of the configured model / data source."""
+    if len(parts) != 2 or parts[0] not in ("model", "data"):
+        return _NOT_AN_ARGUMENT
+    import dataclasses
+
+    from dlfx import data, models
+
+    section, name = parts
+    if section == "model":
+        if config.model.name not in models.REGISTRY or name not in models.fields(config.model.name):
+            return _NOT_AN_ARGUMENT
+        cls = models.REGISTRY[config.model.name][0]
+        field = next(f for f in dataclasses.fields(cls) if f.name == name)
+        return None if field.default is dataclasses.MISSING else field.default
+    if config.data.name not in data.SOURCES:
+        return _NOT_AN_ARGUMENT
+    params = inspect.signature(data.SOURCES[config.data.name]).parameters
+    if name not in params or name in data.PIPELINE_KEYS:
+        return _NOT_AN_ARGUMENT
+    default = params[name].default
+    return None if default is inspect.Parameter.empty else default
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]) -> None:
     """Apply `a.b.c=value` overrides in place; each value takes the type of the key it replaces."""
     for item in overrides:
@@ -188,7 +215,11 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
             node = child
         leaf = parts[-1]
         if leaf not in node:
-            raise _unknown_key(key, config)
+            default = _constructor_default(config, parts)
+            if default is _NOT_AN_ARGUMENT:
+                raise _unknown_key(key, config)
+            with node.unlocked():  # a model/source argument the config file left at its default
+                node[leaf] = default
         current = node[leaf]
         if isinstance(current, ml_collections.ConfigDict):
             raise ConfigError(f"config.{key} is a section, set one of its keys "

@@ -56,6 +56,7 @@ def test_eval_and_inspect_read_the_run(repo_root, digits_run):
     (["--config.data.name=cifar"], "config.data.name='cifar' is not one of"),
     (["--config.data.batch_size=100"], "config.data.batch_size=100 is not divisible by the 8 devices"),
     (["--config.model.width=3"], "unknown config key config.model.width"),
+    (["--config.model.hidden_dim=many"], "config.model.hidden_dim: expected int, got 'many'"),
     (["--bogus"], "unrecognized argument '--bogus'"),
 ])
 def test_user_errors_are_one_line_and_exit_2(repo_root, tmp_path, args, message):

@@ -110,3 +110,14 @@ def test_base_config_keys_are_stable():
     for key in ("seed", "model.name", "data.batch_size", "optimizer.clip_norm", "train.keep", "parallel.mode", "precision.compute_dtype"):
         assert key in keys
     chex.assert_equal(len(keys), len(set(keys)))
+
+
+def test_model_and_data_arguments_left_at_default_can_be_overridden(repo_root):
+    c = config_lib.load(os.path.join(repo_root, "configs/mnist1d.py") + ":mlp",
+                        ["model.dropout_rate=0.3", "data.seed=7", "model.hidden_dims=(64, 64)"])
+    assert c.model.dropout_rate == 0.3 and isinstance(c.model.dropout_rate, float)
+    assert c.data.seed == 7 and c.model.hidden_dims == (64, 64)
+    with pytest.raises(ConfigError, match="config.model.dropout_rate: expected float"):
+        config_lib.load(os.path.join(repo_root, "configs/mnist1d.py") + ":mlp", ["model.dropout_rate=lots"])
+    with pytest.raises(ConfigError, match="unknown config key config.model.kernel_size"):
+        config_lib.load(os.path.join(repo_root, "configs/mnist1d.py") + ":mlp", ["model.kernel_size=3"])
