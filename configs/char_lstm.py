@@ -20,7 +20,7 @@ def get_config():
     c.optimizer.schedule = "warmup_cosine"
     c.optimizer.warmup_steps = 100
     c.optimizer.clip_norm = 1.0
-    c.train.steps = 3000
+    c.train.steps = 1500
     c.train.eval_every = 500
     c.train.log_every = 50
     c.train.checkpoint_every = 500
