@@ -61,7 +61,7 @@ class RunLogger:
                                   refresh=False)
         else:
             shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
-            self._bar.write(f"step {step} {split}: {shown}")
+            self._bar.write(f"step {step} {split}: {shown}", file=sys.stderr)
 
     def advance(self, step: int) -> None:
         """Move the progress bar to `step`."""
@@ -71,7 +71,7 @@ class RunLogger:
     def message(self, text: str) -> None:
         """Print a line above the progress bar."""
         if self.enabled:
-            self._bar.write(text)
+            self._bar.write(text, file=sys.stderr)
 
     def close(self) -> None:
         """Flush and close every writer."""
