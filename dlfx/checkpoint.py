@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import time
 from typing import Any
 
 import grain
@@ -15,25 +17,40 @@ from dlfx.errors import CheckpointError
 log = logging.getLogger("dlfx")
 
 
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0][:300] if text else ''}"
+
+
 class Checkpointer:
-    """A `workdir/checkpoints` folder: one step folder per save holding `state` and `data` items."""
+    """A `workdir/checkpoints` folder: one step folder per save holding `state` and `data` items.
+
+    Unreadable steps found while resuming are moved to `workdir/corrupt_checkpoints/` (never deleted).
+    """
 
     def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
         self.directory = os.path.abspath(directory)
-        options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
-                                               create=True)
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        self.quarantine = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
+        self._options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                                     create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=self._options)
 
     def steps(self) -> list[int]:
         """Saved steps, oldest first (a save still in flight included)."""
         return sorted(self.manager.all_steps())
 
     def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator | None = None) -> bool:
-        """Start an async save of `state` (and the iterator position) at `step`; False if already saved."""
+        """Start an async save of `state` (and the iterator position) at `step`; False if already saved.
+
+        A failure of this save, or of an earlier async one (disk full, I/O error), raises CheckpointError.
+        """
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:
             items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
-        return self.manager.save(step, args=ocp.args.Composite(**items))
+        try:
+            return self.manager.save(step, args=ocp.args.Composite(**items))
+        except Exception as e:
+            raise CheckpointError(f"cannot save checkpoint step {step} in {self.directory}: {_first_line(e)}") from None
 
     def restore(self, step: int, abstract_state: Any,
                 data_iterator: grain.DatasetIterator | None = None) -> Any:
@@ -43,44 +60,65 @@ class Checkpointer:
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
         return self.manager.restore(step, args=ocp.args.Composite(**items)).state
 
-    def restore_latest(self, abstract_state: Any,
-                       data_iterator: grain.DatasetIterator | None = None) -> tuple[Any, int] | None:
-        """Restore the newest step that reads back, warning about each broken newer one.
+    def restore_latest(self, abstract_state: Any, data_iterator: grain.DatasetIterator | None = None,
+                       quarantine: bool = True) -> tuple[Any, int] | None:
+        """Restore the newest step that reads back, warning about (and quarantining) each broken newer one.
 
         Returns None when the folder holds no checkpoint; raises CheckpointError when it holds
-        checkpoints but none of them can be restored. Nothing is deleted.
+        checkpoints but none of them can be restored (then nothing is moved).
         """
         steps = self.steps()
+        broken = []
         for step in reversed(steps):
             try:
-                return self.restore(step, abstract_state, data_iterator), step
+                state = self.restore(step, abstract_state, data_iterator)
             except Exception as e:  # Orbax raises several types for unreadable or mismatched data
-                log.warning("checkpoint %s/%d is unreadable (%s: %s); trying an older one",
-                            self.directory, step, type(e).__name__, str(e).splitlines()[0][:200])
+                log.warning("checkpoint %s/%d is unreadable (%s); trying an older one", self.directory, step,
+                            _first_line(e))
+                broken.append(step)
+                continue
+            if broken and quarantine:
+                self._quarantine(broken)
+            return state, step
         if steps:
-            raise CheckpointError(f"no valid checkpoint in {self.directory} (tried steps {steps})")
+            raise CheckpointError(f"no valid checkpoint in {self.directory} (tried steps {steps}; "
+                                  f"all unreadable, none removed)")
         return None
 
+    def _quarantine(self, steps: list[int]) -> None:
+        """Move broken step folders aside so that training can save those steps again."""
+        if jax.process_index() == 0:
+            os.makedirs(self.quarantine, exist_ok=True)
+            for step in steps:
+                target = os.path.join(self.quarantine, f"{step}-{int(time.time())}")
+                shutil.move(os.path.join(self.directory, str(step)), target)
+                log.warning("moved unreadable checkpoint step %d to %s", step, target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("dlfx_checkpoint_quarantine")
+        self.manager.close()
+        self.manager = ocp.CheckpointManager(self.directory, options=self._options)
+
+    def reached_preemption(self, step: int) -> bool:
+        """True on every process once the multi-host runtime has seen a preemption notice (SIGTERM)."""
+        return self.manager.reached_preemption(step)
+
     def wait(self) -> None:
-        """Block until every in-flight async save is committed."""
-        self.manager.wait_until_finished()
+        """Block until every in-flight async save is committed; raise CheckpointError if one failed."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise CheckpointError(f"checkpoint save in {self.directory} failed: {_first_line(e)}") from None
 
     def close(self) -> None:
-        """Wait for pending saves and release the manager."""
-        self.manager.wait_until_finished()
-        self.manager.close()
+        """Wait for pending saves and release the manager; raise CheckpointError if a save failed."""
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
 
 def abstract_like(tree: Any) -> Any:
     """Shape/dtype/sharding stand-ins for `tree`, the restore target Orbax needs."""
     return jax.tree.map(ocp.utils.to_shape_dtype_struct, tree)
-
-
-def find_checkpoint_dir(path: str) -> str:
-    """The checkpoints folder for a workdir, or `path` itself if it already is one."""
-    candidate = os.path.join(path, "checkpoints")
-    if os.path.isdir(candidate):
-        return candidate
-    if os.path.isdir(path):
-        return path
-    raise CheckpointError(f"no checkpoint folder at {path}")

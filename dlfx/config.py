@@ -19,6 +19,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 OPTIMIZERS = ("sgd", "adam", "adamw", "lion")
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "linear", "step")
 LOSSES = ("softmax_xent",)
+NAN_POLICIES = ("error", "skip")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -62,6 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.log_every = 50
     c.train.checkpoint_every = 500  # also saved at the end
     c.train.keep = 3  # newest checkpoints kept
+    c.train.nan_policy = "error"  # non-finite loss/grad: 'error' stops the run, 'skip' drops that update
+    c.train.max_skipped = 10  # 'skip': stop after this many non-finite steps in a row
 
     c.parallel = ml_collections.ConfigDict()
     c.parallel.mode = "auto"  # auto (= shard_map) | pmap | shard_map
@@ -269,13 +272,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_choice(config, "optimizer.name", OPTIMIZERS)
     _check_choice(config, "optimizer.schedule", SCHEDULES)
     _check_choice(config, "parallel.mode", PARALLEL_MODES)
+    _check_choice(config, "train.nan_policy", NAN_POLICIES)
     _check_choice(config, "precision.compute_dtype", DTYPES)
     _check_choice(config, "precision.param_dtype", DTYPES)
     if not isinstance(config.data.batch_size, int) or config.data.batch_size <= 0:
         raise ConfigError(f"config.data.batch_size must be a positive int, got {config.data.batch_size!r}")
     if (config.train.steps > 0) == (config.train.epochs > 0):
         raise ConfigError("set exactly one of config.train.steps and config.train.epochs to a positive number")
-    for key in ("eval_every", "log_every", "checkpoint_every", "keep", "warmup_steps"):
+    for key in ("eval_every", "log_every", "checkpoint_every", "keep", "warmup_steps", "max_skipped"):
         section = "optimizer" if key == "warmup_steps" else "train"
         if config[section][key] < 0:
             raise ConfigError(f"config.{section}.{key} must be >= 0, got {config[section][key]}")

@@ -19,3 +19,7 @@ class CheckpointError(DlfxError):
 
 class TransferError(DlfxError):
     """Pretrained weights do not fit the model."""
+
+
+class NonFiniteError(DlfxError):
+    """Training produced a non-finite loss or gradient and the nan policy says stop."""

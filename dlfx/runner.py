@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import sys
 import threading
 import time
 from typing import Any
@@ -19,8 +21,9 @@ import numpy as np
 from dlfx import config as config_lib
 from dlfx import data, log, parallel, steps
 from dlfx.checkpoint import Checkpointer, abstract_like
-from dlfx.errors import ConfigError, DlfxError
+from dlfx.errors import ConfigError, DlfxError, NonFiniteError
 from dlfx.experiment import build, evaluate
+from dlfx.workdir import WorkdirLock
 
 class _Preemption:
     """Remembers a SIGTERM so the loop can save at the next step boundary."""
@@ -42,9 +45,32 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+def _check_finite(records: list[dict], first_step: int, config: ml_collections.ConfigDict, in_row: int,
+                  groups: list[str]) -> tuple[int, int]:
+    """Apply `train.nan_policy` to fetched step metrics; return (skipped in these records, skipped in a row)."""
+    skipped = 0
+    for offset, record in enumerate(records):
+        if not record["nonfinite"]:
+            in_row = 0
+            continue
+        skipped, in_row = skipped + 1, in_row + 1
+        step = first_step + offset
+        group = int(record["first_nonfinite_group"])
+        what = "gradient of " + groups[group] if group >= 0 else "loss"
+        if config.train.nan_policy == "error":
+            raise NonFiniteError(f"non-finite {what} at step {step} (train.nan_policy='error'); that update was "
+                                 f"not applied and no checkpoint holds it")
+        if in_row >= config.train.max_skipped:
+            raise NonFiniteError(f"{in_row} non-finite steps in a row up to step {step}, last one in the {what} "
+                                 f"(train.max_skipped={config.train.max_skipped})")
+    return skipped, in_row
+
+
 def _mean(records: list[dict]) -> dict[str, float]:
-    fetched = jax.device_get(records)
-    return {k: float(np.mean([r[k] for r in fetched])) for k in fetched[0]}
+    """Mean of each metric over the steps whose update was applied."""
+    finite = [r for r in records if not r["nonfinite"]] or records
+    return {k: float(np.mean([r[k] for r in finite])) for k in records[0]
+            if k not in ("nonfinite", "first_nonfinite_group")}
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, force: bool = False) -> dict[str, Any]:
@@ -54,28 +80,40 @@ def train(config: ml_collections.ConfigDict, workdir: str, force: bool = False) 
     exp = build(config)  # fails on bad input before anything is written
     is_main = jax.process_index() == 0
 
-    # --- Workdir: create it and write the resolved config -------------------------------------
+    # --- Workdir: lock it, restore the newest valid checkpoint, record the config ---------------
+    created = not os.path.exists(workdir)
+    lock = WorkdirLock(workdir)
     try:
         os.makedirs(workdir, exist_ok=True)
-    except OSError as e:
-        raise ConfigError(f"cannot create workdir {workdir}: {e.strerror}") from None
-    if not os.access(workdir, os.W_OK):
-        raise ConfigError(f"workdir {workdir} is not writable")
-    if is_main:
-        config_lib.write_workdir(config, workdir)
-        if "vocab" in exp.dataset.metadata:  # lets `dlfx sample` decode tokens
-            with open(os.path.join(workdir, "vocab.json"), "w") as f:
-                json.dump(exp.dataset.metadata["vocab"], f)
+        if is_main:
+            lock.acquire()
+        train_iter = data.train_iterator(exp.dataset.train, config.data.batch_size, exp.data_seed,
+                                         jax.process_index(), jax.process_count(),
+                                         crop_padding=config.data.crop_padding, random_flip=config.data.random_flip)
+        checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep)
+        restored = checkpointer.restore_latest(abstract_like(exp.state), train_iter)
+        if is_main:
+            config_lib.write_workdir(config, workdir)
+            if "vocab" in exp.dataset.metadata:  # lets `dlfx sample` decode tokens
+                with open(os.path.join(workdir, "vocab.json"), "w") as f:
+                    json.dump(exp.dataset.metadata["vocab"], f)
+    except (DlfxError, OSError) as e:
+        lock.release()
+        if created and is_main:  # a failed start leaves no half-made workdir behind
+            shutil.rmtree(workdir, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise ConfigError(f"cannot use workdir {workdir}: {e.strerror or e}") from None
+        raise
+    try:
+        return _loop(exp, config, workdir, checkpointer, train_iter, restored, start_time)
+    finally:
+        lock.release()
 
-    # --- Input pipeline and resume ----------------------------------------------------------
-    train_iter = data.train_iterator(exp.dataset.train, config.data.batch_size, exp.data_seed,
-                                     jax.process_index(), jax.process_count(),
-                                     crop_padding=config.data.crop_padding, random_flip=config.data.random_flip)
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep)
-    state = exp.state
-    restored = checkpointer.restore_latest(abstract_like(state), train_iter)
-    if restored is not None:
-        state, _ = restored
+
+def _loop(exp, config, workdir, checkpointer, train_iter, restored, start_time) -> dict[str, Any]:
+    """Train from the restored (or fresh) state to the last step; see `train`."""
+    is_main = jax.process_index() == 0
+    state = exp.state if restored is None else restored[0]
     step = int(jax.device_get(state.step))
     if is_main:
         log.truncate_metrics(workdir, step)
@@ -88,50 +126,59 @@ def train(config: ml_collections.ConfigDict, workdir: str, force: bool = False) 
         steps.make_train_step(exp.model, exp.tx, exp.schedule, config.loss.label_smoothing),
         exp.mode, exp.mesh, donate_state=True)
     eval_step = parallel.compile_step(steps.make_eval_step(exp.model), exp.mode, exp.mesh)
+    groups = steps.param_groups(exp.state.params)
 
     # --- Loop -------------------------------------------------------------------------------
     pending: list[dict] = []
     train_metrics: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
     status = "finished"
-    window_start, window_step = time.time(), step
+    window_start, window_step, skipped_in_row = time.time(), step, 0
     first_log: tuple[float, int] | None = None  # steady-state speed excludes compilation and eval
     last_log: tuple[float, int] | None = None
-    with _Preemption() as preemption:
-        while step < exp.total_steps:
-            batch = parallel.shard_batch(next(train_iter), exp.mesh, exp.mode)
-            state, metrics = train_step(state, batch)
-            step += 1
-            pending.append(metrics)  # stays on device until the next log point
-            if step % config.train.log_every == 0 or step == exp.total_steps:
-                train_metrics = _mean(pending)
-                now = time.time()
-                train_metrics["steps_per_sec"] = (step - window_step) / (now - window_start)
-                first_log = first_log or (now, step)
-                last_log = (now, step)
-                window_start, window_step, pending = now, step, []
-                logger.write(step, "train", train_metrics)
-                logger.advance(step)
-            if config.train.eval_every and step % config.train.eval_every == 0 and step < exp.total_steps:
-                eval_metrics = evaluate(exp, state, eval_step)
-                logger.write(step, "eval", eval_metrics)
-            if step % config.train.checkpoint_every == 0 and step < exp.total_steps:
-                checkpointer.save(step, state, train_iter)
-            if preemption.requested:
-                checkpointer.save(step, state, train_iter)
-                status = "preempted"
-                break
+    try:
+        with _Preemption() as preemption:
+            while step < exp.total_steps:
+                batch = parallel.shard_batch(next(train_iter), exp.mesh, exp.mode)
+                state, metrics = train_step(state, batch)
+                step += 1
+                pending.append(metrics)  # stays on device until the next log point
+                save_now = step % config.train.checkpoint_every == 0 and step < exp.total_steps
+                preempted = preemption.requested or (jax.process_count() > 1 and checkpointer.reached_preemption(step))
+                if step % config.train.log_every == 0 or step == exp.total_steps or save_now or preempted:
+                    fetched = jax.device_get(pending)
+                    skipped, skipped_in_row = _check_finite(fetched, window_step + 1, config, skipped_in_row, groups)
+                    train_metrics = _mean(fetched) | {"skipped_steps": float(skipped)}
+                    now = time.time()
+                    train_metrics["steps_per_sec"] = (step - window_step) / (now - window_start)
+                    first_log = first_log or (now, step)
+                    last_log = (now, step)
+                    window_start, window_step, pending = now, step, []
+                    logger.write(step, "train", train_metrics)
+                    logger.advance(step)
+                if config.train.eval_every and step % config.train.eval_every == 0 and step < exp.total_steps:
+                    eval_metrics = evaluate(exp, state, eval_step)
+                    logger.write(step, "eval", eval_metrics)
+                if save_now or preempted:
+                    checkpointer.save(step, state, train_iter)
+                if preempted:
+                    status = "preempted"
+                    break
 
-    # --- Final eval and checkpoint ------------------------------------------------------------
-    if status == "finished":
-        eval_metrics = evaluate(exp, state, eval_step)
-        logger.write(step, "eval", eval_metrics)
-        if step not in checkpointer.steps():
-            checkpointer.save(step, state, train_iter)
-    checkpointer.close()
+        # --- Final eval and checkpoint --------------------------------------------------------
+        if status == "finished":
+            eval_metrics = evaluate(exp, state, eval_step)
+            logger.write(step, "eval", eval_metrics)
+            if step not in checkpointer.steps():
+                checkpointer.save(step, state, train_iter)
+    finally:
+        try:
+            checkpointer.close()  # waits for in-flight saves, so the last good checkpoint is complete
+        finally:
+            logger.close()
     if status == "preempted":
-        logger.message(f"preempted: saved step {step} to {workdir}/checkpoints; rerun the same command to resume")
-    logger.close()
+        print(f"dlfx: preempted: saved step {step} to {workdir}/checkpoints; rerun the same command to resume",
+              file=sys.stderr)
     end_time = time.time()
     steady = None
     if first_log and last_log[1] > first_log[1]:
@@ -151,7 +198,7 @@ def evaluate_workdir(workdir: str, step: int | None = None) -> dict[str, Any]:
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep)
     try:
         if step is None:
-            restored = checkpointer.restore_latest(abstract_like(exp.state))
+            restored = checkpointer.restore_latest(abstract_like(exp.state), quarantine=False)
             if restored is None:
                 raise DlfxError(f"no checkpoint in {workdir}/checkpoints to evaluate")
             state, step = restored

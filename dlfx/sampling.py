@@ -42,7 +42,7 @@ def sample_workdir(workdir: str, prompt: str, length: int, temperature: float = 
     exp = build(config)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep)
     try:
-        restored = checkpointer.restore_latest(abstract_like(exp.state))
+        restored = checkpointer.restore_latest(abstract_like(exp.state), quarantine=False)
     finally:
         checkpointer.close()
     if restored is None:

@@ -43,6 +43,15 @@ def create_train_state(variables: dict, tx: optax.GradientTransformation, rng: j
                       batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params), rng=rng)
 
 
+def param_groups(params: Any) -> list[str]:
+    """Top-level parameter groups (e.g. `conv1`, `head`), the unit non-finite gradients are reported in."""
+    return list(params.keys())
+
+
+def _all_finite(tree: Any) -> jnp.ndarray:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
 def _variables(state: TrainState, params: Any) -> dict:
     if state.batch_stats:
         return {"params": params, "batch_stats": state.batch_stats}
@@ -71,8 +80,16 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
         params = optax.apply_updates(state.params, param_updates)
         metrics["grad_norm"] = optax.tree.norm(grads)
         metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
-        new_state = state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                                  opt_state=opt_state)
+        # A non-finite loss or gradient never reaches the state: the update is dropped and flagged,
+        # and the runner decides (config.train.nan_policy) whether to stop or to go on.
+        group_finite = jnp.stack([_all_finite(grads[name]) for name in param_groups(grads)])
+        finite = jnp.isfinite(metrics["loss"]) & jnp.all(group_finite)
+        metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
+        metrics["first_nonfinite_group"] = jnp.where(jnp.all(group_finite), -1, jnp.argmin(group_finite))
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
+                                  batch_stats=keep(batch_stats, state.batch_stats),
+                                  opt_state=keep(opt_state, state.opt_state))
         return new_state, metrics
 
     return train_step
