@@ -18,8 +18,12 @@ log = logging.getLogger("dlfx")
 
 
 def _first_line(error: BaseException) -> str:
-    text = str(error).strip().splitlines()
-    return f"{type(error).__name__}: {text[0][:300] if text else ''}"
+    """One line for an error; long Orbax/TensorStore lines keep their end, which holds the OS reason."""
+    lines = str(error).strip().splitlines()
+    line = lines[0] if lines else ""
+    if len(line) > 400:
+        line = f"{line[:200]} ... {line[-200:]}"
+    return f"{type(error).__name__}: {line}"
 
 
 class Checkpointer:

@@ -175,7 +175,10 @@ def _loop(exp, config, workdir, checkpointer, train_iter, restored, start_time) 
         try:
             checkpointer.close()  # waits for in-flight saves, so the last good checkpoint is complete
         finally:
-            logger.close()
+            try:
+                logger.close()
+            except OSError as e:  # e.g. a full disk; never hide the error that stopped the run
+                print(f"dlfx: warning: could not flush the run logs: {e}", file=sys.stderr)
     if status == "preempted":
         print(f"dlfx: preempted: saved step {step} to {workdir}/checkpoints; rerun the same command to resume",
               file=sys.stderr)

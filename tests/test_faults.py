@@ -1,0 +1,277 @@
+"""Fault injection: crashes mid-save, corrupt checkpoints, NaNs, full or unwritable disks, locks, pickles.
+
+SIGTERM (preemption) is proved in tests/test_preemption.py; bad-input errors in tests/test_cli.py.
+"""
+
+import glob
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from dlfx import config as config_lib, experiment, log, parallel, runner
+from dlfx.checkpoint import Checkpointer, abstract_like
+from dlfx.errors import CheckpointError, ConfigError, NonFiniteError
+
+TINY = ["model.features=(8, 16)", "model.hidden_dim=32", "data.batch_size=64", "train.epochs=0",
+        "train.steps=20", "train.log_every=5", "train.eval_every=0", "train.checkpoint_every=10",
+        "optimizer.warmup_steps=2"]
+
+
+def tiny(repo_root, *extra):
+    return config_lib.load(os.path.join(repo_root, "configs/digits_cnn.py"), TINY + list(extra))
+
+
+def cli_args(*extra):
+    return [f"--config.{o}" for o in TINY + list(extra)]
+
+
+def restore_final(config, workdir):
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
+    try:
+        return checkpointer.restore_latest(abstract_like(experiment.build(config).state), quarantine=False)
+    finally:
+        checkpointer.close()
+
+
+def assert_bit_identical(a, b):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert np.array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.fixture(scope="module")
+def reference(repo_root, tmp_path_factory):
+    """The uninterrupted tiny run: final state after 20 (and after 30) steps."""
+    root = tmp_path_factory.mktemp("reference")
+    return {steps: runner.train(tiny(repo_root, f"train.steps={steps}"), str(root / str(steps)))["state"]
+            for steps in (20, 30)}
+
+
+# --- 2. SIGKILL while an async checkpoint save is running -------------------------------------
+
+def test_sigkill_during_save_resumes_from_previous_checkpoint(repo_root, tmp_path, reference):
+    workdir = str(tmp_path / "run")
+    command = ["train", "--config", "configs/digits_cnn.py", "--workdir", workdir, *cli_args("train.steps=30")]
+    killed = subprocess.run([sys.executable, "tests/data/kill_during_save.py", *command], cwd=repo_root,
+                            capture_output=True, text=True, timeout=300,
+                            env=dict(os.environ, DLFX_TEST_KILL_AT_STEP="20"))
+    assert killed.returncode == -signal.SIGKILL
+    assert os.path.exists(os.path.join(workdir, ".lock"))  # the dead process left its lock behind
+    finished = [d for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
+    assert "10" in finished
+    resumed = subprocess.run([sys.executable, "-m", "dlfx", *command], cwd=repo_root, capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    resumed_from = int(resumed.stderr.split("resumed from step ")[1].split()[0])
+    assert resumed_from in (10, 20)  # 20 only if its background write had already committed
+    assert "taking over stale lock" in resumed.stderr
+    state, step = restore_final(tiny(repo_root, "train.steps=30"), workdir)
+    assert step == 30
+    assert_bit_identical(state, reference[30])
+    assert not os.path.exists(os.path.join(workdir, ".lock"))
+
+
+# --- 3. Corrupt checkpoints ----------------------------------------------------------------------
+
+def _corrupt(step_dir, how):
+    files = [f for f in glob.glob(os.path.join(step_dir, "state", "**", "*"), recursive=True) if os.path.isfile(f)]
+    data_files = [f for f in files if os.sep + "d" + os.sep in f] or files
+    if how == "truncate":
+        for f in data_files:
+            open(f, "wb").close()
+    elif how == "delete":
+        for f in data_files:
+            os.remove(f)
+    elif how == "empty":
+        shutil.rmtree(step_dir)
+        os.makedirs(step_dir)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # Orbax's event-loop noise
+@pytest.mark.parametrize("how", ["truncate", "delete", "empty"])
+def test_corrupt_latest_checkpoint_falls_back_and_is_quarantined(repo_root, tmp_path, reference, how, caplog):
+    config = tiny(repo_root)
+    workdir = str(tmp_path / "run")
+    runner.train(config, workdir)
+    _corrupt(os.path.join(workdir, "checkpoints", "20"), how)
+    with caplog.at_level("WARNING", logger="dlfx"):
+        summary = runner.train(config, workdir)
+    assert "checkpoints/20 is unreadable" in caplog.text and "moved unreadable checkpoint step 20" in caplog.text
+    assert len(os.listdir(os.path.join(workdir, "corrupt_checkpoints"))) == 1  # kept, not deleted
+    assert summary["step"] == 20
+    state, step = restore_final(config, workdir)  # step 20 was saved again and reads back
+    assert step == 20
+    assert_bit_identical(state, reference[20])
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_no_valid_checkpoint_is_a_clear_error_and_nothing_is_removed(repo_root, tmp_path):
+    config = tiny(repo_root)
+    workdir = str(tmp_path / "run")
+    runner.train(config, workdir)
+    for step in ("10", "20"):
+        _corrupt(os.path.join(workdir, "checkpoints", step), "truncate")
+    before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+    with pytest.raises(CheckpointError, match=r"no valid checkpoint in .*checkpoints \(tried steps \[10, 20\]"):
+        runner.train(config, workdir)
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+    assert not os.path.exists(os.path.join(workdir, "corrupt_checkpoints"))
+    assert not os.path.exists(os.path.join(workdir, ".lock"))
+
+
+# --- 4. NaN / Inf -----------------------------------------------------------------------------
+
+DIVERGE = ["optimizer.name=sgd", "optimizer.learning_rate=1e30", "optimizer.schedule=constant",
+           "optimizer.warmup_steps=0", "train.checkpoint_every=2", "train.log_every=1"]
+
+
+def test_nan_policy_error_stops_without_saving_the_poisoned_state(repo_root, tmp_path):
+    workdir = str(tmp_path / "run")
+    result = subprocess.run([sys.executable, "-m", "dlfx", "train", "--config", "configs/digits_cnn.py",
+                             "--workdir", workdir, *cli_args(*DIVERGE)], cwd=repo_root, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2
+    error = [line for line in result.stderr.splitlines() if line.startswith("dlfx: error:")]
+    assert len(error) == 1 and "(train.nan_policy='error')" in error[0], result.stderr[-2000:]
+    bad_step = int(error[0].split(" at step ")[1].split()[0])
+    assert "non-finite loss" in error[0] or "non-finite gradient of " in error[0]
+    saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
+    assert all(s < bad_step for s in saved)
+    if saved:
+        state, _ = restore_final(tiny(repo_root, *DIVERGE), workdir)
+        assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
+
+
+def test_nan_policy_skip_drops_a_poisoned_batch_and_goes_on(repo_root, tmp_path, monkeypatch):
+    place = parallel.shard_batch
+    calls = {"train": 0}
+
+    def poison_third_train_batch(batch, mesh, mode):
+        if "mask" not in batch:  # train batches only
+            calls["train"] += 1
+            if calls["train"] == 3:
+                batch = {**batch, "x": np.full_like(batch["x"], np.nan)}
+        return place(batch, mesh, mode)
+
+    monkeypatch.setattr(parallel, "shard_batch", poison_third_train_batch)
+    workdir = str(tmp_path / "run")
+    summary = runner.train(tiny(repo_root, "train.nan_policy=skip", "train.log_every=1"), workdir)
+    assert summary["status"] == "finished" and summary["step"] == 20
+    records = {r["step"]: r for r in log.read_metrics(workdir) if r["split"] == "train"}
+    assert [s for s, r in records.items() if r["skipped_steps"]] == [3]
+    assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(summary["state"].params))
+    assert np.isfinite(summary["eval"]["loss"])
+
+
+def test_nan_policy_skip_stops_after_max_skipped_in_a_row(repo_root, tmp_path):
+    with pytest.raises(NonFiniteError, match=r"3 non-finite steps in a row up to step \d+, .*train.max_skipped=3"):
+        runner.train(tiny(repo_root, *DIVERGE, "train.nan_policy=skip", "train.max_skipped=3"), str(tmp_path / "r"))
+
+
+# --- 5. Full or unwritable disk ---------------------------------------------------------------
+
+@pytest.fixture
+def small_tmpfs(tmp_path):
+    mount_point = tmp_path / "disk"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here ({mounted.stderr.strip()})")
+    yield str(mount_point)
+    subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_disk_full_at_save_is_surfaced_and_last_checkpoint_survives(repo_root, small_tmpfs):
+    config = tiny(repo_root, "train.steps=10")
+    workdir = os.path.join(small_tmpfs, "run")
+    runner.train(config, workdir)
+    filler = os.path.join(small_tmpfs, "filler")
+    with open(filler, "wb", buffering=0) as f:  # fill the disk to the last byte ...
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+        except OSError:
+            pass
+    os.truncate(filler, os.path.getsize(filler) - 32 * 1024)  # ... then leave room for logs, not checkpoints
+    longer = tiny(repo_root, "train.steps=20")
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        runner.train(longer, workdir, force=True)
+    os.remove(os.path.join(small_tmpfs, "filler"))
+    state, step = restore_final(config, workdir)
+    assert step == 10 and int(state.step) == 10
+
+
+def test_unwritable_workdir_is_a_clear_error(repo_root, tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    with pytest.raises(ConfigError, match="cannot use workdir .*a_file/run"):
+        runner.train(tiny(repo_root), str(blocker / "run"))
+    read_only = tmp_path / "ro"
+    read_only.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(read_only)],
+                             capture_output=True)
+    if mounted.returncode == 0:  # a real read-only file system (chmod does not stop root)
+        try:
+            with pytest.raises(ConfigError, match="cannot use workdir|not writable"):
+                runner.train(tiny(repo_root), str(read_only / "run"))
+        finally:
+            subprocess.run(["umount", "-l", str(read_only)], check=False)
+
+
+# --- 7. One live run per workdir --------------------------------------------------------------
+
+def test_live_lock_refuses_and_stale_lock_is_taken_over(repo_root, tmp_path):
+    import socket
+
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (workdir / ".lock").write_text(f"{socket.gethostname()} {sleeper.pid}\n")
+        with pytest.raises(ConfigError, match=f"in use by running process {sleeper.pid}"):
+            runner.train(tiny(repo_root, "train.steps=5"), str(workdir))
+        assert (workdir / ".lock").read_text().split()[1] == str(sleeper.pid)  # not stolen
+        assert not (workdir / "config.json").exists()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    summary = runner.train(tiny(repo_root, "train.steps=5"), str(workdir))  # the PID is dead now: stale
+    assert summary["status"] == "finished" and not (workdir / ".lock").exists()
+
+
+# --- 8. Nothing is ever unpickled ---------------------------------------------------------------
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))  # unpickling creates the marker file
+
+
+def test_malicious_pickles_in_a_workdir_are_never_loaded(repo_root, tmp_path):
+    marker = str(tmp_path / "PWNED")
+    evil = pickle.dumps(_Payload(marker))
+    config = tiny(repo_root, "train.steps=10")
+    workdir = str(tmp_path / "run")
+    runner.train(config, workdir)
+    for path in glob.glob(os.path.join(workdir, "checkpoints", "10", "**", "*"), recursive=True):
+        if os.path.isfile(path):
+            with open(path, "wb") as f:
+                f.write(evil)
+    with open(os.path.join(workdir, "checkpoints", "model.pkl"), "wb") as f:
+        f.write(evil)
+    np.savez(str(tmp_path / "evil.npz"), weights=np.array([_Payload(marker)], dtype=object))
+    for args in (["eval", "--workdir", workdir], ["inspect", workdir], ["inspect", str(tmp_path / "evil.npz")],
+                 ["train", "--config", "configs/digits_cnn.py", "--workdir", workdir, *cli_args("train.steps=10")]):
+        result = subprocess.run([sys.executable, "-m", "dlfx", *args], cwd=repo_root, capture_output=True,
+                                text=True, timeout=300)
+        assert result.returncode == 2, (args, result.stderr[-2000:])
+        assert not os.path.exists(marker), args
