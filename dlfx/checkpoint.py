@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -19,11 +20,14 @@ log = logging.getLogger("dlfx")
 
 def _first_line(error: BaseException) -> str:
     """One line for an error; long Orbax/TensorStore lines keep their end, which holds the OS reason."""
-    lines = str(error).strip().splitlines()
+    text = str(error)
+    lines = text.strip().splitlines()
     line = lines[0] if lines else ""
-    if len(line) > 400:
-        line = f"{line[:200]} ... {line[-200:]}"
-    return f"{type(error).__name__}: {line}"
+    if len(line) > 300:
+        line = line[:300] + " ..."
+    reasons = [os.strerror(code) for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)]
+    reason = next((r for r in reasons if r in text), None)
+    return f"{reason}: {type(error).__name__}: {line}" if reason else f"{type(error).__name__}: {line}"
 
 
 class Checkpointer:

@@ -58,6 +58,8 @@ def test_eval_and_inspect_read_the_run(repo_root, digits_run):
     (["--config.model.width=3"], "unknown config key config.model.width"),
     (["--config.model.hidden_dim=many"], "config.model.hidden_dim: expected int, got 'many'"),
     (["--bogus"], "unrecognized argument '--bogus'"),
+    (["--config.data.name=synthetic", "--config.data.num_test=0"], "eval split is empty"),
+    (["--config.train.nan_policy=ignore"], "config.train.nan_policy='ignore' is not one of error, skip"),
 ])
 def test_user_errors_are_one_line_and_exit_2(repo_root, tmp_path, args, message):
     workdir = str(tmp_path / "never")

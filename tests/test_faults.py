@@ -17,7 +17,7 @@ import pytest
 
 from dlfx import config as config_lib, experiment, log, parallel, runner
 from dlfx.checkpoint import Checkpointer, abstract_like
-from dlfx.errors import CheckpointError, ConfigError, NonFiniteError
+from dlfx.errors import CheckpointError, ConfigError, DataError, NonFiniteError
 
 TINY = ["model.features=(8, 16)", "model.hidden_dim=32", "data.batch_size=64", "train.epochs=0",
         "train.steps=20", "train.log_every=5", "train.eval_every=0", "train.checkpoint_every=10",
@@ -223,6 +223,20 @@ def test_unwritable_workdir_is_a_clear_error(repo_root, tmp_path):
                 runner.train(tiny(repo_root), str(read_only / "run"))
         finally:
             subprocess.run(["umount", "-l", str(read_only)], check=False)
+
+
+# --- 6. Bad input leaves an existing run as it was (one-line errors: tests/test_cli.py) -------------
+
+def test_failed_start_on_an_existing_run_changes_nothing(repo_root, tmp_path):
+    workdir = tmp_path / "run"
+    runner.train(tiny(repo_root, "train.steps=5"), str(workdir))
+    snapshot = {str(p): p.stat().st_mtime_ns for p in workdir.rglob("*")}
+    for bad in (["data.batch_size=100"], ["model.name=resnet18", "data.name=text"], ["data.num_test=0"]):
+        with pytest.raises((ConfigError, DataError)):
+            runner.train(config_lib.load(os.path.join(repo_root, "configs/digits_cnn.py"),
+                                         TINY + ["train.steps=5"] + (["data.name=synthetic"] if "data.num_test=0" in bad else []) + bad),
+                         str(workdir), force=True)
+    assert snapshot == {str(p): p.stat().st_mtime_ns for p in workdir.rglob("*")}
 
 
 # --- 7. One live run per workdir --------------------------------------------------------------
