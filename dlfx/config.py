@@ -343,6 +343,20 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
 
 
+def _new_key_at_default(change: str, defaults: dict) -> bool:
+    """A key added to dlfx after the run was made, holding its default, is not a change of config."""
+    key, _, values = change.partition(": ")
+    old, _, new = values.partition(" -> ")
+    if old != repr("<unset>"):
+        return False
+    node: Any = defaults
+    for part in key.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+    return repr(node) == new
+
+
 def check_workdir(config: ml_collections.ConfigDict, workdir: str, force: bool) -> None:
     """Refuse a workdir whose config.json holds a different config, unless forced."""
     path = os.path.join(workdir, "config.json")
@@ -353,7 +367,8 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str, force: bool) 
             old = json.load(f)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON ({e}); use --force to overwrite it") from None
-    changes = _diff(old, to_dict(config))
+    defaults = to_dict(base_config())
+    changes = [c for c in _diff(old, to_dict(config)) if not _new_key_at_default(c, defaults)]
     if changes:
         shown = "; ".join(changes[:5]) + (f"; ... {len(changes) - 5} more" if len(changes) > 5 else "")
         raise ConfigError(f"workdir {workdir} holds a run with a different config ({shown}); "

@@ -121,3 +121,14 @@ def test_model_and_data_arguments_left_at_default_can_be_overridden(repo_root):
         config_lib.load(os.path.join(repo_root, "configs/mnist1d.py") + ":mlp", ["model.dropout_rate=lots"])
     with pytest.raises(ConfigError, match="unknown config key config.model.kernel_size"):
         config_lib.load(os.path.join(repo_root, "configs/mnist1d.py") + ":mlp", ["model.kernel_size=3"])
+
+
+def test_keys_added_to_dlfx_later_do_not_count_as_a_change(repo_root, tmp_path):
+    c = config_lib.load(os.path.join(repo_root, "configs/digits_cnn.py"))
+    values = config_lib.to_dict(c)
+    del values["train"]["nan_policy"]  # a run made before this key existed
+    (tmp_path / "config.json").write_text(json.dumps(values))
+    config_lib.check_workdir(c, str(tmp_path), force=False)
+    changed = config_lib.load(os.path.join(repo_root, "configs/digits_cnn.py"), ["train.nan_policy=skip"])
+    with pytest.raises(ConfigError, match="train.nan_policy: '<unset>' -> 'skip'"):
+        config_lib.check_workdir(changed, str(tmp_path), force=False)

@@ -27,6 +27,10 @@ class ArraySource:
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
         return {k: v[index] for k, v in self._arrays.items()}
 
+    def gather(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+        """The examples at `indices`, stacked into one batch."""
+        return {k: v[indices] for k, v in self._arrays.items()}
+
     def __repr__(self) -> str:  # grain compares reprs when it restores a checkpointed iterator
         shapes = {k: v.shape for k, v in self._arrays.items()}
         return f"ArraySource({shapes})"
@@ -50,24 +54,43 @@ def augment_images(batch: dict[str, np.ndarray], rng: np.random.Generator, crop_
     return {**batch, "x": x}
 
 
+class _EpochBatches:
+    """Batch number -> this process's example indices: a fresh seeded permutation of the shard each epoch."""
+
+    def __init__(self, shard: np.ndarray, batch_size: int, seed: int):
+        self.shard, self.batch_size, self.seed = shard, batch_size, seed
+        self.batches_per_epoch = len(shard) // batch_size
+        self._epoch, self._order = -1, shard
+
+    def __call__(self, batch_number: int) -> np.ndarray:
+        epoch, position = divmod(int(batch_number), self.batches_per_epoch)
+        if epoch != self._epoch:  # the permutation depends only on (seed, epoch): resume-exact
+            self._order = self.shard[np.random.default_rng([self.seed, epoch]).permutation(len(self.shard))]
+            self._epoch = epoch
+        return self._order[position * self.batch_size:(position + 1) * self.batch_size]
+
+
 def train_iterator(arrays: dict[str, np.ndarray], global_batch_size: int, seed: int,
                    process_index: int = 0, process_count: int = 1, crop_padding: int = 0,
                    random_flip: bool = False, num_threads: int = 2) -> grain.DatasetIterator:
     """Endless iterator of this process's share of each global batch, reshuffled every epoch.
 
     Each process reads the disjoint shard `process_index::process_count`, so a global batch is
-    the concatenation of every process's local batch. The iterator supports get_state/set_state.
+    the concatenation of every process's local batch. Elements of the grain dataset are whole
+    batches (one gather per batch, not one read per example); the iterator supports get_state/set_state.
     """
     if global_batch_size % process_count:
         raise DataError(f"config.data.batch_size={global_batch_size} is not divisible by the "
                         f"{process_count} processes")
     local_batch_size = global_batch_size // process_count
-    dataset = grain.MapDataset.source(ArraySource(arrays))[process_index::process_count]
-    if len(dataset) < local_batch_size:
-        raise DataError(f"train split has {len(dataset)} examples on process {process_index}, fewer than "
+    source = ArraySource(arrays)
+    shard = np.arange(len(source))[process_index::process_count]
+    if len(shard) < local_batch_size:
+        raise DataError(f"train split has {len(shard)} examples on process {process_index}, fewer than "
                         f"one batch of {local_batch_size} (config.data.batch_size={global_batch_size})")
-    dataset = dataset.shuffle(seed=seed).repeat(None).batch(local_batch_size, drop_remainder=True)
-    if crop_padding or random_flip:  # seeded per batch index, so a resumed stream is augmented identically
+    indices = _EpochBatches(shard, local_batch_size, seed)
+    dataset = grain.MapDataset.range(2**62).map(lambda b: source.gather(indices(b)))
+    if crop_padding or random_flip:  # seeded per batch number, so a resumed stream is augmented identically
         dataset = dataset.random_map(
             lambda batch, rng: augment_images(batch, rng, crop_padding, random_flip), seed=seed + 1)
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)

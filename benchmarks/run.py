@@ -1,0 +1,178 @@
+"""Speed harness: dlfx runner and bare step against a hand-written JAX loop, with FLOP/s and MFU.
+
+    python -m benchmarks.run [--models mlp,cnn,resnet18,lstm,gpt] [--out benchmarks/RESULTS.md]
+
+Per model, after warm-up, with the median of interleaved repeats:
+  compile   first call of the bare dlfx step (trace + compile + run)
+  runner    steps/s of `dlfx.runner.train` (grain pipeline, logging, checkpoints at the config's cadence),
+            steady state between its first and last log point
+  bare      steps/s of the dlfx train step on device-resident batches
+  baseline  steps/s of benchmarks/baseline.py (plain jax.jit step, same model/optimizer/batch)
+  overhead  runner / baseline;  step ratio  bare / baseline;  pipeline  runner / bare
+  FLOP/s    XLA cost analysis of the compiled step x bare steps/s; MFU against a measured f32 matmul peak
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from benchmarks import baseline
+from dlfx import config as config_lib, data, parallel, runner, steps
+from dlfx.experiment import build
+
+# name -> (config spec, overrides, examples-or-tokens per example)
+MODELS = {
+    "mlp": ("configs/digits_mlp.py", [], 1),
+    "cnn": ("configs/digits_cnn.py", [], 1),
+    "resnet18": ("configs/digits_resnet.py", ["data.name=synthetic", "data.shape=(32, 32, 3)", "data.num_train=2048",
+                                              "data.num_test=256", "data.batch_size=32", "data.crop_padding=0",
+                                              "model.width=64"], 1),
+    "lstm": ("configs/char_lstm.py", [], "seq"),
+    "gpt": ("configs/char_gpt.py", [], "seq"),
+}
+
+
+def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
+    """Best float32 FLOP/s of a square matmul on the default device."""
+    a = jax.random.normal(jax.random.PRNGKey(0), (size, size), jnp.float32)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
+
+
+def _timed(fn, *args) -> float:
+    start = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - start
+
+
+def bench_model(name: str, steps_per_repeat: int, repeats: int, runner_steps: int, peak: float) -> dict:
+    """Measure one model; see the module docstring."""
+    spec, overrides, unit = MODELS[name]
+    config = config_lib.load(spec, overrides + ["train.epochs=0", f"train.steps={runner_steps}",
+                                                "train.eval_every=0", "optimizer.warmup_steps=1"])
+    exp = build(config)
+    per_example = exp.dataset.example_shape[0] if unit == "seq" else 1
+    it = data.train_iterator(exp.dataset.train, config.data.batch_size, exp.data_seed)
+    host_batches = [next(it) for _ in range(4)]
+
+    fresh = jax.device_get(exp.state)  # host copy: the dlfx step donates its input state
+    flops = _step_flops(exp, parallel.shard_batch(host_batches[0], exp.mesh, exp.mode))
+
+    # bare dlfx step on device-resident batches
+    placed = [parallel.shard_batch(b, exp.mesh, exp.mode) for b in host_batches]
+    dlfx_step = parallel.compile_step(steps.make_train_step(exp.model, exp.tx, exp.schedule), exp.mode, exp.mesh,
+                                      donate_state=True)
+    state = exp.state
+    start = time.perf_counter()
+    state, metrics = dlfx_step(state, placed[0])
+    jax.block_until_ready(metrics)
+    compile_s = time.perf_counter() - start
+
+    def run_dlfx(n):
+        nonlocal state
+        out = None
+        for i in range(n):
+            state, out = dlfx_step(state, placed[i % len(placed)])
+        jax.block_until_ready(out)
+
+    # hand-written baseline, same model / optimizer / batches (plain arrays on the default device)
+    base_step = baseline.make_baseline_step(exp.model, exp.tx)
+    base_batches = [jax.device_put({k: v for k, v in b.items()}) for b in host_batches]
+    params, batch_stats, opt_state = fresh.params, fresh.batch_stats, fresh.opt_state
+    rng = jax.random.PRNGKey(0)
+    params, batch_stats, opt_state = baseline.run(base_step, params, batch_stats, opt_state, base_batches, 2, rng)
+
+    def run_base(n):
+        nonlocal params, batch_stats, opt_state
+        params, batch_stats, opt_state = baseline.run(base_step, params, batch_stats, opt_state, base_batches, n, rng)
+
+    run_dlfx(2)
+    base_times, dlfx_times = [], []
+    for _ in range(repeats):  # interleaved, so drift hits both alike
+        base_times.append(_timed(run_base, steps_per_repeat))
+        dlfx_times.append(_timed(run_dlfx, steps_per_repeat))
+    base_rate = steps_per_repeat / statistics.median(base_times)
+    bare_rate = steps_per_repeat / statistics.median(dlfx_times)
+
+    # the full runner, in a throwaway workdir
+    with tempfile.TemporaryDirectory() as workdir:
+        summary = runner.train(config, os.path.join(workdir, "run"))
+    runner_rate = summary["steps_per_sec"] or float("nan")
+    examples = config.data.batch_size * per_example
+    return {
+        "model": name, "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(exp.state.params)),
+        "batch": config.data.batch_size, "unit": "tokens" if unit == "seq" else "examples",
+        "compile_s": compile_s, "runner": runner_rate, "bare": bare_rate, "baseline": base_rate,
+        "overhead": runner_rate / base_rate, "step_ratio": bare_rate / base_rate, "pipeline": runner_rate / bare_rate,
+        "per_s": runner_rate * examples, "flops": flops, "tflops": flops * bare_rate / 1e12,
+        "mfu": flops * bare_rate / peak,
+    }
+
+
+def _step_flops(exp, batch) -> float:
+    """FLOPs of one train step from XLA's cost analysis (lax.scan bodies are counted once)."""
+    step = parallel.compile_step(steps.make_train_step(exp.model, exp.tx, exp.schedule), exp.mode, exp.mesh)
+    cost = step.lower(exp.state, batch).compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    return float(cost.get("flops", float("nan")))
+
+
+def table(rows: list[dict], peak: float) -> str:
+    """Markdown table of the measurements."""
+    head = ("| model | params | batch | compile (s) | runner steps/s | bare steps/s | baseline steps/s | "
+            "overhead (runner/baseline) | step ratio (bare/baseline) | pipeline (runner/bare) | "
+            "throughput | GFLOP/step | achieved GFLOP/s | MFU |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['params']:,} | {r['batch']} | {r['compile_s']:.2f} | {r['runner']:.1f} | "
+                     f"{r['bare']:.1f} | {r['baseline']:.1f} | {r['overhead']:.3f} | {r['step_ratio']:.3f} | "
+                     f"{r['pipeline']:.3f} | {r['per_s']:,.0f} {r['unit']}/s | {r['flops'] / 1e9:.2f} | "
+                     f"{r['tflops'] * 1e3:.1f} | {100 * r['mfu']:.1f} % |")
+    lines.append(f"\nPeak: {peak / 1e9:.1f} GFLOP/s (float32 2048^3 matmul, best of 10) on {jax.devices()[0].platform}.")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the selected models and print (and optionally write) the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--steps", type=int, default=20, help="steps per timed repeat")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--runner-steps", type=int, default=150)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    peak = matmul_peak()
+    rows = []
+    for name in args.models.split(","):
+        rows.append(bench_model(name, args.steps, args.repeats, args.runner_steps, peak))
+        print(f"{name}: done", file=sys.stderr, flush=True)
+    result = table(rows, peak)
+    info = (f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}; jax {jax.__version__}, "
+            f"{jax.device_count()} {jax.devices()[0].platform} device(s); date {time.strftime('%Y-%m-%d')}; "
+            f"peak host RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB.")
+    print(result + "\n" + info)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write("# dlfx benchmarks\n\n" + (__doc__ or "") + "\n" + result + "\n\n" + info + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
