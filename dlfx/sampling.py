@@ -26,6 +26,22 @@ def encode(text: str, vocab: list[str]) -> np.ndarray:
     return np.array([index[c] for c in text], np.int32)
 
 
+def _generate_windowed(model: GPT, params, prompt: jnp.ndarray, length: int, rng: jnp.ndarray,
+                       temperature: float, window: int) -> jnp.ndarray:
+    """KV-cache generation that never runs past `window` positions: when the context fills up,
+    decoding restarts from its last half (positions beyond the trained length were never learned)."""
+    keep = max(window // 2, 1)
+    context = prompt[:, -keep:] if prompt.shape[1] >= window else prompt
+    pieces, remaining, chunk = [], length, 0
+    while remaining > 0:
+        count = min(remaining, window - context.shape[1])
+        tokens, _ = transformer.generate(model, params, context, count, jax.random.fold_in(rng, chunk), temperature)
+        pieces.append(tokens)
+        remaining, chunk = remaining - count, chunk + 1
+        context = jnp.concatenate([context, tokens], axis=1)[:, -keep:]
+    return jnp.concatenate(pieces, axis=1)
+
+
 def sample_workdir(workdir: str, prompt: str, length: int, temperature: float = 1.0, seed: int = 0,
                    num_samples: int = 1) -> list[str]:
     """Restore a run's newest valid checkpoint and continue `prompt` by `length` characters."""
@@ -51,10 +67,8 @@ def sample_workdir(workdir: str, prompt: str, length: int, temperature: float = 
     prompt_ids = jnp.asarray(np.tile(encode(prompt, vocab), (num_samples, 1)))
     rng = jax.random.PRNGKey(seed)
     if isinstance(exp.model, GPT):
-        if prompt_ids.shape[1] + length > exp.model.max_len:
-            raise ConfigError(f"prompt ({prompt_ids.shape[1]}) + --length ({length}) exceeds the model's "
-                              f"max_len={exp.model.max_len}")
-        tokens, _ = transformer.generate(exp.model, params, prompt_ids, length, rng, temperature)
+        window = min(exp.model.max_len, int(exp.dataset.example_shape[0]))  # the context it was trained on
+        tokens = _generate_windowed(exp.model, params, prompt_ids, length, rng, temperature, window)
     elif isinstance(exp.model, RNN) and exp.model.vocab_size:
         tokens, _ = rnn.generate(exp.model, params, prompt_ids, length, rng, temperature)
     else:

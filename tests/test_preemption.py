@@ -13,7 +13,7 @@ from dlfx import config as config_lib, experiment, runner
 from dlfx.checkpoint import Checkpointer, abstract_like
 
 OVERRIDES = ["model.features=(8, 16)", "model.hidden_dim=32", "data.batch_size=64", "train.epochs=0",
-             "train.steps=400", "train.log_every=10", "train.eval_every=0", "train.checkpoint_every=1000"]
+             "train.steps=300", "train.log_every=10", "train.eval_every=0", "train.checkpoint_every=1000"]
 
 
 def test_sigterm_saves_and_resume_is_bit_identical(repo_root, tmp_path):
@@ -33,14 +33,14 @@ def test_sigterm_saves_and_resume_is_bit_identical(repo_root, tmp_path):
     assert process.returncode == 0, stderr[-2000:]
     assert "preempted" in stdout and "rerun the same command to resume" in stderr
     saved = [int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit()]
-    assert len(saved) == 1 and 0 < saved[0] < 400
+    assert len(saved) == 1 and 0 < saved[0] < 300
 
     resumed = subprocess.run(command, cwd=repo_root, capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resumed from step {saved[0]}" in resumed.stderr and "finished: step 400/400" in resumed.stdout
+    assert f"resumed from step {saved[0]}" in resumed.stderr and "finished: step 300/300" in resumed.stdout
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
     state, step = checkpointer.restore_latest(abstract_like(experiment.build(config).state))
     checkpointer.close()
-    assert step == 400
+    assert step == 300
     for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(state)):
         assert np.array_equal(np.asarray(a), np.asarray(b))
