@@ -93,7 +93,8 @@ def bench_model(name: str, steps_per_repeat: int, repeats: int, runner_steps: in
         jax.block_until_ready(out)
 
     # hand-written baseline, same model / optimizer / batches (plain arrays on the default device)
-    base_step = baseline.make_baseline_step(exp.model, exp.tx)
+    plain_model = exp.model.clone(axis_name=None) if hasattr(exp.model, "axis_name") else exp.model
+    base_step = baseline.make_baseline_step(plain_model, exp.tx)  # one device, no collectives
     base_batches = [jax.device_put({k: v for k, v in b.items()}) for b in host_batches]
     params, batch_stats, opt_state = fresh.params, fresh.batch_stats, fresh.opt_state
     rng = jax.random.PRNGKey(0)
