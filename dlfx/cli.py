@@ -12,7 +12,7 @@ import time
 from dlfx.errors import ConfigError, DlfxError
 
 
-def _split_overrides(extra: list[str]) -> list[str]:
+def split_overrides(extra: list[str]) -> list[str]:
     """Collect `--config.a.b=v` / `--config.a.b v` arguments as `a.b=v` strings."""
     overrides, i = [], 0
     while i < len(extra):
@@ -40,7 +40,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     """Train a config in a workdir, resuming if it holds checkpoints."""
     from dlfx import config as config_lib, runner
 
-    config = config_lib.load(args.config, _split_overrides(extra))
+    config = config_lib.load(args.config, split_overrides(extra))
     workdir = args.workdir or _default_workdir(args.config)
     if not args.workdir:
         print(f"workdir: {workdir}", file=sys.stderr)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import dataclasses
 import difflib
 import importlib.util
 import inspect
@@ -182,9 +183,7 @@ def _constructor_default(config: ml_collections.ConfigDict, parts: list[str]) ->
     """Default of `model.X` / `data.X` when X is an argument of the configured model / data source."""
     if len(parts) != 2 or parts[0] not in ("model", "data"):
         return _NOT_AN_ARGUMENT
-    import dataclasses
-
-    from dlfx import data, models
+    from dlfx import data, models  # registries; imported here to keep config import light
 
     section, name = parts
     if section == "model":

@@ -16,7 +16,7 @@ import time
 
 import numpy as np
 
-from dlfx.cli import _split_overrides
+from dlfx.cli import split_overrides
 from experiments.seed_study import run_seeds
 
 # Test accuracy (%) reported in the MNIST-1D paper (Greydanus, 2020), Table 1.
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir-root", default="runs/mnist1d_table")
     parser.add_argument("--out", default="experiments/mnist1d_table.md")
     args, extra = parser.parse_known_args(argv)
-    overrides = _split_overrides(extra)
+    overrides = split_overrides(extra)
     per_model = dict(item.split("=", 1) for item in args.seeds_for)
     rows = []
     for model in args.models.split(","):

@@ -15,7 +15,7 @@ import sys
 import numpy as np
 
 from dlfx import config as config_lib, runner
-from dlfx.cli import _split_overrides
+from dlfx.cli import split_overrides
 from dlfx.errors import DlfxError
 
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         seeds = [int(s) for s in args.seeds.split(",")]
         name = os.path.splitext(os.path.basename(args.config.partition(":")[0]))[0]
         root = args.workdir_root or os.path.join("runs", f"seeds-{name}")
-        result = table(args.config, run_seeds(args.config, seeds, root, _split_overrides(extra)))
+        result = table(args.config, run_seeds(args.config, seeds, root, split_overrides(extra)))
     except (DlfxError, ValueError) as e:
         print(f"seed_study: error: {e}", file=sys.stderr)
         return 2

@@ -1,6 +1,5 @@
 """Offline sources, the grain pipeline (order, epochs, sharding, resume) and batch placement."""
 
-import os
 
 import chex
 import jax

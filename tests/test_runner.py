@@ -1,6 +1,5 @@
 """The experiment loop: artifacts, exact resume, walking back over a broken checkpoint, refusals."""
 
-import json
 import os
 import shutil
 

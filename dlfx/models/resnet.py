@@ -5,7 +5,7 @@ so a torchvision state dict maps onto them one-to-one; the classifier is named `
 """
 
 from functools import partial
-from typing import Any, Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
