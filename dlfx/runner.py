@@ -21,9 +21,10 @@ import numpy as np
 from dlfx import config as config_lib
 from dlfx import data, log, parallel, steps
 from dlfx.checkpoint import Checkpointer, abstract_like
-from dlfx.errors import ConfigError, DlfxError, NonFiniteError
-from dlfx.experiment import build, evaluate
+from dlfx.errors import CheckpointError, ConfigError, DlfxError, NonFiniteError
+from dlfx.experiment import Experiment, build, evaluate
 from dlfx.workdir import WorkdirLock
+
 
 class _Preemption:
     """Remembers a SIGTERM so the loop can save at the next step boundary."""
@@ -191,26 +192,32 @@ def _loop(exp, config, workdir, checkpointer, train_iter, restored, start_time) 
             "workdir": workdir, "mode": exp.mode, "devices": exp.mesh.devices.size, "state": state}
 
 
-def evaluate_workdir(workdir: str, step: int | None = None) -> dict[str, Any]:
-    """Restore a run's newest valid (or the given) checkpoint and evaluate it on the test split."""
+def load_run(workdir: str, step: int | None = None) -> tuple[Experiment, steps.TrainState, int]:
+    """A run's experiment and its newest valid (or the given) checkpointed state; changes no file."""
     config = config_lib.read_workdir_config(workdir)
     config_lib.validate(config)
     if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-        raise DlfxError(f"no checkpoint folder in {workdir}")
+        raise CheckpointError(f"no checkpoint folder in {workdir}")
     exp = build(config)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep)
     try:
         if step is None:
             restored = checkpointer.restore_latest(abstract_like(exp.state), quarantine=False)
             if restored is None:
-                raise DlfxError(f"no checkpoint in {workdir}/checkpoints to evaluate")
+                raise CheckpointError(f"no checkpoint in {workdir}/checkpoints")
             state, step = restored
         else:
             if step not in checkpointer.steps():
-                raise DlfxError(f"no checkpoint at step {step} in {workdir}/checkpoints "
-                                f"(saved: {checkpointer.steps()})")
+                raise CheckpointError(f"no checkpoint at step {step} in {workdir}/checkpoints "
+                                      f"(saved: {checkpointer.steps()})")
             state = checkpointer.restore(step, abstract_like(exp.state))
     finally:
         checkpointer.close()
+    return exp, state, step
+
+
+def evaluate_workdir(workdir: str, step: int | None = None) -> dict[str, Any]:
+    """Restore a run's newest valid (or the given) checkpoint and evaluate it on the test split."""
+    exp, state, step = load_run(workdir, step)
     eval_step = parallel.compile_step(steps.make_eval_step(exp.model), exp.mode, exp.mesh)
     return {"step": step, **evaluate(exp, state, eval_step)}

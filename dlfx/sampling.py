@@ -9,12 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from dlfx import config as config_lib
-from dlfx.checkpoint import Checkpointer, abstract_like
-from dlfx.errors import CheckpointError, ConfigError, DataError
-from dlfx.experiment import build
+from dlfx.errors import ConfigError, DataError
 from dlfx.models import GPT, RNN
 from dlfx.models import rnn, transformer
+from dlfx.runner import load_run
 
 
 def encode(text: str, vocab: list[str]) -> np.ndarray:
@@ -54,16 +52,8 @@ def sample_workdir(workdir: str, prompt: str, length: int, temperature: float = 
         raise DataError("the prompt is empty; give at least one character")
     if length < 1:
         raise ConfigError(f"--length must be >= 1, got {length}")
-    config = config_lib.read_workdir_config(workdir)
-    exp = build(config)
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep)
-    try:
-        restored = checkpointer.restore_latest(abstract_like(exp.state), quarantine=False)
-    finally:
-        checkpointer.close()
-    if restored is None:
-        raise CheckpointError(f"no checkpoint in {workdir}/checkpoints to sample from")
-    params = jax.device_get(restored[0].params)
+    exp, state, _ = load_run(workdir)
+    params = jax.device_get(state.params)
     prompt_ids = jnp.asarray(np.tile(encode(prompt, vocab), (num_samples, 1)))
     rng = jax.random.PRNGKey(seed)
     if isinstance(exp.model, GPT):
@@ -72,5 +62,5 @@ def sample_workdir(workdir: str, prompt: str, length: int, temperature: float = 
     elif isinstance(exp.model, RNN) and exp.model.vocab_size:
         tokens, _ = rnn.generate(exp.model, params, prompt_ids, length, rng, temperature)
     else:
-        raise ConfigError(f"model {config.model.name!r} cannot generate text")
+        raise ConfigError(f"model {exp.config.model.name!r} cannot generate text")
     return [prompt + "".join(vocab[int(t)] for t in row) for row in np.asarray(tokens)]
