@@ -21,6 +21,7 @@ OPTIMIZERS = ("sgd", "adam", "adamw", "lion")
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "linear", "step")
 LOSSES = ("softmax_xent",)
 NAN_POLICIES = ("error", "skip")
+INIT_FORMATS = ("dlfx", "torchvision_resnet", "hf_gpt2", "hf_vit")
 
 
 def base_config() -> ml_collections.ConfigDict:
@@ -36,6 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.batch_size = 128  # global batch, split over processes and devices
     c.data.crop_padding = 0  # images: random crop after zero-padding by this many pixels (0: off)
     c.data.random_flip = False  # images: random horizontal flip
+    c.data.classes = ()  # classification: keep only these labels, relabelled 0..k-1 (empty: all)
+    c.data.train_fraction = 1.0  # classification: stratified fraction of the train split to keep
 
     c.loss = ml_collections.ConfigDict()
     c.loss.name = "softmax_xent"
@@ -56,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.b1 = 0.9  # adam/adamw/lion
     c.optimizer.b2 = 0.999  # adam/adamw; lion usually wants 0.99
     c.optimizer.eps = 1e-8  # adam/adamw
+    c.optimizer.freeze = ()  # regexes over a/b/c parameter paths that get no updates (e.g. ('conv.*', 'bn.*'))
 
     c.train = ml_collections.ConfigDict()
     c.train.steps = 0  # set steps or epochs (epochs = passes over the train split)
@@ -73,6 +77,13 @@ def base_config() -> ml_collections.ConfigDict:
     c.precision = ml_collections.ConfigDict()
     c.precision.compute_dtype = "float32"
     c.precision.param_dtype = "float32"
+
+    c.init_from = ml_collections.ConfigDict()  # pretrained parameters for a fresh run (never on resume)
+    c.init_from.path = ""  # dlfx workdir/checkpoint, .safetensors/.pt file or Hugging Face folder; "" = off
+    c.init_from.format = "dlfx"  # dlfx | torchvision_resnet | hf_gpt2 | hf_vit
+    c.init_from.load = ()  # regexes over a/b/c paths to take (empty: all)
+    c.init_from.skip = ()  # regexes of parameters kept at their fresh init (e.g. ('head/.*',))
+    c.init_from.step = -1  # dlfx format: checkpoint step (-1: newest valid)
     return c
 
 
@@ -257,7 +268,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for key in flat_keys(config):
         if key.split(".")[0] not in reference:
             raise _unknown_key(key, reference)
-    for section in ("loss", "optimizer", "train", "parallel", "precision"):
+    for section in ("loss", "optimizer", "train", "parallel", "precision", "init_from"):
         for key in config[section].keys():
             if key not in reference[section]:
                 raise _unknown_key(f"{section}.{key}", reference)
@@ -274,6 +285,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_choice(config, "train.nan_policy", NAN_POLICIES)
     _check_choice(config, "precision.compute_dtype", DTYPES)
     _check_choice(config, "precision.param_dtype", DTYPES)
+    _check_choice(config, "init_from.format", INIT_FORMATS)
+    for key in ("optimizer.freeze", "init_from.load", "init_from.skip"):
+        section, leaf = key.split(".")
+        if not all(isinstance(p, str) for p in config[section][leaf]):
+            raise ConfigError(f"config.{key} must be a tuple of regex strings, got {config[section][leaf]!r}")
     if not isinstance(config.data.batch_size, int) or config.data.batch_size <= 0:
         raise ConfigError(f"config.data.batch_size must be a positive int, got {config.data.batch_size!r}")
     if (config.train.steps > 0) == (config.train.epochs > 0):

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from dlfx import data, models, optim, parallel, steps
+from dlfx import data, models, optim, parallel, steps, transfer
 from dlfx.errors import ConfigError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -85,7 +85,18 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config.model ({config.model.name}) does not fit data {config.data.name!r} "
                           f"with example shape {dataset.example_shape}: {str(e).splitlines()[0]}") from None
+    optim.check_freeze(state.params, config.optimizer.freeze)
     return Experiment(config, mode, mesh, dataset, model, tx, schedule, total_steps, data_seed, state)
+
+
+def init_from_pretrained(exp: Experiment) -> steps.TrainState:
+    """The fresh state with `config.init_from`'s parameters and batch stats merged in (optimizer state kept)."""
+    fresh = jax.device_get({"params": exp.state.params, "batch_stats": exp.state.batch_stats})
+    if not fresh["batch_stats"]:
+        del fresh["batch_stats"]
+    merged = transfer.load_pretrained(fresh, exp.config.init_from)
+    placed = jax.device_put(merged, parallel.replicated(exp.mesh))
+    return exp.state.replace(params=placed["params"], batch_stats=placed.get("batch_stats", exp.state.batch_stats))
 
 
 def evaluate(exp: Experiment, state: steps.TrainState, eval_step: Any) -> dict[str, float]:

@@ -44,9 +44,11 @@ def _checkpoint_step_dir(path: str) -> str:
 
 
 def read_shapes(path: str) -> dict[str, tuple[tuple[int, ...], str]]:
-    """Parameter (and batch-stat) shapes of a workdir, checkpoint folder, `.safetensors` or `.npz` file."""
+    """Parameter (and batch-stat) shapes of a workdir, checkpoint folder, HF folder, `.safetensors` or `.npz` file."""
     if not os.path.exists(path):
         raise CheckpointError(f"no such file or folder: {path}")
+    if os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "model.safetensors")):
+        path = os.path.join(path, "model.safetensors")  # a Hugging Face model folder
     if path.endswith(".safetensors"):
         from safetensors import safe_open
 

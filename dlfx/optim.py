@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
+
+import re
 
 import jax
+import numpy as np
 import optax
 
 from dlfx.errors import ConfigError
+from dlfx.inspection import path_str
 
 
 def make_schedule(opt: Mapping[str, Any], total_steps: int) -> optax.Schedule:
@@ -64,4 +68,42 @@ def build(opt: Mapping[str, Any], total_steps: int) -> tuple[optax.GradientTrans
     if opt["weight_decay"] > 0:
         parts.append(optax.add_decayed_weights(opt["weight_decay"], mask=weight_decay_mask))
     parts.append(optax.scale_by_learning_rate(schedule))
-    return optax.chain(*parts), schedule
+    tx = optax.chain(*parts)
+    freeze = tuple(opt.get("freeze", ()))
+    if freeze:  # frozen parameters get a zero update: no gradient step, no weight decay, no optimizer state
+        tx = optax.multi_transform({"trainable": tx, "frozen": optax.set_to_zero()},
+                                   lambda params: freeze_labels(params, freeze))
+    return tx, schedule
+
+
+def is_frozen(path: str, patterns: Iterable[str]) -> bool:
+    """True if a regex of `optimizer.freeze` matches the whole `a/b/c` path."""
+    return any(re.fullmatch(p, path) for p in patterns)
+
+
+def freeze_labels(params: Any, patterns: Iterable[str]) -> Any:
+    """'frozen' for parameters whose path matches a freeze regex, 'trainable' for the rest."""
+    patterns = tuple(patterns)
+    return jax.tree_util.tree_map_with_path(
+        lambda p, _: "frozen" if is_frozen(path_str(p), patterns) else "trainable", params)
+
+
+def count_frozen(params: Any, patterns: Iterable[str]) -> tuple[int, int]:
+    """(trainable, frozen) parameter counts under the freeze regexes."""
+    labels = jax.tree.leaves(freeze_labels(params, patterns))
+    sizes = [int(np.prod(x.shape)) for x in jax.tree.leaves(params)]
+    frozen = sum(s for s, label in zip(sizes, labels) if label == "frozen")
+    return sum(sizes) - frozen, frozen
+
+
+def check_freeze(params: Any, patterns: Iterable[str]) -> None:
+    """Every freeze regex must be valid and match at least one parameter path."""
+    paths = [path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]]
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as e:
+            raise ConfigError(f"config.optimizer.freeze: {pattern!r} is not a valid regex ({e})") from None
+        if not any(re.fullmatch(pattern, path) for path in paths):
+            raise ConfigError(f"config.optimizer.freeze: {pattern!r} matches no parameter "
+                              f"(paths look like {paths[0]!r}; see `dlfx inspect`)")

@@ -19,10 +19,10 @@ import ml_collections
 import numpy as np
 
 from dlfx import config as config_lib
-from dlfx import data, log, parallel, steps
+from dlfx import data, log, optim, parallel, steps
 from dlfx.checkpoint import Checkpointer, abstract_like
 from dlfx.errors import CheckpointError, ConfigError, DlfxError, NonFiniteError
-from dlfx.experiment import Experiment, build, evaluate
+from dlfx.experiment import Experiment, build, evaluate, init_from_pretrained
 from dlfx.workdir import WorkdirLock
 
 
@@ -93,6 +93,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, force: bool = False) 
                                          crop_padding=config.data.crop_padding, random_flip=config.data.random_flip)
         checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep)
         restored = checkpointer.restore_latest(abstract_like(exp.state), train_iter)
+        if restored is None and config.init_from.path:  # a fresh run starts from pretrained weights
+            exp.state = init_from_pretrained(exp)
         if is_main:
             config_lib.write_workdir(config, workdir)
             if "vocab" in exp.dataset.metadata:  # lets `dlfx sample` decode tokens
@@ -121,10 +123,16 @@ def _loop(exp, config, workdir, checkpointer, train_iter, restored, start_time) 
     logger = log.RunLogger(workdir, exp.total_steps, step, enabled=is_main)
     if restored is not None:
         logger.message(f"resumed from step {step} in {workdir}")
+    elif config.init_from.path:
+        logger.message(f"initialized from {config.init_from.path} ({config.init_from.format})")
+    if config.optimizer.freeze:
+        trainable, frozen = optim.count_frozen(exp.state.params, config.optimizer.freeze)
+        logger.message(f"parameters: {trainable:,} trainable, {frozen:,} frozen")
 
     # --- Compiled steps ---------------------------------------------------------------------
     train_step = parallel.compile_step(
-        steps.make_train_step(exp.model, exp.tx, exp.schedule, config.loss.label_smoothing),
+        steps.make_train_step(exp.model, exp.tx, exp.schedule, config.loss.label_smoothing,
+                              freeze=config.optimizer.freeze),
         exp.mode, exp.mesh, donate_state=True)
     eval_step = parallel.compile_step(steps.make_eval_step(exp.model), exp.mode, exp.mesh)
     groups = steps.param_groups(exp.state.params)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import flax
 import flax.linen as nn
@@ -11,7 +11,8 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from dlfx import losses
+from dlfx import losses, optim
+from dlfx.inspection import path_str
 
 DATA_AXIS = "data"
 Batch = dict[str, jnp.ndarray]
@@ -59,9 +60,13 @@ def _variables(state: TrainState, params: Any) -> dict:
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    label_smoothing: float = 0.0,
-                    axis_name: str = DATA_AXIS) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """One per-device SGD step: local grads, `pmean` over `axis_name`, optax update, synced BN stats."""
+                    label_smoothing: float = 0.0, axis_name: str = DATA_AXIS,
+                    freeze: Sequence[str] = ()) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+    """One per-device SGD step: local grads, `pmean` over `axis_name`, optax update, synced BN stats.
+
+    Batch-norm statistics of layers matching a `freeze` regex keep their values (the optimizer
+    freezes the parameters themselves).
+    """
 
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
         dropout_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), lax.axis_index(axis_name))
@@ -76,6 +81,10 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
         grads = lax.pmean(grads, axis_name)
         metrics = lax.pmean(metrics, axis_name)
         batch_stats = lax.pmean(updates.get("batch_stats", state.batch_stats), axis_name)
+        if freeze:
+            batch_stats = jax.tree_util.tree_map_with_path(
+                lambda p, new, old: old if optim.is_frozen(path_str(p), freeze) else new,
+                batch_stats, state.batch_stats)
         param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, param_updates)
         metrics["grad_norm"] = optax.tree.norm(grads)

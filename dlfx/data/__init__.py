@@ -18,7 +18,7 @@ SOURCES: dict[str, Callable[..., Dataset]] = {
 }
 
 # `config.data` keys used by the pipeline rather than passed to the source
-PIPELINE_KEYS = ("name", "batch_size", "crop_padding", "random_flip")
+PIPELINE_KEYS = ("name", "batch_size", "crop_padding", "random_flip", "classes", "train_fraction")
 
 __all__ = ["ArraySource", "Dataset", "PIPELINE_KEYS", "augment_images", "SOURCES", "eval_batches", "load", "names", "steps_per_epoch",
            "train_iterator"]
@@ -46,6 +46,10 @@ def load(data_config: Mapping[str, Any]) -> Dataset:
         raise
     except ImportError as e:
         raise DataError(f"data set {name!r} needs a package that is not installed: {e}") from None
+    classes = tuple(data_config.get("classes", ()))
+    fraction = data_config.get("train_fraction", 1.0)
+    if classes or fraction != 1.0:
+        dataset = sources.subset(dataset, classes, fraction)
     if len(dataset.test["y"]) == 0:
         raise DataError(f"data set {name!r}: eval split is empty")
     return dataset

@@ -34,6 +34,31 @@ def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, split_seed: int) 
     return {"x": x[train], "y": y[train]}, {"x": x[test], "y": y[test]}
 
 
+def subset(dataset: Dataset, classes: tuple[int, ...] = (), train_fraction: float = 1.0) -> Dataset:
+    """Keep only `classes` (relabelled 0..k-1 in the given order) and a stratified fraction of the train split."""
+    if "vocab" in dataset.metadata:
+        raise DataError("config.data.classes / train_fraction apply to classification data, not text")
+    if not 0 < train_fraction <= 1:
+        raise DataError(f"config.data.train_fraction must be in (0, 1], got {train_fraction}")
+    bad = [c for c in classes if not 0 <= c < dataset.num_classes]
+    if bad or len(set(classes)) != len(classes):
+        raise DataError(f"config.data.classes={tuple(classes)}: labels must be distinct and in "
+                        f"[0, {dataset.num_classes})")
+    relabel = np.full(dataset.num_classes, -1, np.int32)
+    relabel[list(classes) or slice(None)] = np.arange(len(classes) or dataset.num_classes)
+
+    def pick(split: dict, fraction: float) -> dict:
+        keep = []
+        for label in (classes or range(dataset.num_classes)):
+            idx = np.flatnonzero(split["y"] == label)  # the split order is already a seeded shuffle
+            keep.append(idx[:max(1, int(round(len(idx) * fraction)))] if len(idx) else idx)
+        order = np.sort(np.concatenate(keep))
+        return {"x": split["x"][order], "y": relabel[split["y"][order]]}
+
+    return dataclasses.replace(dataset, train=pick(dataset.train, train_fraction), test=pick(dataset.test, 1.0),
+                               num_classes=len(classes) or dataset.num_classes)
+
+
 def digits(test_fraction: float = 0.2, split_seed: int = 0) -> Dataset:
     """scikit-learn's 8x8 handwritten digits (1797 images, shipped with sklearn), NHWC in [0, 1]."""
     from sklearn.datasets import load_digits

@@ -25,6 +25,7 @@ class CNN(nn.Module):
     dropout_rate: float = 0.0
     use_batch_norm: bool = True
     bn_momentum: float = 0.9
+    freeze_bn: bool = False  # batch norm always uses its running statistics (e.g. a frozen backbone)
     axis_name: str | None = None  # device axis for synced batch-norm statistics
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -37,7 +38,7 @@ class CNN(nn.Module):
         for i, width in enumerate(self.features):
             x = nn.Conv(width, (self.kernel_size, self.kernel_size), use_bias=not self.use_batch_norm,
                         dtype=self.dtype, param_dtype=self.param_dtype, name=f"conv{i + 1}")(x)
-            x = _norm(self.use_batch_norm, train, self.axis_name, self.bn_momentum, self.dtype,
+            x = _norm(self.use_batch_norm, train and not self.freeze_bn, self.axis_name, self.bn_momentum, self.dtype,
                       self.param_dtype, f"bn{i + 1}")(x)
             x = nn.relu(x)
             if min(x.shape[1:3]) >= 2:
@@ -60,6 +61,7 @@ class CNN1D(nn.Module):
     dropout_rate: float = 0.0
     use_batch_norm: bool = True
     bn_momentum: float = 0.9
+    freeze_bn: bool = False
     axis_name: str | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -74,7 +76,7 @@ class CNN1D(nn.Module):
         for i, width in enumerate(self.features):
             x = nn.Conv(width, (self.kernel_size,), strides=(self.stride,), use_bias=not self.use_batch_norm,
                         dtype=self.dtype, param_dtype=self.param_dtype, name=f"conv{i + 1}")(x)
-            x = _norm(self.use_batch_norm, train, self.axis_name, self.bn_momentum, self.dtype,
+            x = _norm(self.use_batch_norm, train and not self.freeze_bn, self.axis_name, self.bn_momentum, self.dtype,
                       self.param_dtype, f"bn{i + 1}")(x)
             x = nn.relu(x)
         x = x.reshape((x.shape[0], -1))

@@ -28,18 +28,19 @@ class ResidualBlock(nn.Module):
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool) -> jnp.ndarray:
         k1, k3, s = (1,) * self.ndim, (3,) * self.ndim, (self.strides,) * self.ndim
+        pad1, pad3 = [(0, 0)] * self.ndim, [(1, 1)] * self.ndim  # torchvision's symmetric padding
         last_scale = nn.initializers.zeros if self.zero_init_last_bn else nn.initializers.ones
         if self.bottleneck:
-            y = nn.relu(self.norm(name="bn1")(self.conv(self.features, k1, name="conv1")(x)))
-            y = nn.relu(self.norm(name="bn2")(self.conv(self.features, k3, strides=s, name="conv2")(y)))
+            y = nn.relu(self.norm(name="bn1")(self.conv(self.features, k1, padding=pad1, name="conv1")(x)))
+            y = nn.relu(self.norm(name="bn2")(self.conv(self.features, k3, strides=s, padding=pad3, name="conv2")(y)))
             out_features = self.features * 4
-            y = self.norm(name="bn3", scale_init=last_scale)(self.conv(out_features, k1, name="conv3")(y))
+            y = self.norm(name="bn3", scale_init=last_scale)(self.conv(out_features, k1, padding=pad1, name="conv3")(y))
         else:
-            y = nn.relu(self.norm(name="bn1")(self.conv(self.features, k3, strides=s, name="conv1")(x)))
+            y = nn.relu(self.norm(name="bn1")(self.conv(self.features, k3, strides=s, padding=pad3, name="conv1")(x)))
             out_features = self.features
-            y = self.norm(name="bn2", scale_init=last_scale)(self.conv(out_features, k3, name="conv2")(y))
+            y = self.norm(name="bn2", scale_init=last_scale)(self.conv(out_features, k3, padding=pad3, name="conv2")(y))
         if x.shape[-1] != out_features or self.strides != 1:
-            x = self.conv(out_features, k1, strides=s, name="downsample_conv")(x)
+            x = self.conv(out_features, k1, strides=s, padding=pad1, name="downsample_conv")(x)
             x = self.norm(name="downsample_bn")(x)
         # stochastic depth: drop the whole residual branch per example
         y = nn.Dropout(self.drop_path_rate, broadcast_dims=tuple(range(1, y.ndim)), deterministic=not train)(y)
@@ -59,6 +60,7 @@ class ResNet(nn.Module):
     drop_path_rate: float = 0.0  # stochastic depth, rising linearly to this over the blocks
     zero_init_last_bn: bool = False
     bn_momentum: float = 0.9
+    freeze_bn: bool = False  # batch norm always uses its running statistics (e.g. a frozen backbone)
     axis_name: str | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
@@ -73,13 +75,13 @@ class ResNet(nn.Module):
             x = x[..., None]
         ndim = x.ndim - 2
         conv = partial(nn.Conv, use_bias=False, dtype=self.dtype, param_dtype=self.param_dtype)
-        norm = partial(nn.BatchNorm, use_running_average=not train, momentum=self.bn_momentum, epsilon=1e-5,
+        norm = partial(nn.BatchNorm, use_running_average=not train or self.freeze_bn, momentum=self.bn_momentum, epsilon=1e-5,
                        axis_name=self.axis_name, dtype=self.dtype, param_dtype=self.param_dtype)
         x = x.astype(self.dtype)
         if self.stem == "imagenet":
             x = conv(self.width, (7,) * ndim, strides=(2,) * ndim, padding=[(3, 3)] * ndim, name="conv1")(x)
         else:
-            x = conv(self.width, (3,) * ndim, name="conv1")(x)
+            x = conv(self.width, (3,) * ndim, padding=[(1, 1)] * ndim, name="conv1")(x)
         x = nn.relu(norm(name="bn1")(x))
         if self.stem == "imagenet":
             x = nn.max_pool(x, (3,) * ndim, strides=(2,) * ndim, padding=[(1, 1)] * ndim)

@@ -73,13 +73,16 @@ class Block(nn.Module):
     decode: bool = False
     dropout_rate: float = 0.0
     drop_path_rate: float = 0.0
+    layer_norm_epsilon: float = 1e-5
+    gelu_approximate: bool = True  # tanh GELU (GPT-2); False: exact erf GELU (BERT, ViT)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
         dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
-        norm = functools.partial(nn.LayerNorm, epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype)
+        norm = functools.partial(nn.LayerNorm, epsilon=self.layer_norm_epsilon, dtype=self.dtype,
+                                 param_dtype=self.param_dtype)
 
         def branch(y):
             y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
@@ -90,7 +93,7 @@ class Block(nn.Module):
         x = x + branch(y)
         y = norm(name="ln2")(x)
         y = dense(self.mlp_dim, name="fc1")(y)
-        y = dense(x.shape[-1], name="fc2")(nn.gelu(y, approximate=True))
+        y = dense(x.shape[-1], name="fc2")(nn.gelu(y, approximate=self.gelu_approximate))
         return x + branch(y)
 
 
@@ -131,7 +134,8 @@ class Stack(nn.Module):
 
 def _block_kwargs(m: nn.Module, causal: bool, decode: bool = False) -> dict:
     return dict(num_heads=m.num_heads, mlp_dim=m.mlp_dim or 4 * m.embed_dim, max_len=m.max_len, causal=causal,
-                decode=decode, dropout_rate=m.dropout_rate, dtype=m.dtype, param_dtype=m.param_dtype)
+                decode=decode, dropout_rate=m.dropout_rate, layer_norm_epsilon=m.layer_norm_epsilon,
+                gelu_approximate=m.gelu_approximate, dtype=m.dtype, param_dtype=m.param_dtype)
 
 
 class TransformerEncoder(nn.Module):
@@ -148,6 +152,8 @@ class TransformerEncoder(nn.Module):
     drop_path_rate: float = 0.0
     remat: bool = False
     scan_layers: bool = False
+    layer_norm_epsilon: float = 1e-5
+    gelu_approximate: bool = True
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -166,7 +172,7 @@ class TransformerEncoder(nn.Module):
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         x = Stack(self.num_layers, _block_kwargs(self, causal=False), self.drop_path_rate, self.remat,
                   self.scan_layers, name="h")(x, train)
-        x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype, name="ln_f")(x)
+        x = nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype, param_dtype=self.param_dtype, name="ln_f")(x)
         x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="head")(x.mean(axis=1))
         return x.astype(jnp.float32)
 
@@ -185,6 +191,8 @@ class GPT(nn.Module):
     remat: bool = False
     scan_layers: bool = False
     decode: bool = False  # autoregressive decoding with a KV cache (see `generate`)
+    layer_norm_epsilon: float = 1e-5
+    gelu_approximate: bool = True  # GPT-2's tanh GELU
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -207,7 +215,7 @@ class GPT(nn.Module):
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
         x = Stack(self.num_layers, _block_kwargs(self, causal=True, decode=self.decode), self.drop_path_rate,
                   self.remat, self.scan_layers, name="h")(x, train)
-        x = nn.LayerNorm(epsilon=1e-5, dtype=self.dtype, param_dtype=self.param_dtype, name="ln_f")(x)
+        x = nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype, param_dtype=self.param_dtype, name="ln_f")(x)
         return wte.attend(x.astype(self.param_dtype)).astype(jnp.float32)
 
 

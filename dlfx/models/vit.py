@@ -22,6 +22,8 @@ class ViT(nn.Module):
     drop_path_rate: float = 0.0
     remat: bool = False
     scan_layers: bool = False
+    layer_norm_epsilon: float = 1e-6
+    gelu_approximate: bool = False  # ViT uses the exact erf GELU
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -44,9 +46,11 @@ class ViT(nn.Module):
         pos = self.param("pos_embed", nn.initializers.normal(0.02), (1, x.shape[1], self.embed_dim), self.param_dtype)
         x = nn.Dropout(self.dropout_rate, deterministic=not train)(x + pos.astype(self.dtype))
         block_kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim or 4 * self.embed_dim,
-                            max_len=x.shape[1], dropout_rate=self.dropout_rate, dtype=self.dtype,
+                            max_len=x.shape[1], dropout_rate=self.dropout_rate,
+                            layer_norm_epsilon=self.layer_norm_epsilon, gelu_approximate=self.gelu_approximate,
+                            dtype=self.dtype,
                             param_dtype=self.param_dtype)
         x = Stack(self.num_layers, block_kwargs, self.drop_path_rate, self.remat, self.scan_layers, name="h")(x, train)
-        x = nn.LayerNorm(epsilon=1e-6, dtype=self.dtype, param_dtype=self.param_dtype, name="ln_f")(x)
+        x = nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype, param_dtype=self.param_dtype, name="ln_f")(x)
         x = x[:, 0] if self.pool == "cls" else x.mean(axis=1)
         return nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="head")(x).astype(jnp.float32)
