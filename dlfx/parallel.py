@@ -63,15 +63,28 @@ def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh, mode: str) -> di
 
 
 def compile_step(step_fn: Callable, mode: str, mesh: Mesh, donate_state: bool = False) -> Callable:
-    """Run a per-device `step_fn(state, batch)` over the mesh; state and outputs are replicated."""
+    """Run a per-device `step_fn(state, batch)` over the mesh; state and outputs are replicated.
+
+    The returned function counts how often JAX traced it in `.traces[0]` (1 for a run without retracing).
+    """
     donate = (0,) if donate_state else ()
+    traces = [0]
+
+    def traced(state, batch):
+        traces[0] += 1  # Python runs here only while JAX traces
+        return step_fn(state, batch)
+
+    compiled = None
     if mode == "pmap":
-        return jax.pmap(step_fn, axis_name=DATA_AXIS, in_axes=(None, 0), out_axes=None,
-                        devices=list(mesh.devices.flat), donate_argnums=donate)
-    if mode == "shard_map":
+        compiled = jax.pmap(traced, axis_name=DATA_AXIS, in_axes=(None, 0), out_axes=None,
+                            devices=list(mesh.devices.flat), donate_argnums=donate)
+    elif mode == "shard_map":
         # check_vma=False: with it on, autodiff already psums the grads of replicated params, and
         # the step's explicit pmean would then scale them by the device count.
-        sharded = jax.shard_map(step_fn, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P(),
+        sharded = jax.shard_map(traced, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P(),
                                 check_vma=False)
-        return jax.jit(sharded, donate_argnums=donate)
+        compiled = jax.jit(sharded, donate_argnums=donate)
+    if compiled is not None:
+        compiled.traces = traces
+        return compiled
     raise ConfigError(f"config.parallel.mode={mode!r} is not one of auto, pmap, shard_map")

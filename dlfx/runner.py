@@ -88,9 +88,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, force: bool = False) 
         os.makedirs(workdir, exist_ok=True)
         if is_main:
             lock.acquire()
-        train_iter = data.train_iterator(exp.dataset.train, config.data.batch_size, exp.data_seed,
-                                         jax.process_index(), jax.process_count(),
-                                         crop_padding=config.data.crop_padding, random_flip=config.data.random_flip)
+        host_iter = data.train_iterator(exp.dataset.train, config.data.batch_size, exp.data_seed,
+                                        jax.process_index(), jax.process_count(),
+                                        crop_padding=config.data.crop_padding, random_flip=config.data.random_flip)
+        # batches are placed on the devices two steps ahead, off the training thread
+        train_iter = data.DevicePrefetcher(host_iter, lambda b: parallel.shard_batch(b, exp.mesh, exp.mode))
         checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep)
         restored = checkpointer.restore_latest(abstract_like(exp.state), train_iter)
         if restored is None and config.init_from.path:  # a fresh run starts from pretrained weights
@@ -148,7 +150,7 @@ def _loop(exp, config, workdir, checkpointer, train_iter, restored, start_time) 
     try:
         with _Preemption() as preemption:
             while step < exp.total_steps:
-                batch = parallel.shard_batch(next(train_iter), exp.mesh, exp.mode)
+                batch = next(train_iter)
                 state, metrics = train_step(state, batch)
                 step += 1
                 pending.append(metrics)  # stays on device until the next log point
@@ -181,6 +183,7 @@ def _loop(exp, config, workdir, checkpointer, train_iter, restored, start_time) 
             if step not in checkpointer.steps():
                 checkpointer.save(step, state, train_iter)
     finally:
+        train_iter.close()
         try:
             checkpointer.close()  # waits for in-flight saves, so the last good checkpoint is complete
         finally:
@@ -197,7 +200,8 @@ def _loop(exp, config, workdir, checkpointer, train_iter, restored, start_time) 
         steady = (last_log[1] - first_log[1]) / (last_log[0] - first_log[0])
     return {"status": status, "step": step, "total_steps": exp.total_steps, "train": train_metrics,
             "eval": eval_metrics, "wall_time": end_time - start_time, "steps_per_sec": steady,
-            "workdir": workdir, "mode": exp.mode, "devices": exp.mesh.devices.size, "state": state}
+            "workdir": workdir, "mode": exp.mode, "devices": exp.mesh.devices.size, "state": state,
+            "step_traces": train_step.traces[0]}
 
 
 def load_run(workdir: str, step: int | None = None) -> tuple[Experiment, steps.TrainState, int]:

@@ -62,6 +62,7 @@ def _compile(patterns: Iterable[str], key: str) -> list[str]:
 
 def _dlfx_step_dirs(path: str, step: int) -> list[str]:
     """Candidate `<step>/state` folders under a workdir, checkpoints folder or step folder, newest first."""
+    path = os.path.abspath(path)  # Orbax reads no metadata through a relative path
     if os.path.isdir(os.path.join(path, "state")):
         return [os.path.join(path, "state")]
     ckpt = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path

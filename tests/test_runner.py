@@ -27,6 +27,7 @@ def test_run_writes_all_artifacts(repo_root, tmp_path):
     workdir = str(tmp_path / "run")
     summary = runner.train(tiny_config(repo_root, "train.keep=1"), workdir)
     assert summary["status"] == "finished" and summary["step"] == 20
+    assert summary["step_traces"] == 1  # the train step compiled once: no retracing across steps or evals
     assert sorted(os.listdir(workdir)) == ["checkpoints", "config.json", "events", "metrics.jsonl"]
     assert os.listdir(os.path.join(workdir, "checkpoints")) == ["20"]  # keep=1
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "events")))

@@ -7,6 +7,7 @@ from typing import Any, Callable, Mapping
 
 from dlfx.data import sources
 from dlfx.data.pipeline import ArraySource, augment_images, eval_batches, steps_per_epoch, train_iterator
+from dlfx.data.prefetch import DevicePrefetcher
 from dlfx.data.sources import Dataset
 from dlfx.errors import ConfigError, DataError
 
@@ -20,7 +21,7 @@ SOURCES: dict[str, Callable[..., Dataset]] = {
 # `config.data` keys used by the pipeline rather than passed to the source
 PIPELINE_KEYS = ("name", "batch_size", "crop_padding", "random_flip", "classes", "train_fraction")
 
-__all__ = ["ArraySource", "Dataset", "PIPELINE_KEYS", "augment_images", "SOURCES", "eval_batches", "load", "names", "steps_per_epoch",
+__all__ = ["ArraySource", "Dataset", "DevicePrefetcher", "PIPELINE_KEYS", "augment_images", "SOURCES", "eval_batches", "load", "names", "steps_per_epoch",
            "train_iterator"]
 
 

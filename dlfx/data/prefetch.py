@@ -1,0 +1,78 @@
+"""Device prefetch: a background thread places the next batches on the devices while the current step runs."""
+
+from __future__ import annotations
+
+import json
+import queue
+import threading
+from typing import Any, Callable
+
+import grain
+
+
+class DevicePrefetcher:
+    """Iterator of device-placed batches, `depth` ahead of the consumer.
+
+    Checkpointing sees the *consumer's* position (the grain iterator state right after the last batch
+    handed out), not the reader's, so a resumed run gets exactly the batches it had not trained on.
+    Orbax saves it with grain's checkpoint handler (get_state/set_state in bytes).
+    """
+
+    def __init__(self, iterator: grain.DatasetIterator, place: Callable[[Any], Any], depth: int = 2):
+        self._iterator, self._place, self._depth = iterator, place, depth
+        self._state = iterator.get_state()
+        self._queue: queue.Queue | None = None
+        self._thread: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def _fill(self, out: queue.Queue, stop: threading.Event) -> None:
+        try:
+            while not stop.is_set():
+                batch = next(self._iterator)
+                item = (self._place(batch), self._iterator.get_state(), None)
+                while not stop.is_set():
+                    try:
+                        out.put(item, timeout=0.1)
+                        break
+                    except queue.Full:
+                        continue
+        except BaseException as e:  # handed to the consumer, raised at its next()
+            out.put((None, None, e))
+
+    def __iter__(self) -> DevicePrefetcher:
+        return self
+
+    def __next__(self) -> Any:
+        if self._thread is None:
+            self._stop = threading.Event()
+            self._queue = queue.Queue(maxsize=self._depth)
+            self._thread = threading.Thread(target=self._fill, args=(self._queue, self._stop), daemon=True,
+                                            name="dlfx-prefetch")
+            self._thread.start()
+        batch, state, error = self._queue.get()
+        if error is not None:
+            self.close()
+            raise error
+        self._state = state
+        return batch
+
+    def close(self) -> None:
+        """Stop the reader thread; batches read ahead are dropped (the state still points at them)."""
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+
+    # grain's Orbax CheckpointHandler calls these on iterators that are not grain DatasetIterators.
+    def get_state(self) -> bytes:
+        """The consumer position as grain's JSON iterator state."""
+        return json.dumps(self._state, indent=4).encode()
+
+    def set_state(self, state: bytes) -> None:
+        """Move to a saved consumer position; reading ahead restarts from there."""
+        self.close()
+        self._state = json.loads(state)
+        self._iterator.set_state(self._state)
+
+    def start_prefetch(self) -> None:
+        """Called by grain's checkpoint handler after a restore; reading starts at the next `next()`."""
