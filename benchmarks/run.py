@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import baseline
-from dlfx import config as config_lib, data, parallel, runner, steps
+from dlfx import config as config_lib, data, parallel, runner
 from dlfx.experiment import build
 
 # name -> (config spec, overrides, examples-or-tokens per example)
@@ -77,8 +77,7 @@ def bench_model(name: str, steps_per_repeat: int, repeats: int, runner_steps: in
 
     # bare dlfx step on device-resident batches
     placed = [parallel.shard_batch(b, exp.mesh, exp.mode) for b in host_batches]
-    dlfx_step = parallel.compile_step(steps.make_train_step(exp.model, exp.tx, exp.schedule), exp.mode, exp.mesh,
-                                      donate_state=True)
+    dlfx_step = exp.train_step()
     state = exp.state
     start = time.perf_counter()
     state, metrics = dlfx_step(state, placed[0])
@@ -129,7 +128,7 @@ def bench_model(name: str, steps_per_repeat: int, repeats: int, runner_steps: in
 
 def _step_flops(exp, batch) -> float:
     """FLOPs of one train step from XLA's cost analysis (lax.scan bodies are counted once)."""
-    step = parallel.compile_step(steps.make_train_step(exp.model, exp.tx, exp.schedule), exp.mode, exp.mesh)
+    step = exp.train_step()
     cost = step.lower(exp.state, batch).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return float(cost.get("flops", float("nan")))

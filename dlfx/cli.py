@@ -1,4 +1,4 @@
-"""The `dlfx` command: train, eval, inspect, sample."""
+"""The `dlfx` command: train, eval, inspect, sample, plot, runs, sweep, interpret."""
 
 from __future__ import annotations
 
@@ -40,7 +40,10 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     """Train a config in a workdir, resuming if it holds checkpoints."""
     from dlfx import config as config_lib, runner
 
+    from dlfx import parallel
+
     config = config_lib.load(args.config, split_overrides(extra))
+    parallel.enable_compilation_cache(args.compilation_cache)
     workdir = args.workdir or _default_workdir(args.config)
     if not args.workdir:
         print(f"workdir: {workdir}", file=sys.stderr)
@@ -87,6 +90,57 @@ def cmd_sample(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def _no_extra(extra: list[str]) -> None:
+    if extra:
+        raise ConfigError(f"unrecognized arguments: {' '.join(extra)}")
+
+
+def cmd_plot(args: argparse.Namespace, extra: list[str]) -> int:
+    """Write a PNG of the train/eval curves of one or more runs."""
+    from dlfx import plot
+
+    _no_extra(extra)
+    out = args.output or os.path.join(args.runs[0], "plots", "curves.png")
+    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    print(plot.plot_curves(args.runs, out, metrics, args.smooth, args.log_y))
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace, extra: list[str]) -> int:
+    """Print a table of every run under a folder."""
+    from dlfx import runs
+
+    _no_extra(extra)
+    rows = [runs.summarize(w) for w in runs.find_runs(args.dir)]
+    print(runs.table(rows, args.sort, args.csv))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
+    """Run the cross product of --grid values, skipping finished runs; print the runs table."""
+    from dlfx import runs, sweep
+
+    rows = sweep.sweep(args.config, args.grid, args.workdir_root, split_overrides(extra), args.parallel, args.metric)
+    print(runs.table(rows, f"final_{args.metric}" if f"final_{args.metric}" in runs.COLUMNS else None))
+    failed = [r["name"] for r in rows if r["status"] != "finished"]
+    if failed:
+        print(f"dlfx: sweep: {len(failed)} run(s) did not finish: {', '.join(failed)}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_interpret(args: argparse.Namespace, extra: list[str]) -> int:
+    """Saliency / SmoothGrad / integrated gradients (or attention rollout) figure for a run's examples."""
+    from dlfx import interpret
+
+    _no_extra(extra)
+    methods = tuple(m.strip() for m in args.method.split(",") if m.strip())
+    result = interpret.interpret_workdir(args.workdir, args.output, args.split, args.index, methods, args.step,
+                                         args.ig_steps)
+    print(json.dumps(result))
+    return 0
+
+
 def make_parser() -> argparse.ArgumentParser:
     """The argument parser of the `dlfx` command."""
     parser = argparse.ArgumentParser(prog="dlfx", description="dlfx: JAX research experiments.")
@@ -96,6 +150,9 @@ def make_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="config file, optionally with an argument: configs/x.py:arg")
     train.add_argument("--workdir", help="run folder (default: a new folder under runs/)")
     train.add_argument("--force", action="store_true", help="run even if the workdir holds a different config")
+    train.add_argument("--compilation-cache", default=None, metavar="DIR",
+                       help="persistent XLA compilation cache ('off' disables; default $DLFX_COMPILATION_CACHE "
+                            "or ~/.cache/dlfx/jax)")
     train.set_defaults(func=cmd_train)
     evaluate = sub.add_parser("eval", help="evaluate a run's checkpoint")
     evaluate.add_argument("--workdir", required=True)
@@ -112,6 +169,36 @@ def make_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int, default=0)
     sample.add_argument("--num-samples", type=int, default=1)
     sample.set_defaults(func=cmd_sample)
+    plot = sub.add_parser("plot", help="PNG of train/eval curves of one or more runs")
+    plot.add_argument("runs", nargs="+", metavar="RUN")
+    plot.add_argument("-o", "--output", help="PNG path (default: RUN/plots/curves.png of the first run)")
+    plot.add_argument("--metrics", default="loss,accuracy", help="comma-separated metric names")
+    plot.add_argument("--smooth", type=float, default=0.0, help="EMA weight for train curves, in [0, 1)")
+    plot.add_argument("--log-y", action="store_true")
+    plot.set_defaults(func=cmd_plot)
+    runs = sub.add_parser("runs", help="table of every run under a folder")
+    runs.add_argument("dir", nargs="?", default="runs")
+    runs.add_argument("--sort", help="column to sort by (numbers: best first)")
+    runs.add_argument("--csv", action="store_true")
+    runs.set_defaults(func=cmd_runs)
+    sweep = sub.add_parser("sweep", help="train the cross product of --grid values (resumable)",
+                           epilog="Any --config.KEY=VALUE applies to every run of the sweep.")
+    sweep.add_argument("--config", required=True)
+    sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...")
+    sweep.add_argument("--workdir-root", default="runs/sweep")
+    sweep.add_argument("--parallel", type=int, default=1, help="runs at a time (subprocesses)")
+    sweep.add_argument("--metric", default="accuracy", help="eval metric to tabulate and plot")
+    sweep.set_defaults(func=cmd_sweep)
+    interp = sub.add_parser("interpret", help="saliency / SmoothGrad / integrated gradients / attention rollout")
+    interp.add_argument("--workdir", required=True)
+    interp.add_argument("--split", default="test")
+    interp.add_argument("--index", default="0..7", help="examples: A..B (inclusive), N or A,B,C")
+    interp.add_argument("--method", default="saliency,smoothgrad,integrated_gradients",
+                        help="comma-separated: saliency, smoothgrad, integrated_gradients; or attention")
+    interp.add_argument("--step", type=int, default=None)
+    interp.add_argument("--ig-steps", type=int, default=64)
+    interp.add_argument("-o", "--output", required=True)
+    interp.set_defaults(func=cmd_interpret)
     return parser
 
 

@@ -15,7 +15,7 @@ import ml_collections
 
 from dlfx.errors import ConfigError
 
-PARALLEL_MODES = ("auto", "pmap", "shard_map")
+PARALLEL_MODES = ("auto", "pmap", "shard_map", "fsdp")
 DTYPES = ("float32", "bfloat16", "float16")
 OPTIMIZERS = ("sgd", "adam", "adamw", "lion")
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "linear", "step")
@@ -59,6 +59,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer.b1 = 0.9  # adam/adamw/lion
     c.optimizer.b2 = 0.999  # adam/adamw; lion usually wants 0.99
     c.optimizer.eps = 1e-8  # adam/adamw
+    c.optimizer.grad_accum_steps = 1  # microbatches per update (lax.scan inside the step; memory of one)
     c.optimizer.freeze = ()  # regexes over a/b/c parameter paths that get no updates (e.g. ('conv.*', 'bn.*'))
 
     c.train = ml_collections.ConfigDict()
@@ -72,7 +73,12 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.max_skipped = 10  # 'skip': stop after this many non-finite steps in a row
 
     c.parallel = ml_collections.ConfigDict()
-    c.parallel.mode = "auto"  # auto (= shard_map) | pmap | shard_map
+    c.parallel.mode = "auto"  # auto (= shard_map) | pmap | shard_map | fsdp
+    c.parallel.num_devices = 0  # use the first N devices of this host (0: all; one process only)
+    c.parallel.data = 1  # fsdp mode: size of the `data` mesh axis (-1: the devices left)
+    c.parallel.fsdp = -1  # fsdp mode: size of the `fsdp` mesh axis (-1: the devices left)
+    c.parallel.fsdp_rules = ()  # fsdp mode: 'regex=DIM' / 'regex=replicate' per parameter path, first match wins
+    c.parallel.fsdp_min_size = 16384  # fsdp mode: parameters with fewer elements stay replicated
 
     c.precision = ml_collections.ConfigDict()
     c.precision.compute_dtype = "float32"
@@ -298,6 +304,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
         section = "optimizer" if key == "warmup_steps" else "train"
         if config[section][key] < 0:
             raise ConfigError(f"config.{section}.{key} must be >= 0, got {config[section][key]}")
+    if config.optimizer.grad_accum_steps < 1:
+        raise ConfigError(f"config.optimizer.grad_accum_steps must be >= 1, got {config.optimizer.grad_accum_steps}")
     if config.train.keep < 1:
         raise ConfigError(f"config.train.keep must be >= 1, got {config.train.keep}")
     if config.train.log_every < 1:
@@ -344,9 +352,21 @@ def read_workdir_config(workdir: str) -> ml_collections.ConfigDict:
         raise ConfigError(f"no run in {workdir}: {path} does not exist")
     try:
         with open(path) as f:
-            return from_dict(json.load(f))
+            saved = json.load(f)
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    return from_dict(_with_defaults(to_dict(base_config()), saved))
+
+
+def _with_defaults(defaults: dict, saved: dict) -> dict:
+    """`saved` plus every key dlfx added since it was written, at its default."""
+    merged = dict(saved)
+    for key, value in defaults.items():
+        if key not in merged:
+            merged[key] = value
+        elif isinstance(value, dict) and isinstance(merged[key], dict):
+            merged[key] = _with_defaults(value, merged[key])
+    return merged
 
 
 def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:

@@ -12,7 +12,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from dlfx import data, models, optim, parallel, steps, transfer
+from dlfx import data, models, optim, parallel, sharding, steps, transfer
 from dlfx.errors import ConfigError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -32,9 +32,25 @@ class Experiment:
     total_steps: int
     data_seed: int
     state: steps.TrainState
+    state_sharding: Any  # NamedShardings of the state (replicated, or split over `fsdp` in fsdp mode)
+
+    def compile(self, step_fn: Any, donate_state: bool = False) -> Any:
+        """`parallel.compile_step` for this experiment's mode, mesh and state layout."""
+        return parallel.compile_step(step_fn, self.mode, self.mesh, donate_state, self.state_sharding)
+
+    def train_step(self) -> Any:
+        """The compiled train step of this config (state donated)."""
+        c = self.config
+        return self.compile(steps.make_train_step(
+            self.model, self.tx, self.schedule, c.loss.label_smoothing, parallel.step_axis(self.mode),
+            c.optimizer.freeze, c.optimizer.grad_accum_steps), donate_state=True)
+
+    def eval_step(self) -> Any:
+        """The compiled eval step (sums over the whole batch)."""
+        return self.compile(steps.make_eval_step(self.model, parallel.step_axis(self.mode)))
 
 
-def build_model(config: ml_collections.ConfigDict, dataset: data.Dataset) -> Any:
+def build_model(config: ml_collections.ConfigDict, dataset: data.Dataset, mode: str = "shard_map") -> Any:
     """The model of `config.model`, with sizes from the data, the device axis and dtypes filled in."""
     kwargs = {k: v for k, v in config.model.items() if k != "name"}
     accepted = models.fields(config.model.name)
@@ -48,8 +64,8 @@ def build_model(config: ml_collections.ConfigDict, dataset: data.Dataset) -> Any
         if kwargs["vocab_size"] < dataset.num_classes:
             raise ConfigError(f"config.model.vocab_size={kwargs['vocab_size']} but the text has "
                               f"{dataset.num_classes} distinct characters")
-    if "axis_name" in accepted:
-        kwargs.setdefault("axis_name", steps.DATA_AXIS)
+    if "axis_name" in accepted:  # batch-norm statistics synced over the device axis (fsdp: global view)
+        kwargs.setdefault("axis_name", parallel.step_axis(mode))
     if "dtype" in accepted:
         kwargs.setdefault("dtype", DTYPES[config.precision.compute_dtype])
     if "param_dtype" in accepted:
@@ -61,8 +77,18 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
     """Make mesh, data, model, optimizer and a fresh replicated train state; touches no files."""
     # --- Devices ---------------------------------------------------------------------------
     mode = parallel.resolve_mode(config.parallel.mode)
-    mesh = parallel.make_mesh()
+    devices = jax.devices()
+    if config.parallel.num_devices:
+        if not 0 < config.parallel.num_devices <= len(devices) or jax.process_count() > 1:
+            raise ConfigError(f"config.parallel.num_devices={config.parallel.num_devices}: this host has "
+                              f"{len(devices)} devices (and the option needs a single process)")
+        devices = devices[:config.parallel.num_devices]
+    mesh = parallel.make_mesh(devices, mode=mode, data=config.parallel.data, fsdp=config.parallel.fsdp)
     parallel.check_batch_size(config.data.batch_size, mesh)
+    accum = config.optimizer.grad_accum_steps
+    if config.data.batch_size % (mesh.devices.size * accum):
+        raise ConfigError(f"config.data.batch_size={config.data.batch_size} does not split into "
+                          f"{mesh.devices.size} devices x {accum} microbatches (config.optimizer.grad_accum_steps)")
 
     # --- Data ------------------------------------------------------------------------------
     dataset = data.load(config.data)
@@ -72,7 +98,7 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
     data_seed = int(jax.random.randint(jax.random.fold_in(root_key, 1), (), 0, 2**31 - 1))
 
     # --- Model, optimizer, fresh state -----------------------------------------------------
-    model = build_model(config, dataset)
+    model = build_model(config, dataset, mode)
     tx, schedule = optim.build(config.optimizer, total_steps)
     init_key, state_key = jax.random.split(jax.random.fold_in(root_key, 0))
     example_x = jnp.zeros((1, *dataset.example_shape), dataset.train["x"].dtype)
@@ -81,12 +107,17 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
         return steps.create_train_state(steps.init_variables(model, example_x, init_key), tx, state_key)
 
     try:
-        state = jax.jit(init_state, out_shardings=parallel.replicated(mesh))()
+        if mode == "fsdp":
+            state_sharding = sharding.state_shardings(jax.eval_shape(init_state), mesh, config.parallel.fsdp_rules,
+                                                      config.parallel.fsdp_min_size)
+        else:
+            state_sharding = parallel.replicated(mesh)
+        state = jax.jit(init_state, out_shardings=state_sharding)()
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config.model ({config.model.name}) does not fit data {config.data.name!r} "
                           f"with example shape {dataset.example_shape}: {str(e).splitlines()[0]}") from None
     optim.check_freeze(state.params, config.optimizer.freeze)
-    return Experiment(config, mode, mesh, dataset, model, tx, schedule, total_steps, data_seed, state)
+    return Experiment(config, mode, mesh, dataset, model, tx, schedule, total_steps, data_seed, state, state_sharding)
 
 
 def init_from_pretrained(exp: Experiment) -> steps.TrainState:
@@ -95,7 +126,8 @@ def init_from_pretrained(exp: Experiment) -> steps.TrainState:
     if not fresh["batch_stats"]:
         del fresh["batch_stats"]
     merged = transfer.load_pretrained(fresh, exp.config.init_from)
-    placed = jax.device_put(merged, parallel.replicated(exp.mesh))
+    layout = {"params": exp.state.params, "batch_stats": exp.state.batch_stats}
+    placed = jax.device_put(merged, {k: jax.tree.map(lambda a: a.sharding, layout[k]) for k in merged})
     return exp.state.replace(params=placed["params"], batch_stats=placed.get("batch_stats", exp.state.batch_stats))
 
 

@@ -11,6 +11,21 @@ from typing import Mapping
 import tqdm
 
 
+_IMPORT_TIME = time.time()
+
+
+def process_start_time() -> float:
+    """Wall-clock time this process started (from Linux /proc; elsewhere, when dlfx.log was imported)."""
+    try:
+        with open("/proc/self/stat") as f:
+            ticks = float(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return time.time() - uptime + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return _IMPORT_TIME
+
+
 def read_metrics(workdir: str) -> list[dict]:
     """All records of a run's `metrics.jsonl` (empty if there is none)."""
     path = os.path.join(workdir, "metrics.jsonl")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any, Callable
 
 import jax
@@ -9,23 +10,41 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from dlfx.errors import ConfigError
+from dlfx.sharding import FSDP_AXIS
 from dlfx.steps import DATA_AXIS
+
+
+MODES = ("auto", "pmap", "shard_map", "fsdp")
 
 
 def resolve_mode(mode: str) -> str:
     """The concrete run mode for a `config.parallel.mode` ('auto' picks shard_map)."""
     if mode == "auto":
         return "shard_map"
-    if mode not in ("pmap", "shard_map"):
-        raise ConfigError(f"config.parallel.mode={mode!r} is not one of auto, pmap, shard_map")
+    if mode not in MODES:
+        raise ConfigError(f"config.parallel.mode={mode!r} is not one of {', '.join(MODES)}")
     return mode
 
 
-def make_mesh(devices: list | None = None) -> Mesh:
-    """A 1-D `data` mesh over the given (default: all) devices, with Auto axis types."""
-    if devices is None:
-        return jax.make_mesh((jax.device_count(),), (DATA_AXIS,), axis_types=(AxisType.Auto,))
-    return Mesh(np.asarray(devices), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+def step_axis(mode: str) -> str | None:
+    """The collective axis of the per-device step; None for fsdp, whose step is one global jit program."""
+    return None if mode == "fsdp" else DATA_AXIS
+
+
+def make_mesh(devices: list | None = None, mode: str = "shard_map", data: int = 1, fsdp: int = -1) -> Mesh:
+    """A 1-D `data` mesh, or for fsdp a 2-D (`data`, `fsdp`) mesh (-1 = the devices left), Auto axis types."""
+    devices = np.asarray(jax.devices() if devices is None else devices)
+    if mode != "fsdp":
+        return Mesh(devices.reshape(-1), (DATA_AXIS,), axis_types=(AxisType.Auto,))
+    count = devices.size
+    if data == -1 and fsdp == -1:
+        raise ConfigError("config.parallel.data and config.parallel.fsdp cannot both be -1")
+    data = count // fsdp if data == -1 else data
+    fsdp = count // data if fsdp == -1 else fsdp
+    if data < 1 or fsdp < 1 or data * fsdp != count:
+        raise ConfigError(f"config.parallel.data x config.parallel.fsdp = {data} x {fsdp} does not match the "
+                          f"{count} devices")
+    return Mesh(devices.reshape(data, fsdp), (DATA_AXIS, FSDP_AXIS), axis_types=(AxisType.Auto,) * 2)
 
 
 def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
@@ -51,7 +70,7 @@ def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh, mode: str) -> di
 
     shard_map mode gets (global_batch, ...); pmap mode gets (num_devices, per_device_batch, ...).
     """
-    sharding = NamedSharding(mesh, P(DATA_AXIS))
+    sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))  # the batch splits over every mesh axis
     num_local = len(mesh.local_devices)
 
     def place(x: np.ndarray) -> jax.Array:
@@ -62,8 +81,13 @@ def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh, mode: str) -> di
     return {k: place(v) for k, v in local_batch.items()}
 
 
-def compile_step(step_fn: Callable, mode: str, mesh: Mesh, donate_state: bool = False) -> Callable:
+def compile_step(step_fn: Callable, mode: str, mesh: Mesh, donate_state: bool = False,
+                 state_sharding: Any = None) -> Callable:
     """Run a per-device `step_fn(state, batch)` over the mesh; state and outputs are replicated.
+
+    In fsdp mode `step_fn` is a global step (built with `axis_name=None`): one `jax.jit` program over
+    arrays laid out by `state_sharding`, the batch split over both mesh axes, XLA inserting the
+    all-gathers and reduce-scatters.
 
     The returned function counts how often JAX traced it in `.traces[0]` (1 for a run without retracing).
     """
@@ -84,7 +108,36 @@ def compile_step(step_fn: Callable, mode: str, mesh: Mesh, donate_state: bool = 
         sharded = jax.shard_map(traced, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P(),
                                 check_vma=False)
         compiled = jax.jit(sharded, donate_argnums=donate)
+    elif mode == "fsdp":
+        batch = NamedSharding(mesh, P(tuple(mesh.axis_names)))
+        # the train step (state donated) returns (state, metrics); the eval step returns metrics only
+        outputs = (state_sharding, replicated(mesh)) if donate_state else replicated(mesh)
+        compiled = jax.jit(traced, in_shardings=(state_sharding, batch), out_shardings=outputs,
+                           donate_argnums=donate)
     if compiled is not None:
         compiled.traces = traces
         return compiled
-    raise ConfigError(f"config.parallel.mode={mode!r} is not one of auto, pmap, shard_map")
+    raise ConfigError(f"config.parallel.mode={mode!r} is not one of {', '.join(MODES)}")
+
+
+def default_compilation_cache() -> str:
+    """`$DLFX_COMPILATION_CACHE`, else `$XDG_CACHE_HOME/dlfx/jax` (`~/.cache/dlfx/jax`); 'off' disables."""
+    if "DLFX_COMPILATION_CACHE" in os.environ:
+        return os.environ["DLFX_COMPILATION_CACHE"]
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "dlfx", "jax")
+
+
+def enable_compilation_cache(directory: str | None = None) -> str | None:
+    """Keep compiled XLA programs in `directory` so a second launch of a config skips compilation."""
+    directory = default_compilation_cache() if directory is None else directory
+    if not directory or directory == "off":
+        return None
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"cannot use compilation cache {directory}: {e.strerror or e} "
+                          f"(set DLFX_COMPILATION_CACHE=off to disable it)") from None
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # small steps are worth caching too
+    return directory

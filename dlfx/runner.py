@@ -19,11 +19,11 @@ import ml_collections
 import numpy as np
 
 from dlfx import config as config_lib
-from dlfx import data, log, optim, parallel, steps
+from dlfx import data, log, optim, parallel, plot, steps
 from dlfx.checkpoint import Checkpointer, abstract_like
 from dlfx.errors import CheckpointError, ConfigError, DlfxError, NonFiniteError
 from dlfx.experiment import Experiment, build, evaluate, init_from_pretrained
-from dlfx.workdir import WorkdirLock
+from dlfx.workdir import WorkdirLock, write_status
 
 
 class _Preemption:
@@ -109,10 +109,24 @@ def train(config: ml_collections.ConfigDict, workdir: str, force: bool = False) 
         if isinstance(e, OSError):
             raise ConfigError(f"cannot use workdir {workdir}: {e.strerror or e}") from None
         raise
+    if is_main:
+        write_status(workdir, "running", pid=os.getpid(), total_steps=exp.total_steps)
     try:
-        return _loop(exp, config, workdir, checkpointer, train_iter, restored, start_time)
+        summary = _loop(exp, config, workdir, checkpointer, train_iter, restored, start_time)
+    except BaseException as e:
+        if is_main:
+            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            write_status(workdir, "failed", error=error, total_steps=exp.total_steps,
+                         wall_time=time.time() - start_time)
+        raise
     finally:
         lock.release()
+    if is_main:
+        write_status(workdir, summary["status"], step=summary["step"], total_steps=exp.total_steps,
+                     wall_time=summary["wall_time"], steps_per_sec=summary["steps_per_sec"])
+        plot.write_run_plots(workdir, exp.model, summary["state"], exp.dataset,
+                             confusion=summary["status"] == "finished")
+    return summary
 
 
 def _loop(exp, config, workdir, checkpointer, train_iter, restored, start_time) -> dict[str, Any]:
@@ -132,11 +146,7 @@ def _loop(exp, config, workdir, checkpointer, train_iter, restored, start_time) 
         logger.message(f"parameters: {trainable:,} trainable, {frozen:,} frozen")
 
     # --- Compiled steps ---------------------------------------------------------------------
-    train_step = parallel.compile_step(
-        steps.make_train_step(exp.model, exp.tx, exp.schedule, config.loss.label_smoothing,
-                              freeze=config.optimizer.freeze),
-        exp.mode, exp.mesh, donate_state=True)
-    eval_step = parallel.compile_step(steps.make_eval_step(exp.model), exp.mode, exp.mesh)
+    train_step, eval_step = exp.train_step(), exp.eval_step()
     groups = steps.param_groups(exp.state.params)
 
     # --- Loop -------------------------------------------------------------------------------
@@ -146,6 +156,7 @@ def _loop(exp, config, workdir, checkpointer, train_iter, restored, start_time) 
     status = "finished"
     window_start, window_step, skipped_in_row = time.time(), step, 0
     first_log: tuple[float, int] | None = None  # steady-state speed excludes compilation and eval
+    first_step_s: float | None = None  # time to first step, from process start (compilation included)
     last_log: tuple[float, int] | None = None
     try:
         with _Preemption() as preemption:
@@ -153,6 +164,10 @@ def _loop(exp, config, workdir, checkpointer, train_iter, restored, start_time) 
                 batch = next(train_iter)
                 state, metrics = train_step(state, batch)
                 step += 1
+                if first_step_s is None:  # one host sync, on the first step only
+                    jax.block_until_ready(metrics)
+                    first_step_s = time.time() - log.process_start_time()
+                    logger.message(f"first step done {first_step_s:.1f} s after process start")
                 pending.append(metrics)  # stays on device until the next log point
                 save_now = step % config.train.checkpoint_every == 0 and step < exp.total_steps
                 preempted = preemption.requested or (jax.process_count() > 1 and checkpointer.reached_preemption(step))
@@ -201,7 +216,7 @@ def _loop(exp, config, workdir, checkpointer, train_iter, restored, start_time) 
     return {"status": status, "step": step, "total_steps": exp.total_steps, "train": train_metrics,
             "eval": eval_metrics, "wall_time": end_time - start_time, "steps_per_sec": steady,
             "workdir": workdir, "mode": exp.mode, "devices": exp.mesh.devices.size, "state": state,
-            "step_traces": train_step.traces[0]}
+            "step_traces": train_step.traces[0], "time_to_first_step": first_step_s}
 
 
 def load_run(workdir: str, step: int | None = None) -> tuple[Experiment, steps.TrainState, int]:
@@ -231,5 +246,4 @@ def load_run(workdir: str, step: int | None = None) -> tuple[Experiment, steps.T
 def evaluate_workdir(workdir: str, step: int | None = None) -> dict[str, Any]:
     """Restore a run's newest valid (or the given) checkpoint and evaluate it on the test split."""
     exp, state, step = load_run(workdir, step)
-    eval_step = parallel.compile_step(steps.make_eval_step(exp.model), exp.mode, exp.mesh)
-    return {"step": step, **evaluate(exp, state, eval_step)}
+    return {"step": step, **evaluate(exp, state, exp.eval_step())}

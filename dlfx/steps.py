@@ -60,27 +60,52 @@ def _variables(state: TrainState, params: Any) -> dict:
 
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    label_smoothing: float = 0.0, axis_name: str = DATA_AXIS,
-                    freeze: Sequence[str] = ()) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+                    label_smoothing: float = 0.0, axis_name: str | None = DATA_AXIS, freeze: Sequence[str] = (),
+                    grad_accum_steps: int = 1) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """One per-device SGD step: local grads, `pmean` over `axis_name`, optax update, synced BN stats.
 
-    Batch-norm statistics of layers matching a `freeze` regex keep their values (the optimizer
-    freezes the parameters themselves).
+    `axis_name=None` makes it a global step (no collectives) for `jax.jit` on sharded arrays (fsdp mode).
+    With `grad_accum_steps=k` the batch is split into k microbatches run by `lax.scan` (memory of one
+    microbatch) and their gradients averaged: one optimizer update per k microbatches. Batch-norm
+    statistics of layers matching a `freeze` regex keep their values (the optimizer freezes the
+    parameters themselves).
     """
 
+    def mean(tree):  # over the devices of the data axis
+        return lax.pmean(tree, axis_name) if axis_name else tree
+
+    def loss_fn(params, batch_stats, batch, rng):
+        variables = {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
+        logits, updates = model.apply(variables, batch["x"], train=True, rngs={"dropout": rng},
+                                      mutable=["batch_stats"])
+        loss, metrics = losses.classification_loss(logits, batch["y"], label_smoothing)
+        return loss, (metrics, updates.get("batch_stats", batch_stats))
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def accumulated(state, batch, rng):
+        k = grad_accum_steps
+        micro = jax.tree.map(lambda x: x.reshape(k, x.shape[0] // k, *x.shape[1:]), batch)
+
+        def body(carry, inputs):
+            grad_sum, batch_stats = carry
+            microbatch, i = inputs
+            (_, (metrics, batch_stats)), grads = grad_fn(state.params, batch_stats, microbatch,
+                                                         jax.random.fold_in(rng, i))
+            return (jax.tree.map(jnp.add, grad_sum, grads), batch_stats), metrics
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        (grad_sum, batch_stats), metrics = lax.scan(body, (zeros, state.batch_stats), (micro, jnp.arange(k)))
+        return jax.tree.map(lambda g: g / k, grad_sum), jax.tree.map(lambda m: m.mean(0), metrics), batch_stats
+
     def train_step(state: TrainState, batch: Batch) -> tuple[TrainState, Metrics]:
-        dropout_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), lax.axis_index(axis_name))
-
-        def loss_fn(params):
-            logits, updates = model.apply(_variables(state, params), batch["x"], train=True,
-                                          rngs={"dropout": dropout_rng}, mutable=["batch_stats"])
-            loss, metrics = losses.classification_loss(logits, batch["y"], label_smoothing)
-            return loss, (metrics, updates)
-
-        (_, (metrics, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-        grads = lax.pmean(grads, axis_name)
-        metrics = lax.pmean(metrics, axis_name)
-        batch_stats = lax.pmean(updates.get("batch_stats", state.batch_stats), axis_name)
+        device = lax.axis_index(axis_name) if axis_name else 0
+        dropout_rng = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), device)
+        if grad_accum_steps > 1:
+            grads, metrics, batch_stats = accumulated(state, batch, dropout_rng)
+        else:
+            (_, (metrics, batch_stats)), grads = grad_fn(state.params, state.batch_stats, batch, dropout_rng)
+        grads, metrics, batch_stats = mean(grads), mean(metrics), mean(batch_stats)
         if freeze:
             batch_stats = jax.tree_util.tree_map_with_path(
                 lambda p, new, old: old if optim.is_frozen(path_str(p), freeze) else new,
@@ -104,11 +129,12 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     return train_step
 
 
-def make_eval_step(model: nn.Module, axis_name: str = DATA_AXIS) -> Callable[[TrainState, Batch], Metrics]:
-    """Per-device eval: masked sums of loss/correct/count, `psum`-ed over `axis_name`."""
+def make_eval_step(model: nn.Module, axis_name: str | None = DATA_AXIS) -> Callable[[TrainState, Batch], Metrics]:
+    """Per-device eval: masked sums of loss/correct/count, `psum`-ed over `axis_name` (None: global step)."""
 
     def eval_step(state: TrainState, batch: Batch) -> Metrics:
         logits = model.apply(_variables(state, state.params), batch["x"], train=False)
-        return lax.psum(losses.masked_sums(logits, batch["y"], batch["mask"]), axis_name)
+        sums = losses.masked_sums(logits, batch["y"], batch["mask"])
+        return lax.psum(sums, axis_name) if axis_name else sums
 
     return eval_step

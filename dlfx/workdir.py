@@ -1,10 +1,12 @@
-"""The run folder's lock: one training process per workdir, stale locks of dead processes taken over."""
+"""The run folder's lock (one training process per workdir, stale locks taken over) and its status file."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
+import time
 
 from dlfx.errors import ConfigError
 
@@ -69,3 +71,34 @@ class WorkdirLock:
             except FileNotFoundError:
                 pass
             self.held = False
+
+
+def lock_holder_alive(workdir: str) -> bool:
+    """True if `workdir/.lock` names a live process on this host (a run in progress)."""
+    try:
+        with open(os.path.join(workdir, ".lock")) as f:
+            host, pid = f.read().split()
+        return host == socket.gethostname() and _alive(int(pid))
+    except (OSError, ValueError):
+        return False
+
+
+def write_status(workdir: str, status: str, **fields) -> None:
+    """Atomically record the run's state in `workdir/status.json` (running/finished/preempted/failed)."""
+    path = os.path.join(workdir, "status.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"status": status, "updated": time.time(), **fields}, f, indent=2)
+    os.replace(tmp, path)
+
+
+def read_status(workdir: str) -> dict:
+    """The run's `status.json`, with 'running' turned into 'failed' when no live process holds the lock."""
+    try:
+        with open(os.path.join(workdir, "status.json")) as f:
+            status = json.load(f)
+    except (OSError, json.JSONDecodeError):
+        status = {"status": "unknown"}
+    if status["status"] == "running" and not lock_holder_alive(workdir):
+        status = {**status, "status": "failed", "error": status.get("error") or "process died (killed?)"}
+    return status

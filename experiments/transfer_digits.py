@@ -27,6 +27,7 @@ BACKBONE = ("conv.*", "bn.*", "dense/.*")
 METHODS = {
     "scratch": [],
     "fine-tune": ["init_from.skip=('head/.*',)"],
+    "fine-tune, lr/10": ["init_from.skip=('head/.*',)", "optimizer.learning_rate=3e-4"],
     "linear probe": ["init_from.skip=('head/.*',)", f"optimizer.freeze={BACKBONE}", "model.freeze_bn=True"],
 }
 
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
                              "train.checkpoint_every=1000", "optimizer.warmup_steps=20"] + extra
                 if method != "scratch":
                     overrides.append(f"init_from.path={pretrain_dir}")
-                workdir = os.path.join(args.workdir_root, f"{method.replace(' ', '_')}-f{fraction}-s{seed}")
+                workdir = os.path.join(args.workdir_root, f"{method.replace(' ', '_').replace(',', '').replace('/', '')}-f{fraction}-s{seed}")
                 summary = _train(overrides, workdir)
                 results.setdefault((method, fraction), []).append(100 * summary["eval"]["accuracy"])
             accs = np.array(results[(method, fraction)])

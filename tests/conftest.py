@@ -4,6 +4,7 @@ import os
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("DLFX_COMPILATION_CACHE", "off")  # tests never write to the user cache
 
 import jax  # noqa: E402
 import pytest  # noqa: E402

@@ -28,7 +28,8 @@ def test_run_writes_all_artifacts(repo_root, tmp_path):
     summary = runner.train(tiny_config(repo_root, "train.keep=1"), workdir)
     assert summary["status"] == "finished" and summary["step"] == 20
     assert summary["step_traces"] == 1  # the train step compiled once: no retracing across steps or evals
-    assert sorted(os.listdir(workdir)) == ["checkpoints", "config.json", "events", "metrics.jsonl"]
+    assert sorted(os.listdir(workdir)) == ["checkpoints", "config.json", "events", "metrics.jsonl", "plots", "status.json"]
+    assert os.path.getsize(os.path.join(workdir, "plots", "curves.png")) > 10_000
     assert os.listdir(os.path.join(workdir, "checkpoints")) == ["20"]  # keep=1
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "events")))
     records = log.read_metrics(workdir)

@@ -1,0 +1,37 @@
+"""`dlfx.load_run`: a trained run as config, model, variables and a jitted `predict`, for notebooks and scripts."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import ml_collections
+
+from dlfx import data
+
+
+@dataclasses.dataclass
+class Run:
+    """A restored run. `variables` are host arrays (`params`, and `batch_stats` for batch-norm models)."""
+
+    workdir: str
+    step: int
+    config: ml_collections.ConfigDict
+    model: Any
+    variables: dict
+    dataset: data.Dataset
+    predict: Callable[[Any], jax.Array]  # x -> logits, jit-compiled, eval mode
+
+
+def load_run(workdir: str, step: int | None = None) -> Run:
+    """Restore a run's newest valid (or the given) checkpoint; changes no file in the workdir."""
+    from dlfx import runner
+
+    exp, state, step = runner.load_run(workdir, step)
+    variables = {"params": jax.device_get(state.params)}
+    if state.batch_stats:
+        variables["batch_stats"] = jax.device_get(state.batch_stats)
+    model = exp.model
+    predict = jax.jit(lambda x: model.apply(variables, x, train=False))
+    return Run(workdir, step, exp.config, model, variables, exp.dataset, predict)

@@ -1,0 +1,206 @@
+"""Headless matplotlib plots of runs: train/eval curves of one or more workdirs, a metric vs a swept value."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Sequence
+
+import numpy as np
+
+from dlfx import log
+from dlfx.errors import ConfigError
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def smooth(values: Sequence[float], weight: float) -> np.ndarray:
+    """TensorBoard-style exponential moving average, debiased so the first point is not pulled to 0."""
+    out, avg = [], 0.0
+    for i, v in enumerate(values):
+        avg = weight * avg + (1 - weight) * v
+        out.append(avg / (1 - weight ** (i + 1)) if weight > 0 else v)
+    return np.asarray(out)
+
+
+def run_name(workdir: str) -> str:
+    """The label of a run in legends and tables: its folder name."""
+    return os.path.basename(os.path.normpath(workdir))
+
+
+def plot_curves(workdirs: Sequence[str], out: str, metrics: Sequence[str] = ("loss", "accuracy"),
+                smoothing: float = 0.0, log_y: bool = False) -> str:
+    """One panel per metric; train (solid, smoothed) and eval (dashed, markers) curves per run. Returns `out`."""
+    if not 0 <= smoothing < 1:
+        raise ConfigError(f"--smooth must be in [0, 1), got {smoothing}")
+    runs = {}
+    for workdir in workdirs:
+        records = log.read_metrics(workdir)
+        if not records:
+            raise ConfigError(f"no metrics in {workdir} (metrics.jsonl is missing or empty)")
+        runs[workdir] = records
+    available = {k for records in runs.values() for r in records for k in r} - {"step", "split", "wall_time"}
+    missing = [m for m in metrics if m not in available]
+    if missing:
+        raise ConfigError(f"metric(s) {', '.join(missing)} not logged by these runs (available: "
+                          f"{', '.join(sorted(available))})")
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(metrics), figsize=(5 * len(metrics), 3.6), dpi=110, squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for ax, metric in zip(axes[0], metrics):
+        for i, (workdir, records) in enumerate(runs.items()):
+            color = colors[i % len(colors)]
+            for split, style in (("train", "-"), ("eval", "--o")):
+                points = [(r["step"], r[metric]) for r in records if r["split"] == split and metric in r]
+                if not points:
+                    continue
+                steps, values = np.array(points).T
+                if split == "train" and smoothing:
+                    values = smooth(values, smoothing)
+                ax.plot(steps, values, style, color=color, markersize=3, label=f"{run_name(workdir)} {split}")
+        ax.set_xlabel("step")
+        ax.set_ylabel(metric)
+        if log_y:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def write_run_plots(workdir: str, model, state, dataset, confusion: bool = True) -> None:
+    """`plots/curves.png`, and `plots/confusion.png` for classifiers; a failure is a warning, never an error."""
+    try:
+        plot_curves([workdir], os.path.join(workdir, "plots", "curves.png"))
+        if confusion and "vocab" not in dataset.metadata and dataset.num_classes <= 50:
+            import jax
+
+            from dlfx import interpret
+
+            variables = {"params": jax.device_get(state.params)}
+            if state.batch_stats:
+                variables["batch_stats"] = jax.device_get(state.batch_stats)
+            predicted = interpret.predictions(model, variables, dataset.test["x"])
+            counts = interpret.confusion_matrix(dataset.test["y"], predicted, dataset.num_classes)
+            plot_confusion(counts, os.path.join(workdir, "plots", "confusion.png"))
+    except Exception as e:
+        print(f"dlfx: warning: could not write plots in {workdir}: {e}", file=sys.stderr)
+
+
+def plot_sweep(rows: Sequence[dict], key: str, metric: str, out: str) -> str:
+    """Final eval `metric` against the swept `key` (one line per combination of the other swept keys)."""
+    plt = _pyplot()
+    groups: dict[str, list[tuple]] = {}
+    for row in rows:
+        rest = ", ".join(f"{k}={v}" for k, v in row["params"].items() if k != key)
+        if metric in row and row[metric] is not None:
+            groups.setdefault(rest, []).append((row["params"][key], row[metric]))
+    fig, ax = plt.subplots(figsize=(5.5, 3.8), dpi=110)
+    numeric = all(isinstance(x, (int, float)) for pts in groups.values() for x, _ in pts)
+    for label, points in groups.items():
+        points.sort(key=lambda p: p[0] if numeric else str(p[0]))
+        xs, ys = zip(*points) if points else ((), ())
+        ax.plot(xs if numeric else [str(x) for x in xs], ys, "o-", label=label or metric)
+    if numeric and all(x > 0 for pts in groups.values() for x, _ in pts) and len({x for p in groups.values() for x, _ in p}) > 2:
+        ax.set_xscale("log")
+    ax.set_xlabel(key)
+    ax.set_ylabel(f"final eval {metric}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def plot_confusion(counts: np.ndarray, out: str, class_names: Sequence[str] | None = None) -> str:
+    """A confusion-matrix heat map with the counts written in each cell."""
+    plt = _pyplot()
+    n = counts.shape[0]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * n, 0.8 + 0.45 * n), dpi=110)
+    ax.imshow(counts, cmap="Blues")
+    names = list(class_names or range(n))
+    ax.set_xticks(range(n), names, fontsize=7)
+    ax.set_yticks(range(n), names, fontsize=7)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(n):
+        for j in range(n):
+            if counts[i, j]:
+                ax.text(j, i, str(counts[i, j]), ha="center", va="center", fontsize=6,
+                        color="white" if counts[i, j] > counts.max() / 2 else "black")
+    accuracy = np.trace(counts) / max(counts.sum(), 1)
+    ax.set_title(f"accuracy {100 * accuracy:.1f} % ({counts.sum()} examples)", fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def plot_attributions(x: np.ndarray, maps: dict[str, np.ndarray], titles: Sequence[str], out: str) -> str:
+    """Inputs (first row) and one row of attribution heat maps per method; images or 1-D sequences."""
+    plt = _pyplot()
+    n, rows = len(x), 1 + len(maps)
+    fig, axes = plt.subplots(rows, n, figsize=(1.6 * n, 1.6 * rows), dpi=110, squeeze=False)
+    for j in range(n):
+        image = x[j]
+        if image.ndim == 3:  # HWC image
+            axes[0, j].imshow(image[..., 0] if image.shape[-1] == 1 else np.clip(image, 0, 1), cmap="gray")
+        else:  # (T, C) sequence
+            axes[0, j].plot(image.reshape(len(image), -1))
+        axes[0, j].set_title(titles[j], fontsize=7)
+        for i, (name, values) in enumerate(maps.items(), start=1):
+            a = np.asarray(values[j])
+            heat = np.abs(a).sum(-1) if a.ndim >= 2 else np.abs(a)
+            if heat.ndim == 1:  # sequence attributions: a 1-row heat strip
+                heat = heat[None]
+            axes[i, j].imshow(heat, cmap="magma", aspect="auto")
+            if j == 0:
+                axes[i, j].set_ylabel(name, fontsize=7)
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def plot_attention(x: np.ndarray, rollout: np.ndarray, grid: tuple[int, int] | None, titles: Sequence[str],
+                   out: str) -> str:
+    """Inputs and their attention rollout: the cls token's attention over the patch grid (ViT), or the
+    full query x key rollout matrix (sequence models)."""
+    plt = _pyplot()
+    n = len(x)
+    fig, axes = plt.subplots(2, n, figsize=(1.6 * n, 3.2), dpi=110, squeeze=False)
+    for j in range(n):
+        image = x[j]
+        if image.ndim == 3:
+            axes[0, j].imshow(image[..., 0] if image.shape[-1] == 1 else np.clip(image, 0, 1), cmap="gray")
+        else:
+            axes[0, j].plot(image.reshape(len(image), -1))
+        axes[0, j].set_title(titles[j], fontsize=7)
+        r = np.asarray(rollout[j])
+        heat = r[0, 1:].reshape(grid) if grid else r
+        axes[1, j].imshow(heat, cmap="magma")
+    for ax in axes.flat:
+        ax.set_xticks([])
+        ax.set_yticks([])
+    axes[1, 0].set_ylabel("rollout", fontsize=7)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out

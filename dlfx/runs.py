@@ -1,0 +1,77 @@
+"""`dlfx runs`: one row per run under a folder, read from `config.json`, `metrics.jsonl` and `status.json`."""
+
+from __future__ import annotations
+
+import csv
+import io
+import os
+
+from dlfx import config as config_lib, log
+from dlfx.errors import ConfigError
+from dlfx.workdir import read_status
+
+COLUMNS = ("name", "model", "data", "steps", "status", "final_loss", "final_accuracy", "best_accuracy",
+           "wall_time", "path")
+
+
+def find_runs(root: str) -> list[str]:
+    """Every workdir (a folder holding config.json) under `root`, `root` itself included."""
+    if not os.path.isdir(root):
+        raise ConfigError(f"no such folder: {root}")
+    found = []
+    for folder, subdirs, files in os.walk(root):
+        if "config.json" in files:
+            found.append(folder)
+            subdirs[:] = []  # a run's own folders hold no runs
+        else:
+            subdirs[:] = sorted(d for d in subdirs if not d.startswith("."))
+    return sorted(found)
+
+
+def summarize(workdir: str) -> dict:
+    """One run's row: identity, progress, final and best eval metrics, wall time, status."""
+    config = config_lib.read_workdir_config(workdir)
+    records = log.read_metrics(workdir)
+    evals = [r for r in records if r["split"] == "eval"]
+    status = read_status(workdir)
+    last_step = max((r["step"] for r in records), default=0)
+    total = status.get("total_steps")
+    if status["status"] == "unknown":  # a run from before status files, or one that never started
+        status["status"] = "finished" if evals and total is None and last_step else "unknown"
+    final = evals[-1] if evals else {}
+    accuracies = [r["accuracy"] for r in evals if "accuracy" in r]
+    wall = status.get("wall_time")
+    if wall is None and len(records) > 1:
+        wall = records[-1]["wall_time"] - records[0]["wall_time"]
+    return {"name": os.path.basename(os.path.normpath(workdir)), "model": config.model.name, "data": config.data.name,
+            "steps": f"{last_step}/{total}" if total else str(last_step), "status": status["status"],
+            "final_loss": final.get("loss"), "final_accuracy": final.get("accuracy"),
+            "best_accuracy": max(accuracies) if accuracies else None, "wall_time": wall, "path": workdir,
+            "error": status.get("error", ""), "config": config}
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 100 else f"{value:.0f}"
+    return str(value)
+
+
+def table(rows: list[dict], sort: str | None = None, as_csv: bool = False) -> str:
+    """The rows as an aligned text table (or CSV), optionally sorted by a column (numbers descending)."""
+    if sort:
+        if sort not in COLUMNS:
+            raise ConfigError(f"--sort {sort!r} is not a column ({', '.join(COLUMNS)})")
+        numeric = all(isinstance(r[sort], (int, float)) or r[sort] is None for r in rows)
+        key = (lambda r: (r[sort] is None, -(r[sort] or 0))) if numeric else (lambda r: str(r[sort]))
+        rows = sorted(rows, key=key)
+    if as_csv:
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(COLUMNS)
+        writer.writerows([["" if r[c] is None else r[c] for c in COLUMNS] for r in rows])
+        return out.getvalue().rstrip("\n")
+    cells = [list(COLUMNS)] + [[_cell(r[c]) for c in COLUMNS] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells)
