@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
@@ -53,8 +54,8 @@ class Checkpointer:
         A failure of this save, or of an earlier async one (disk full, I/O error), raises CheckpointError.
         """
         items = {"state": ocp.args.StandardSave(state)}
-        if data_iterator is not None:
-            items["data"] = grain.checkpoint.CheckpointSave(data_iterator)
+        if data_iterator is not None:  # one global position, the same on every process: any process count restores it
+            items["data_state"] = ocp.args.JsonSave(_iterator_state(data_iterator))
         try:
             return self.manager.save(step, args=ocp.args.Composite(**items))
         except Exception as e:
@@ -64,9 +65,16 @@ class Checkpointer:
                 data_iterator: grain.DatasetIterator | None = None) -> Any:
         """Restore one step into the shapes/shardings of `abstract_state`; the iterator is set in place."""
         items = {"state": ocp.args.StandardRestore(abstract_state)}
-        if data_iterator is not None:
+        if data_iterator is None:
+            return self.manager.restore(step, args=ocp.args.Composite(**items)).state
+        step_dir = os.path.join(self.directory, str(step))
+        if os.path.isdir(os.path.join(step_dir, "data")):  # written per process by dlfx before elastic resume
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
-        return self.manager.restore(step, args=ocp.args.Composite(**items)).state
+            return self.manager.restore(step, args=ocp.args.Composite(**items)).state
+        items["data_state"] = ocp.args.JsonRestore()
+        restored = self.manager.restore(step, args=ocp.args.Composite(**items))
+        data_iterator.set_state(restored.data_state)
+        return restored.state
 
     def restore_latest(self, abstract_state: Any, data_iterator: grain.DatasetIterator | None = None,
                        quarantine: bool = True) -> tuple[Any, int] | None:
@@ -125,6 +133,12 @@ class Checkpointer:
             self.wait()
         finally:
             self.manager.close()
+
+
+def _iterator_state(iterator: Any) -> dict:
+    """A data iterator's position as a JSON-able dict (grain iterators give a dict, dlfx's prefetcher bytes)."""
+    state = iterator.get_state()
+    return json.loads(state) if isinstance(state, bytes) else state
 
 
 def abstract_like(tree: Any) -> Any:

@@ -42,12 +42,15 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 
     from dlfx import parallel
 
+    parallel.initialize(args.coordinator_address, args.num_processes, args.process_id)  # before devices are used
     config = config_lib.load(args.config, split_overrides(extra))
     parallel.enable_compilation_cache(args.compilation_cache)
     workdir = args.workdir or _default_workdir(args.config)
     if not args.workdir:
         print(f"workdir: {workdir}", file=sys.stderr)
     summary = runner.train(config, workdir, force=args.force)
+    if summary["process_index"] != 0:
+        return 0
     final = " ".join(f"{k}={v:.4f}" for k, v in summary["eval"].items())
     rate = f", {summary['steps_per_sec']:.1f} steps/s" if summary["steps_per_sec"] else ""
     print(f"{summary['status']}: step {summary['step']}/{summary['total_steps']} in "
@@ -150,6 +153,9 @@ def make_parser() -> argparse.ArgumentParser:
     train.add_argument("--config", required=True, help="config file, optionally with an argument: configs/x.py:arg")
     train.add_argument("--workdir", help="run folder (default: a new folder under runs/)")
     train.add_argument("--force", action="store_true", help="run even if the workdir holds a different config")
+    train.add_argument("--coordinator-address", help="multi-process: HOST:PORT of process 0 (jax.distributed)")
+    train.add_argument("--num-processes", type=int, help="multi-process: number of processes")
+    train.add_argument("--process-id", type=int, help="multi-process: this process's index")
     train.add_argument("--compilation-cache", default=None, metavar="DIR",
                        help="persistent XLA compilation cache ('off' disables; default $DLFX_COMPILATION_CACHE "
                             "or ~/.cache/dlfx/jax)")

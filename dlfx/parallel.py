@@ -141,3 +141,40 @@ def enable_compilation_cache(directory: str | None = None) -> str | None:
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # small steps are worth caching too
     return directory
+
+
+def _cluster_detected() -> bool:
+    """A multi-host launch JAX can configure itself from: a Cloud TPU pod slice or a SLURM job step."""
+    tpu_hosts = [h for h in os.environ.get("TPU_WORKER_HOSTNAMES", "").split(",") if h]
+    slurm_tasks = int(os.environ.get("SLURM_STEP_NUM_TASKS", os.environ.get("SLURM_NTASKS", "1")) or 1)
+    return len(tpu_hosts) > 1 or ("SLURM_PROCID" in os.environ and slurm_tasks > 1)
+
+
+def initialize(coordinator_address: str | None = None, num_processes: int | None = None,
+               process_id: int | None = None, timeout_s: int = 300) -> bool:
+    """Join a multi-process run (`jax.distributed.initialize`) when asked; a no-op for one process.
+
+    Asked means: explicit arguments, `DLFX_COORDINATOR_ADDRESS` / `DLFX_NUM_PROCESSES` / `DLFX_PROCESS_ID`,
+    or a Cloud TPU pod / SLURM environment (JAX reads those itself). Call before anything touches devices.
+    """
+    env = os.environ
+    coordinator_address = coordinator_address or env.get("DLFX_COORDINATOR_ADDRESS")
+    if num_processes is None and env.get("DLFX_NUM_PROCESSES"):
+        num_processes = int(env["DLFX_NUM_PROCESSES"])
+    if process_id is None and env.get("DLFX_PROCESS_ID"):
+        process_id = int(env["DLFX_PROCESS_ID"])
+    if coordinator_address:
+        if num_processes is None or process_id is None:
+            raise ConfigError("--coordinator-address needs --num-processes and --process-id "
+                              "(or DLFX_NUM_PROCESSES / DLFX_PROCESS_ID)")
+        if num_processes == 1:
+            return False
+        if not 0 <= process_id < num_processes:
+            raise ConfigError(f"--process-id {process_id} is not in [0, {num_processes})")
+        jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                                   process_id=process_id, initialization_timeout=timeout_s)
+        return True
+    if _cluster_detected():
+        jax.distributed.initialize(initialization_timeout=timeout_s)
+        return True
+    return False

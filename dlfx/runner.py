@@ -216,7 +216,8 @@ def _loop(exp, config, workdir, checkpointer, train_iter, restored, start_time) 
     return {"status": status, "step": step, "total_steps": exp.total_steps, "train": train_metrics,
             "eval": eval_metrics, "wall_time": end_time - start_time, "steps_per_sec": steady,
             "workdir": workdir, "mode": exp.mode, "devices": exp.mesh.devices.size, "state": state,
-            "step_traces": train_step.traces[0], "time_to_first_step": first_step_s}
+            "step_traces": train_step.traces[0], "time_to_first_step": first_step_s,
+            "process_index": jax.process_index()}
 
 
 def load_run(workdir: str, step: int | None = None) -> tuple[Experiment, steps.TrainState, int]:

@@ -87,9 +87,12 @@ def write_status(workdir: str, status: str, **fields) -> None:
     """Atomically record the run's state in `workdir/status.json` (running/finished/preempted/failed)."""
     path = os.path.join(workdir, "status.json")
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump({"status": status, "updated": time.time(), **fields}, f, indent=2)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump({"status": status, "updated": time.time(), **fields}, f, indent=2)
+        os.replace(tmp, path)
+    except OSError as e:  # e.g. a full disk: never hide the error that ended the run
+        log.warning("could not write %s: %s", path, e)
 
 
 def read_status(workdir: str) -> dict:

@@ -131,3 +131,17 @@ def test_shard_batch_gives_global_arrays_over_the_data_axis(mode, shape):
     assert placed.sharding.spec == jax.sharding.PartitionSpec("data")
     assert len(placed.addressable_shards) == 8
     np.testing.assert_array_equal(np.asarray(placed).reshape(16, 3), local["x"])
+
+
+def test_processes_split_the_one_process_global_batch():
+    """P processes read the rows of the very batches one process would read (augmentation included)."""
+    images = {"x": np.random.default_rng(0).random((96, 6, 6, 1)).astype(np.float32), "y": np.arange(96)}
+    def take(it, n):
+        return [dict(next(it)) for _ in range(n)]
+
+    one = take(data.train_iterator(images, 8, seed=3, crop_padding=1, random_flip=True), 15)
+    parts = [take(data.train_iterator(images, 8, seed=3, process_index=i, process_count=2, crop_padding=1,
+                                      random_flip=True), 15) for i in range(2)]
+    for step, batch in enumerate(one):
+        np.testing.assert_array_equal(np.concatenate([parts[0][step]["y"], parts[1][step]["y"]]), batch["y"])
+        np.testing.assert_array_equal(np.concatenate([parts[0][step]["x"], parts[1][step]["x"]]), batch["x"])

@@ -37,62 +37,74 @@ class ArraySource:
 
 
 def augment_images(batch: dict[str, np.ndarray], rng: np.random.Generator, crop_padding: int,
-                   random_flip: bool) -> dict[str, np.ndarray]:
-    """Random crop after zero padding, and random horizontal flip, of a batch of NHWC images."""
+                   random_flip: bool, part: slice | None = None, global_size: int | None = None) -> dict[str, np.ndarray]:
+    """Random crop after zero padding, and random horizontal flip, of a batch of NHWC images.
+
+    A process holding rows `part` of a global batch of `global_size` draws the random numbers of the
+    whole global batch and uses its rows, so the augmentation does not depend on the process count.
+    """
     x = batch["x"]
     if x.ndim != 4:
         raise DataError(f"image augmentation needs NHWC images, got batch shape {x.shape}")
+    size, part = (global_size or len(x)), (part or slice(0, len(x)))
     if crop_padding:
         p = crop_padding
         padded = np.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
-        offsets = rng.integers(0, 2 * p + 1, size=(len(x), 2))
+        offsets = rng.integers(0, 2 * p + 1, size=(size, 2))[part]
         height, width = x.shape[1:3]
         x = np.stack([padded[i, dy:dy + height, dx:dx + width] for i, (dy, dx) in enumerate(offsets)])
     if random_flip:
-        flip = rng.random(len(x)) < 0.5
+        flip = (rng.random(size) < 0.5)[part]
         x = np.where(flip[:, None, None, None], x[:, :, ::-1], x)
     return {**batch, "x": x}
 
 
 class _EpochBatches:
-    """Batch number -> this process's example indices: a fresh seeded permutation of the shard each epoch."""
+    """Batch number -> this process's rows of that global batch: a fresh seeded permutation every epoch.
 
-    def __init__(self, shard: np.ndarray, batch_size: int, seed: int):
-        self.shard, self.batch_size, self.seed = shard, batch_size, seed
-        self.batches_per_epoch = len(shard) // batch_size
-        self._epoch, self._order = -1, shard
+    The global batch is the same for any process count (process i takes rows i*B/P..(i+1)*B/P of it),
+    so P processes train exactly like one and a run can resume with another process count.
+    """
+
+    def __init__(self, num_examples: int, global_batch_size: int, seed: int, process_index: int,
+                 process_count: int):
+        self.num_examples, self.global_batch_size, self.seed = num_examples, global_batch_size, seed
+        self.batches_per_epoch = num_examples // global_batch_size
+        local = global_batch_size // process_count
+        self.part = slice(process_index * local, (process_index + 1) * local)
+        self._epoch, self._order = -1, np.arange(num_examples)
 
     def __call__(self, batch_number: int) -> np.ndarray:
         epoch, position = divmod(int(batch_number), self.batches_per_epoch)
         if epoch != self._epoch:  # the permutation depends only on (seed, epoch): resume-exact
-            self._order = self.shard[np.random.default_rng([self.seed, epoch]).permutation(len(self.shard))]
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
             self._epoch = epoch
-        return self._order[position * self.batch_size:(position + 1) * self.batch_size]
+        start = position * self.global_batch_size
+        return self._order[start:start + self.global_batch_size][self.part]
 
 
 def train_iterator(arrays: dict[str, np.ndarray], global_batch_size: int, seed: int,
                    process_index: int = 0, process_count: int = 1, crop_padding: int = 0,
                    random_flip: bool = False, num_threads: int = 2) -> grain.DatasetIterator:
-    """Endless iterator of this process's share of each global batch, reshuffled every epoch.
+    """Endless iterator of this process's rows of each global batch, reshuffled every epoch.
 
-    Each process reads the disjoint shard `process_index::process_count`, so a global batch is
-    the concatenation of every process's local batch. Elements of the grain dataset are whole
-    batches (one gather per batch, not one read per example); the iterator supports get_state/set_state.
+    Elements of the grain dataset are whole batches (one gather per batch, not one read per example);
+    its state is a global batch counter, the same on every process, so it restores under any process
+    count. The iterator supports get_state/set_state.
     """
     if global_batch_size % process_count:
         raise DataError(f"config.data.batch_size={global_batch_size} is not divisible by the "
                         f"{process_count} processes")
-    local_batch_size = global_batch_size // process_count
     source = ArraySource(arrays)
-    shard = np.arange(len(source))[process_index::process_count]
-    if len(shard) < local_batch_size:
-        raise DataError(f"train split has {len(shard)} examples on process {process_index}, fewer than "
-                        f"one batch of {local_batch_size} (config.data.batch_size={global_batch_size})")
-    indices = _EpochBatches(shard, local_batch_size, seed)
+    if len(source) < global_batch_size:
+        raise DataError(f"train split has {len(source)} examples, fewer than one batch of "
+                        f"config.data.batch_size={global_batch_size}")
+    indices = _EpochBatches(len(source), global_batch_size, seed, process_index, process_count)
     dataset = grain.MapDataset.range(2**62).map(lambda b: source.gather(indices(b)))
     if crop_padding or random_flip:  # seeded per batch number, so a resumed stream is augmented identically
         dataset = dataset.random_map(
-            lambda batch, rng: augment_images(batch, rng, crop_padding, random_flip), seed=seed + 1)
+            lambda batch, rng: augment_images(batch, rng, crop_padding, random_flip, indices.part, global_batch_size),
+            seed=seed + 1)
     options = grain.ReadOptions(num_threads=num_threads, prefetch_buffer_size=2 * num_threads)
     return iter(dataset.to_iter_dataset(options))
 

@@ -68,10 +68,10 @@ class DevicePrefetcher:
         """The consumer position as grain's JSON iterator state."""
         return json.dumps(self._state, indent=4).encode()
 
-    def set_state(self, state: bytes) -> None:
-        """Move to a saved consumer position; reading ahead restarts from there."""
+    def set_state(self, state: bytes | dict) -> None:
+        """Move to a saved consumer position (JSON bytes or dict); reading ahead restarts from there."""
         self.close()
-        self._state = json.loads(state)
+        self._state = json.loads(state) if isinstance(state, bytes) else state
         self._iterator.set_state(self._state)
 
     def start_prefetch(self) -> None:

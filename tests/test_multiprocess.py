@@ -1,0 +1,90 @@
+"""A real multi-process run: 2 processes x 4 CPU devices over loopback (jax.distributed, gloo) equal 1 x 8."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import chex
+import numpy as np
+import pytest
+
+from dlfx import config as config_lib, log, runner
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+OVERRIDES = ["model.features=(8, 16)", "model.hidden_dim=32", "data.batch_size=64", "train.epochs=0",
+             "train.steps=30", "train.checkpoint_every=10", "train.log_every=5", "optimizer.warmup_steps=5",
+             "optimizer.name=sgd", "optimizer.learning_rate=0.05", "data.crop_padding=1"]
+
+
+def _launch(workdir, processes=2):
+    """`launch/local.sh` with 4 fake devices per process; every wait is bounded."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env.update(DLFX_LOCAL_DEVICES=str(8 // processes), PYTHON=sys.executable, DLFX_TIMEOUT="240",
+               DLFX_COMPILATION_CACHE="off")
+    cmd = ["bash", os.path.join(REPO, "launch/local.sh"), str(processes), "configs/digits_cnn.py", "--workdir",
+           workdir] + [f"--config.{o}" for o in OVERRIDES]
+    result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
+def _final_params(workdir):
+    _, state, step = runner.load_run(workdir)  # restored here: 1 process, 8 devices
+    return state, step
+
+
+def _train_losses(workdir):
+    return [r["loss"] for r in log.read_metrics(workdir) if r["split"] == "train"]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("one") / "run")
+    summary = runner.train(config_lib.load(os.path.join(REPO, "configs/digits_cnn.py"), OVERRIDES), workdir)
+    return workdir, summary["state"]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    workdir = str(tmp_path_factory.mktemp("two") / "run")
+    _launch(workdir)
+    return workdir
+
+
+def test_two_processes_equal_one_and_restore_in_one(reference, two_process_run):
+    ref_dir, ref_state = reference
+    np.testing.assert_allclose(_train_losses(two_process_run), _train_losses(ref_dir), rtol=1e-5)
+    state, step = _final_params(two_process_run)
+    assert step == 30
+    chex.assert_trees_all_close(state.params, ref_state.params, rtol=1e-5, atol=1e-6)
+    chex.assert_trees_all_close(state.batch_stats, ref_state.batch_stats, rtol=1e-5, atol=1e-6)
+    assert sorted(os.listdir(two_process_run)) == ["checkpoints", "config.json", "events", "metrics.jsonl", "plots",
+                                                   "status.json"]  # one set of logs (process 0)
+
+
+def test_elastic_resume_two_to_one_to_two(reference, two_process_run, tmp_path):
+    _, ref_state = reference
+    workdir = str(tmp_path / "elastic")
+    shutil.copytree(two_process_run, workdir)
+    for step in ("20", "30"):  # as if the 2-process run had stopped after its step-10 checkpoint
+        shutil.rmtree(os.path.join(workdir, "checkpoints", step))
+    config = config_lib.load(os.path.join(REPO, "configs/digits_cnn.py"), OVERRIDES)
+    one = runner.train(config, workdir)  # 1 process continues 10 -> 30
+    chex.assert_trees_all_close(one["state"].params, ref_state.params, rtol=1e-5, atol=1e-6)
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "30"))
+    _launch(workdir)  # 2 processes continue 20 -> 30
+    state, step = _final_params(workdir)
+    assert step == 30
+    chex.assert_trees_all_close(state.params, ref_state.params, rtol=1e-5, atol=1e-6)
+
+
+def test_launcher_dry_run_and_usage():
+    out = subprocess.run(["bash", os.path.join(REPO, "launch/local.sh"), "--dry-run", "2", "configs/x.py", "--workdir",
+                          "w"], capture_output=True, text=True, env={**os.environ, "DLFX_PORT": "12345"}, timeout=30)
+    lines = out.stdout.strip().splitlines()
+    assert out.returncode == 0 and len(lines) == 2
+    assert lines[1].endswith("-m dlfx train --config configs/x.py --coordinator-address 127.0.0.1:12345 "
+                             "--num-processes 2 --process-id 1 --workdir w")
+    bad = subprocess.run(["bash", os.path.join(REPO, "launch/local.sh"), "two"], capture_output=True, text=True,
+                         timeout=30)
+    assert bad.returncode == 2 and "usage" in bad.stderr
