@@ -6,13 +6,13 @@ import errno
 import json
 import logging
 import os
-import shutil
 import time
 from typing import Any
 
 import grain
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 from dlfx.errors import CheckpointError
 
@@ -38,8 +38,9 @@ class Checkpointer:
     """
 
     def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
-        self.quarantine = os.path.join(os.path.dirname(self.directory), "corrupt_checkpoints")
+        # local folders or gs:// (Orbax and etils.epath write there directly)
+        self.directory = directory if "://" in directory else os.path.abspath(directory)
+        self.quarantine = str(epath.Path(self.directory).parent / "corrupt_checkpoints")
         self._options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                      create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=self._options)
@@ -67,8 +68,7 @@ class Checkpointer:
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is None:
             return self.manager.restore(step, args=ocp.args.Composite(**items)).state
-        step_dir = os.path.join(self.directory, str(step))
-        if os.path.isdir(os.path.join(step_dir, "data")):  # written per process by dlfx before elastic resume
+        if (epath.Path(self.directory) / str(step) / "data").is_dir():  # written per process by dlfx before elastic resume
             items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
             return self.manager.restore(step, args=ocp.args.Composite(**items)).state
         items["data_state"] = ocp.args.JsonRestore()
@@ -104,10 +104,10 @@ class Checkpointer:
     def _quarantine(self, steps: list[int]) -> None:
         """Move broken step folders aside so that training can save those steps again."""
         if jax.process_index() == 0:
-            os.makedirs(self.quarantine, exist_ok=True)
+            epath.Path(self.quarantine).mkdir(parents=True, exist_ok=True)
             for step in steps:
-                target = os.path.join(self.quarantine, f"{step}-{int(time.time())}")
-                shutil.move(os.path.join(self.directory, str(step)), target)
+                target = epath.Path(self.quarantine) / f"{step}-{int(time.time())}"
+                (epath.Path(self.directory) / str(step)).rename(target)
                 log.warning("moved unreadable checkpoint step %d to %s", step, target)
         if jax.process_count() > 1:
             from jax.experimental import multihost_utils

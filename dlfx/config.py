@@ -69,6 +69,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.log_every = 50
     c.train.checkpoint_every = 500  # also saved at the end
     c.train.keep = 3  # newest checkpoints kept
+    c.train.checkpoint_dir = ""  # "" = workdir/checkpoints; may be gs://bucket/path (Orbax writes there directly)
     c.train.nan_policy = "error"  # non-finite loss/grad: 'error' stops the run, 'skip' drops that update
     c.train.max_skipped = 10  # 'skip': stop after this many non-finite steps in a row
 

@@ -155,7 +155,8 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     """Join a multi-process run (`jax.distributed.initialize`) when asked; a no-op for one process.
 
     Asked means: explicit arguments, `DLFX_COORDINATOR_ADDRESS` / `DLFX_NUM_PROCESSES` / `DLFX_PROCESS_ID`,
-    or a Cloud TPU pod / SLURM environment (JAX reads those itself). Call before anything touches devices.
+    `DLFX_DISTRIBUTED=1` (JAX detects the cluster: Cloud TPU pod, SLURM, ...), or a detected TPU pod /
+    SLURM job step. Call before anything touches devices.
     """
     env = os.environ
     coordinator_address = coordinator_address or env.get("DLFX_COORDINATOR_ADDRESS")
@@ -174,7 +175,7 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
         jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
                                    process_id=process_id, initialization_timeout=timeout_s)
         return True
-    if _cluster_detected():
+    if env.get("DLFX_DISTRIBUTED", "").lower() in ("1", "true", "auto") or _cluster_detected():
         jax.distributed.initialize(initialization_timeout=timeout_s)
         return True
     return False

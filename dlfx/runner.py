@@ -21,8 +21,9 @@ import numpy as np
 from dlfx import config as config_lib
 from dlfx import data, log, optim, parallel, plot, steps
 from dlfx.checkpoint import Checkpointer, abstract_like
-from dlfx.errors import CheckpointError, ConfigError, DlfxError, NonFiniteError
-from dlfx.experiment import Experiment, build, evaluate, init_from_pretrained
+from dlfx.errors import ConfigError, DlfxError, NonFiniteError
+from dlfx.experiment import build, evaluate, init_from_pretrained
+from dlfx.restore import checkpoint_dir, evaluate_workdir, load_run  # noqa: F401  (re-exported)
 from dlfx.workdir import WorkdirLock, write_status
 
 
@@ -93,7 +94,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, force: bool = False) 
                                         crop_padding=config.data.crop_padding, random_flip=config.data.random_flip)
         # batches are placed on the devices two steps ahead, off the training thread
         train_iter = data.DevicePrefetcher(host_iter, lambda b: parallel.shard_batch(b, exp.mesh, exp.mode))
-        checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep)
+        checkpointer = Checkpointer(checkpoint_dir(config, workdir), keep=config.train.keep)
         restored = checkpointer.restore_latest(abstract_like(exp.state), train_iter)
         if restored is None and config.init_from.path:  # a fresh run starts from pretrained weights
             exp.state = init_from_pretrained(exp)
@@ -207,7 +208,7 @@ def _loop(exp, config, workdir, checkpointer, train_iter, restored, start_time) 
             except OSError as e:  # e.g. a full disk; never hide the error that stopped the run
                 print(f"dlfx: warning: could not flush the run logs: {e}", file=sys.stderr)
     if status == "preempted":
-        print(f"dlfx: preempted: saved step {step} to {workdir}/checkpoints; rerun the same command to resume",
+        print(f"dlfx: preempted: saved step {step} to {checkpointer.directory}; rerun the same command to resume",
               file=sys.stderr)
     end_time = time.time()
     steady = None
@@ -218,33 +219,3 @@ def _loop(exp, config, workdir, checkpointer, train_iter, restored, start_time) 
             "workdir": workdir, "mode": exp.mode, "devices": exp.mesh.devices.size, "state": state,
             "step_traces": train_step.traces[0], "time_to_first_step": first_step_s,
             "process_index": jax.process_index()}
-
-
-def load_run(workdir: str, step: int | None = None) -> tuple[Experiment, steps.TrainState, int]:
-    """A run's experiment and its newest valid (or the given) checkpointed state; changes no file."""
-    config = config_lib.read_workdir_config(workdir)
-    config_lib.validate(config)
-    if not os.path.isdir(os.path.join(workdir, "checkpoints")):
-        raise CheckpointError(f"no checkpoint folder in {workdir}")
-    exp = build(config)
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.train.keep)
-    try:
-        if step is None:
-            restored = checkpointer.restore_latest(abstract_like(exp.state), quarantine=False)
-            if restored is None:
-                raise CheckpointError(f"no checkpoint in {workdir}/checkpoints")
-            state, step = restored
-        else:
-            if step not in checkpointer.steps():
-                raise CheckpointError(f"no checkpoint at step {step} in {workdir}/checkpoints "
-                                      f"(saved: {checkpointer.steps()})")
-            state = checkpointer.restore(step, abstract_like(exp.state))
-    finally:
-        checkpointer.close()
-    return exp, state, step
-
-
-def evaluate_workdir(workdir: str, step: int | None = None) -> dict[str, Any]:
-    """Restore a run's newest valid (or the given) checkpoint and evaluate it on the test split."""
-    exp, state, step = load_run(workdir, step)
-    return {"step": step, **evaluate(exp, state, exp.eval_step())}

@@ -12,7 +12,7 @@ import numpy as np
 from dlfx.errors import ConfigError, DataError
 from dlfx.models import GPT, RNN
 from dlfx.models import rnn, transformer
-from dlfx.runner import load_run
+from dlfx.restore import load_run
 
 
 def encode(text: str, vocab: list[str]) -> np.ndarray:

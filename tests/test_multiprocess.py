@@ -88,3 +88,37 @@ def test_launcher_dry_run_and_usage():
     bad = subprocess.run(["bash", os.path.join(REPO, "launch/local.sh"), "two"], capture_output=True, text=True,
                          timeout=30)
     assert bad.returncode == 2 and "usage" in bad.stderr
+
+
+def test_tpu_vm_dry_run_prints_every_command():
+    args = ["--dry-run", "--name", "t1", "--zone", "us-central2-b", "--accelerator", "v4-16", "--version",
+            "tpu-ubuntu2204-base", "--checkpoint-dir", "gs://b/runs/x", "--", "configs/char_gpt.py",
+            "--config.train.steps=10"]
+    out = subprocess.run(["bash", os.path.join(REPO, "launch/tpu_vm.sh"), *args], capture_output=True, text=True,
+                         timeout=30, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert lines[0].startswith("gcloud compute tpus tpu-vm create t1 --zone us-central2-b --accelerator-type v4-16")
+    assert any("--worker=all" in line and "dlfx.tar.gz" in line for line in lines)
+    assert any(".\\[tpu\\]" in line or "[tpu]" in line for line in lines)
+    train = next(line for line in lines if "dlfx\\ train" in line or "dlfx train" in line)
+    assert "DLFX_DISTRIBUTED=1" in train and "gs://b/runs/x" in train and "train.steps=10" in train
+    assert lines[-1].startswith("gcloud compute tpus tpu-vm delete t1")
+    local = subprocess.run(["bash", os.path.join(REPO, "launch/tpu_vm.sh"), *args[:-5], "/tmp/x", "--", "c.py"],
+                           capture_output=True, text=True, timeout=30)
+    assert local.returncode == 2 and "gs://" in local.stderr
+
+
+def test_slurm_dry_run():
+    out = subprocess.run(["bash", os.path.join(REPO, "launch/slurm_gpu.sbatch"), "--dry-run", "configs/char_gpt.py",
+                          "runs/g"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0
+    assert out.stdout.strip().startswith("srun --kill-on-bad-exit=1 env DLFX_DISTRIBUTED=1")
+    assert out.stdout.strip().endswith("-m dlfx train --config configs/char_gpt.py --workdir runs/g")
+
+
+@pytest.mark.skipif(shutil.which("shellcheck") is None, reason="shellcheck not installed")
+def test_launch_scripts_pass_shellcheck():
+    scripts = [os.path.join(REPO, "launch", f) for f in ("local.sh", "tpu_vm.sh", "slurm_gpu.sbatch")]
+    result = subprocess.run(["shellcheck", *scripts], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stdout

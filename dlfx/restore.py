@@ -1,0 +1,50 @@
+"""Restoring a finished (or running) run from its workdir: its checkpoint folder, state, evaluation."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import ml_collections
+from etils import epath
+
+from dlfx import config as config_lib, steps
+from dlfx.checkpoint import Checkpointer, abstract_like
+from dlfx.errors import CheckpointError
+from dlfx.experiment import Experiment, build, evaluate
+
+
+def checkpoint_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
+    """Where a run's checkpoints live: `config.train.checkpoint_dir` (e.g. gs://...) or `workdir/checkpoints`."""
+    return config.train.checkpoint_dir or os.path.join(workdir, "checkpoints")
+
+
+def load_run(workdir: str, step: int | None = None) -> tuple[Experiment, steps.TrainState, int]:
+    """A run's experiment and its newest valid (or the given) checkpointed state; changes no file."""
+    config = config_lib.read_workdir_config(workdir)
+    config_lib.validate(config)
+    directory = checkpoint_dir(config, workdir)
+    if not epath.Path(directory).is_dir():
+        raise CheckpointError(f"no checkpoint folder {directory}")
+    exp = build(config)
+    checkpointer = Checkpointer(directory, keep=config.train.keep)
+    try:
+        if step is None:
+            restored = checkpointer.restore_latest(abstract_like(exp.state), quarantine=False)
+            if restored is None:
+                raise CheckpointError(f"no checkpoint in {directory}")
+            state, step = restored
+        else:
+            if step not in checkpointer.steps():
+                raise CheckpointError(f"no checkpoint at step {step} in {directory} "
+                                      f"(saved: {checkpointer.steps()})")
+            state = checkpointer.restore(step, abstract_like(exp.state))
+    finally:
+        checkpointer.close()
+    return exp, state, step
+
+
+def evaluate_workdir(workdir: str, step: int | None = None) -> dict[str, Any]:
+    """Restore a run's newest valid (or the given) checkpoint and evaluate it on the test split."""
+    exp, state, step = load_run(workdir, step)
+    return {"step": step, **evaluate(exp, state, exp.eval_step())}
