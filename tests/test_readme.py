@@ -68,7 +68,7 @@ def test_readme_command_sequence_runs_at_small_size(tmp_path, capsys, monkeypatc
     run = str(tmp_path / "x")
     small = ["--config.train.epochs=0", "--config.train.steps=40", "--config.optimizer.warmup_steps=5"]
     assert cli.main(["train", "--config", "configs/digits_cnn.py", "--workdir", run, *small]) == 0
-    assert cli.main(["train", "--config", "configs/mnist1d.py:cnn", "--workdir", str(tmp_path / "m"),
+    assert cli.main(["train", "--config", "configs/digits_mlp.py", "--workdir", str(tmp_path / "m"),
                      "--config.train.steps=20", "--config.train.epochs=0", "--config.optimizer.warmup_steps=5"]) == 0
     assert cli.main(["eval", "--workdir", run]) == 0
     assert cli.main(["inspect", run]) == 0
