@@ -22,6 +22,7 @@ import jax
 import torch
 from torch import nn
 
+from benchmarks.run import dlfx_stepper
 from dlfx import config as config_lib, data, parallel, runner
 from dlfx.experiment import build
 
@@ -103,15 +104,7 @@ def bench(name: str, steps_per_repeat: int, repeats: int, runner_steps: int) -> 
     host = [next(it) for _ in range(4)]
 
     placed = [parallel.shard_batch(b, exp.mesh, exp.mode) for b in host]
-    dlfx_step = exp.train_step()
-    state = exp.state
-
-    def run_dlfx(n):
-        nonlocal state
-        out = None
-        for i in range(n):
-            state, out = dlfx_step(state, placed[i % len(placed)])
-        jax.block_until_ready(out)
+    run_dlfx = dlfx_stepper(exp, placed)
 
     model = torch_model(name, config, exp).train()
     opt = torch.optim.AdamW(model.parameters(), lr=config.optimizer.learning_rate, betas=(config.optimizer.b1,

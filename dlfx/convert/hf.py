@@ -20,6 +20,14 @@ def _gelu(config: dict, key: str) -> bool:
     return _GELU[act]
 
 
+def _entries(state: dict[str, np.ndarray], prefix: str):
+    """(source name, name without `prefix`, module path, leaf name, array) for every tensor."""
+    for name, value in state.items():
+        key = name.removeprefix(prefix)
+        module, _, leaf = key.rpartition(".")
+        yield name, key, module, leaf, value
+
+
 def gpt2(state: dict[str, np.ndarray], config: dict) -> tuple[GPT, dict[str, np.ndarray], list[str]]:
     """GPT-2 (`GPT2Model` or `GPT2LMHeadModel`): Conv1D weights are already (in, out); the head is tied."""
     embed = config["n_embd"]
@@ -30,9 +38,7 @@ def gpt2(state: dict[str, np.ndarray], config: dict) -> tuple[GPT, dict[str, np.
     names = {"ln_1": "ln1", "ln_2": "ln2", "attn.c_attn": "attn/qkv", "attn.c_proj": "attn/proj",
              "mlp.c_fc": "fc1", "mlp.c_proj": "fc2"}
     flat, unused = {}, []
-    for name, value in state.items():
-        key = name.removeprefix("transformer.")
-        module, _, leaf = key.rpartition(".")
+    for name, key, module, leaf, value in _entries(state, "transformer."):
         if key == "wte.weight":
             flat["params/wte/embedding"] = value
         elif key == "wpe.weight":
@@ -66,9 +72,7 @@ def vit(state: dict[str, np.ndarray], config: dict) -> tuple[ViT, dict[str, np.n
     layer_names = {"layernorm_before": "ln1", "layernorm_after": "ln2", "attention.output.dense": "attn/proj",
                    "intermediate.dense": "fc1", "output.dense": "fc2"}
     flat, unused, qkv = {}, [], {}
-    for name, value in state.items():
-        key = name.removeprefix("vit.")
-        module, _, leaf = key.rpartition(".")
+    for name, key, module, leaf, value in _entries(state, "vit."):
         if key == "embeddings.cls_token":
             flat["params/cls_token"] = value
         elif key == "embeddings.position_embeddings":
