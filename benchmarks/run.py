@@ -8,7 +8,7 @@ Per model, after warm-up, with the median of interleaved repeats:
             steady state between its first and last log point
   bare      steps/s of the dlfx train step on device-resident batches
   baseline  steps/s of benchmarks/baseline.py (plain jax.jit step, same model/optimizer/batch)
-  overhead  runner / baseline;  step ratio  bare / baseline;  pipeline  runner / bare
+  overhead  runner / baseline (median of runner runs each paired with a baseline timing right after it);  step ratio  bare / baseline;  pipeline  runner / bare
   FLOP/s    XLA cost analysis of the compiled step x bare steps/s; MFU against a measured f32 matmul peak
 """
 
@@ -77,7 +77,8 @@ def _timed(fn, *args) -> float:
     return time.perf_counter() - start
 
 
-def bench_model(name: str, steps_per_repeat: int, repeats: int, runner_steps: int, peak: float) -> dict:
+def bench_model(name: str, steps_per_repeat: int, repeats: int, runner_steps: int, peak: float,
+                runner_repeats: int = 1) -> dict:
     """Measure one model; see the module docstring."""
     spec, overrides, unit = MODELS[name]
     config = config_lib.load(spec, overrides + ["train.epochs=0", f"train.steps={runner_steps}",
@@ -115,16 +116,23 @@ def bench_model(name: str, steps_per_repeat: int, repeats: int, runner_steps: in
     base_rate = steps_per_repeat / statistics.median(base_times)
     bare_rate = steps_per_repeat / statistics.median(dlfx_times)
 
-    # the full runner, in a throwaway workdir
-    with tempfile.TemporaryDirectory() as workdir:
-        summary = runner.train(config, os.path.join(workdir, "run"))
-    runner_rate = summary["steps_per_sec"] or float("nan")
+    # the full runner, in a throwaway workdir, `runner_repeats` times, each paired with a baseline timing
+    # taken right after it: the overhead is the median of the paired ratios (this machine drifts)
+    runner_rates, paired = [], []
+    for _ in range(runner_repeats):
+        with tempfile.TemporaryDirectory() as workdir:
+            summary = runner.train(config, os.path.join(workdir, "run"))
+        rate = summary["steps_per_sec"] or float("nan")
+        base_steps = max(steps_per_repeat, 50)
+        runner_rates.append(rate)
+        paired.append(rate / (base_steps / _timed(run_base, base_steps)))
+    runner_rate = statistics.median(runner_rates)
     examples = config.data.batch_size * per_example
     return {
         "model": name, "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(exp.state.params)),
         "batch": config.data.batch_size, "unit": "tokens" if unit == "seq" else "examples",
         "compile_s": compile_s, "runner": runner_rate, "bare": bare_rate, "baseline": base_rate,
-        "overhead": runner_rate / base_rate, "step_ratio": bare_rate / base_rate, "pipeline": runner_rate / bare_rate,
+        "overhead": statistics.median(paired), "step_ratio": bare_rate / base_rate, "pipeline": runner_rate / bare_rate,
         "per_s": runner_rate * examples, "flops": flops, "tflops": flops * bare_rate / 1e12,
         "mfu": flops * bare_rate / peak,
     }
@@ -160,12 +168,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="steps per timed repeat")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--runner-steps", type=int, default=150)
+    parser.add_argument("--runner-repeats", type=int, default=1, help="runner runs, each paired with a baseline timing")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     peak = matmul_peak()
     rows = []
     for name in args.models.split(","):
-        rows.append(bench_model(name, args.steps, args.repeats, args.runner_steps, peak))
+        rows.append(bench_model(name, args.steps, args.repeats, args.runner_steps, peak, args.runner_repeats))
         print(f"{name}: done", file=sys.stderr, flush=True)
     result = table(rows, peak)
     info = (f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}; jax {jax.__version__}, "
