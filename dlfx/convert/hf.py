@@ -10,6 +10,9 @@ from dlfx.errors import TransferError
 from dlfx.models.transformer import GPT
 from dlfx.models.vit import ViT
 
+NORM_LEAF = {"weight": "scale", "bias": "bias"}  # torch LayerNorm -> flax LayerNorm
+DENSE_LEAF = {"weight": "kernel", "bias": "bias"}  # torch Linear / Conv1D -> flax Dense
+
 _GELU = {"gelu_new": True, "gelu_pytorch_tanh": True, "gelu_fast": True, "gelu": False}
 
 
@@ -44,13 +47,13 @@ def gpt2(state: dict[str, np.ndarray], config: dict) -> tuple[GPT, dict[str, np.
         elif key == "wpe.weight":
             flat["params/wpe"] = value
         elif module == "ln_f":
-            flat[f"params/ln_f/{'scale' if leaf == 'weight' else 'bias'}"] = value
+            flat[f"params/ln_f/{NORM_LEAF[leaf]}"] = value
         elif (m := re.fullmatch(r"h\.(\d+)\.(.+)", module)) and m.group(2) in names:
             target = f"params/h/h_{m.group(1)}/{names[m.group(2)]}"
             if m.group(2).startswith("ln"):
-                flat[f"{target}/{'scale' if leaf == 'weight' else 'bias'}"] = value
+                flat[f"{target}/{NORM_LEAF[leaf]}"] = value
             else:
-                flat[f"{target}/{'kernel' if leaf == 'weight' else 'bias'}"] = value
+                flat[f"{target}/{DENSE_LEAF[leaf]}"] = value
         elif key == "lm_head.weight" or re.fullmatch(r"h\.\d+\.attn\.(masked_)?bias", key):
             continue  # tied to wte / causal-mask buffers
         else:
@@ -68,7 +71,6 @@ def vit(state: dict[str, np.ndarray], config: dict) -> tuple[ViT, dict[str, np.n
                 num_heads=config["num_attention_heads"], embed_dim=config["hidden_size"],
                 mlp_dim=config["intermediate_size"], pool="cls", layer_norm_epsilon=config.get("layer_norm_eps", 1e-12),
                 gelu_approximate=_gelu(config, "hidden_act"))
-    leaf_of = {"weight": "kernel", "bias": "bias"}
     layer_names = {"layernorm_before": "ln1", "layernorm_after": "ln2", "attention.output.dense": "attn/proj",
                    "intermediate.dense": "fc1", "output.dense": "fc2"}
     flat, unused, qkv = {}, [], {}
@@ -78,11 +80,11 @@ def vit(state: dict[str, np.ndarray], config: dict) -> tuple[ViT, dict[str, np.n
         elif key == "embeddings.position_embeddings":
             flat["params/pos_embed"] = value
         elif module == "embeddings.patch_embeddings.projection":
-            flat[f"params/patch_embed/{leaf_of[leaf]}"] = value.transpose(2, 3, 1, 0) if leaf == "weight" else value
+            flat[f"params/patch_embed/{DENSE_LEAF[leaf]}"] = value.transpose(2, 3, 1, 0) if leaf == "weight" else value
         elif module in ("layernorm", "classifier"):
             target = "ln_f" if module == "layernorm" else "head"
             is_norm = module == "layernorm"
-            flat[f"params/{target}/{('scale' if is_norm else 'kernel') if leaf == 'weight' else 'bias'}"] = (
+            flat[f"params/{target}/{(NORM_LEAF if is_norm else DENSE_LEAF)[leaf]}"] = (
                 value.T if leaf == "weight" and not is_norm else value)
         elif m := re.fullmatch(r"encoder\.layer\.(\d+)\.(.+)", module):
             layer, sub = m.groups()
@@ -90,9 +92,9 @@ def vit(state: dict[str, np.ndarray], config: dict) -> tuple[ViT, dict[str, np.n
             if sub in ("attention.attention.query", "attention.attention.key", "attention.attention.value"):
                 qkv.setdefault(layer, {})[(sub.rsplit(".", 1)[1], leaf)] = value
             elif sub in layer_names and sub.startswith("layernorm"):
-                flat[f"{base}/{layer_names[sub]}/{'scale' if leaf == 'weight' else 'bias'}"] = value
+                flat[f"{base}/{layer_names[sub]}/{NORM_LEAF[leaf]}"] = value
             elif sub in layer_names:
-                flat[f"{base}/{layer_names[sub]}/{leaf_of[leaf]}"] = value.T if leaf == "weight" else value
+                flat[f"{base}/{layer_names[sub]}/{DENSE_LEAF[leaf]}"] = value.T if leaf == "weight" else value
             else:
                 unused.append(name)
         else:
