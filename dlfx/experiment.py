@@ -39,11 +39,19 @@ class Experiment:
         return parallel.compile_step(step_fn, self.mode, self.mesh, donate_state, self.state_sharding)
 
     def train_step(self) -> Any:
-        """The compiled train step of this config (state donated)."""
+        """The compiled train step of this config (state donated), metrics packed in one vector.
+
+        `.metric_names` names the vector's entries once the step has run (see `steps.pack_metrics`).
+        Under `train.nan_policy='error'` the step does not guard the state against a non-finite update:
+        the runner stops at the next metrics fetch, before that state is evaluated or saved.
+        """
         c = self.config
-        return self.compile(steps.make_train_step(
+        packed = steps.pack_metrics(steps.make_train_step(
             self.model, self.tx, self.schedule, c.loss.label_smoothing, parallel.step_axis(self.mode),
-            c.optimizer.freeze, c.optimizer.grad_accum_steps), donate_state=True)
+            c.optimizer.freeze, c.optimizer.grad_accum_steps, guard_nonfinite=c.train.nan_policy == "skip"))
+        compiled = self.compile(packed, donate_state=True)
+        compiled.metric_names = packed.names
+        return compiled
 
     def eval_step(self) -> Any:
         """The compiled eval step (sums over the whole batch)."""
@@ -76,13 +84,13 @@ def build_model(config: ml_collections.ConfigDict, dataset: data.Dataset, mode: 
 def build(config: ml_collections.ConfigDict) -> Experiment:
     """Make mesh, data, model, optimizer and a fresh replicated train state; touches no files."""
     # --- Devices ---------------------------------------------------------------------------
-    mode = parallel.resolve_mode(config.parallel.mode)
     devices = jax.devices()
     if config.parallel.num_devices:
         if not 0 < config.parallel.num_devices <= len(devices) or jax.process_count() > 1:
             raise ConfigError(f"config.parallel.num_devices={config.parallel.num_devices}: this host has "
                               f"{len(devices)} devices (and the option needs a single process)")
         devices = devices[:config.parallel.num_devices]
+    mode = parallel.resolve_mode(config.parallel.mode, len(devices))
     mesh = parallel.make_mesh(devices, mode=mode, data=config.parallel.data, fsdp=config.parallel.fsdp)
     parallel.check_batch_size(config.data.batch_size, mesh)
     accum = config.optimizer.grad_accum_steps

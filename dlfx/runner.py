@@ -47,9 +47,9 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-# The metrics of the steps since the last log, stacked on the device: fetching 8 arrays instead of
-# 8 x log_every scalars takes the per-log host cost from ~4.6 ms to ~0.5 ms (CPU, 50 steps).
-_stack = jax.jit(lambda records: jax.tree.map(lambda *xs: jax.numpy.stack(xs), *records))
+# The metric vectors of the steps since the last log, stacked on the device and fetched as one array:
+# one transfer per log instead of one per metric and step (~4.6 ms -> ~0.5 ms per 50 steps on CPU).
+_stack = jax.jit(lambda records: jax.numpy.stack(records))
 
 
 def _check_finite(records: list[dict], first_step: int, config: ml_collections.ConfigDict, in_row: int,
@@ -65,8 +65,8 @@ def _check_finite(records: list[dict], first_step: int, config: ml_collections.C
         group = int(record["first_nonfinite_group"])
         what = "gradient of " + groups[group] if group >= 0 else "loss"
         if config.train.nan_policy == "error":
-            raise NonFiniteError(f"non-finite {what} at step {step} (train.nan_policy='error'); that update was "
-                                 f"not applied and no checkpoint holds it")
+            raise NonFiniteError(f"non-finite {what} at step {step} (train.nan_policy='error'); the run stopped "
+                                 f"before any checkpoint or evaluation held that update")
         if in_row >= config.train.max_skipped:
             raise NonFiniteError(f"{in_row} non-finite steps in a row up to step {step}, last one in the {what} "
                                  f"(train.max_skipped={config.train.max_skipped})")
@@ -177,9 +177,11 @@ def _loop(exp, config, workdir, checkpointer, train_iter, restored, start_time) 
                 pending.append(metrics)  # stays on device until the next log point
                 save_now = step % config.train.checkpoint_every == 0 and step < exp.total_steps
                 preempted = preemption.requested or (jax.process_count() > 1 and checkpointer.reached_preemption(step))
-                if step % config.train.log_every == 0 or step == exp.total_steps or save_now or preempted:
-                    stacked = jax.device_get(_stack(pending))  # one transfer per metric, not per step
-                    fetched = [{k: v[i] for k, v in stacked.items()} for i in range(len(pending))]
+                eval_now = config.train.eval_every and step % config.train.eval_every == 0 and step < exp.total_steps
+                # fetched before every eval and save too: a non-finite step is caught before either sees it
+                if step % config.train.log_every == 0 or step == exp.total_steps or save_now or preempted or eval_now:
+                    stacked = jax.device_get(_stack(pending))
+                    fetched = [dict(zip(train_step.metric_names, row.tolist())) for row in stacked]
                     skipped, skipped_in_row = _check_finite(fetched, window_step + 1, config, skipped_in_row, groups)
                     train_metrics = _mean(fetched) | {"skipped_steps": float(skipped)}
                     now = time.time()
@@ -189,7 +191,7 @@ def _loop(exp, config, workdir, checkpointer, train_iter, restored, start_time) 
                     window_start, window_step, pending = now, step, []
                     logger.write(step, "train", train_metrics)
                     logger.advance(step)
-                if config.train.eval_every and step % config.train.eval_every == 0 and step < exp.total_steps:
+                if eval_now:
                     eval_metrics = evaluate(exp, state, eval_step)
                     logger.write(step, "eval", eval_metrics)
                 if save_now or preempted:

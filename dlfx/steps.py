@@ -49,8 +49,8 @@ def param_groups(params: Any) -> list[str]:
     return list(params.keys())
 
 
-def _all_finite(tree: Any) -> jnp.ndarray:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+def _squared_norm(tree: Any) -> jnp.ndarray:
+    return sum(jnp.sum(jnp.square(x.astype(jnp.float32))) for x in jax.tree.leaves(tree))
 
 
 def _variables(state: TrainState, params: Any) -> dict:
@@ -61,14 +61,16 @@ def _variables(state: TrainState, params: Any) -> dict:
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     label_smoothing: float = 0.0, axis_name: str | None = DATA_AXIS, freeze: Sequence[str] = (),
-                    grad_accum_steps: int = 1) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+                    grad_accum_steps: int = 1, guard_nonfinite: bool = True
+                    ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """One per-device SGD step: local grads, `pmean` over `axis_name`, optax update, synced BN stats.
 
     `axis_name=None` makes it a global step (no collectives) for `jax.jit` on sharded arrays (fsdp mode).
     With `grad_accum_steps=k` the batch is split into k microbatches run by `lax.scan` (memory of one
     microbatch) and their gradients averaged: one optimizer update per k microbatches. Batch-norm
     statistics of layers matching a `freeze` regex keep their values (the optimizer freezes the
-    parameters themselves).
+    parameters themselves). With `guard_nonfinite` a step whose loss or gradient is not finite returns
+    the old state (flagged in the metrics); without it the caller must discard that state itself.
     """
 
     def mean(tree):  # over the devices of the data axis
@@ -112,21 +114,41 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
                 batch_stats, state.batch_stats)
         param_updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, param_updates)
-        metrics["grad_norm"] = optax.tree.norm(grads)
+        # One pass over the gradients gives both the norm and the finiteness of each parameter group
+        # (a squared norm that overflows float32 counts as non-finite too).
+        group_sq = jnp.stack([_squared_norm(grads[name]) for name in param_groups(grads)])
+        group_finite = jnp.isfinite(group_sq)
+        metrics["grad_norm"] = jnp.sqrt(jnp.sum(group_sq))
         metrics["learning_rate"] = jnp.asarray(schedule(state.step), jnp.float32)
-        # A non-finite loss or gradient never reaches the state: the update is dropped and flagged,
-        # and the runner decides (config.train.nan_policy) whether to stop or to go on.
-        group_finite = jnp.stack([_all_finite(grads[name]) for name in param_groups(grads)])
         finite = jnp.isfinite(metrics["loss"]) & jnp.all(group_finite)
         metrics["nonfinite"] = 1.0 - finite.astype(jnp.float32)
         metrics["first_nonfinite_group"] = jnp.where(jnp.all(group_finite), -1, jnp.argmin(group_finite))
-        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        if guard_nonfinite:  # a non-finite update never reaches the state; the runner reports it
+            keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        else:  # the caller stops before this state is saved or evaluated (nan_policy='error')
+            keep = lambda new, old: new  # noqa: E731
         new_state = state.replace(step=state.step + 1, params=keep(params, state.params),
                                   batch_stats=keep(batch_stats, state.batch_stats),
                                   opt_state=keep(opt_state, state.opt_state))
         return new_state, metrics
 
     return train_step
+
+
+def pack_metrics(step_fn: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]) -> Callable:
+    """`step_fn` returning its scalar metrics as one float32 vector (one output buffer, not one per metric).
+
+    The metric names, in vector order, are in `.names` once the step has been traced.
+    """
+    names: list[str] = []
+
+    def packed(state: TrainState, batch: Batch) -> tuple[TrainState, jnp.ndarray]:
+        state, metrics = step_fn(state, batch)
+        names[:] = list(metrics)
+        return state, jnp.stack([jnp.asarray(v, jnp.float32) for v in metrics.values()])
+
+    packed.names = names
+    return packed
 
 
 def make_eval_step(model: nn.Module, axis_name: str | None = DATA_AXIS) -> Callable[[TrainState, Batch], Metrics]:

@@ -64,6 +64,17 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(repo_root, tmp_path, m
     assert len(steps) == len(set(steps))  # resumed steps are not logged twice
 
 
+def test_one_device_runs_a_plain_jit_step_equal_to_shard_map(repo_root, tmp_path):
+    # parallel.mode=auto on one device compiles the step without shard_map (it costs ~4 % on small models)
+    single = runner.train(tiny_config(repo_root, "parallel.num_devices=1"), str(tmp_path / "single"))
+    mapped = runner.train(tiny_config(repo_root, "parallel.num_devices=1", "parallel.mode=shard_map"),
+                          str(tmp_path / "mapped"))
+    assert (single["mode"], mapped["mode"]) == ("single", "shard_map")
+    chex.assert_trees_all_close(single["state"], mapped["state"], rtol=1e-6, atol=1e-6)
+    assert _train_records(str(tmp_path / "single"))[20]["loss"] == pytest.approx(
+        _train_records(str(tmp_path / "mapped"))[20]["loss"], rel=1e-6)
+
+
 # Orbax's failed restore leaves an "Event loop is closed" error in a background thread; it is noise.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_resume_walks_back_over_a_broken_checkpoint(repo_root, tmp_path, caplog):
