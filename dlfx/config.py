@@ -67,6 +67,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.epochs = 0
     c.train.eval_every = 0  # 0: evaluate only at the end
     c.train.log_every = 50
+    c.train.steps_per_call = 1  # >1: one compiled call runs this many steps (lax.scan); for small, fast models
     c.train.checkpoint_every = 500  # also saved at the end
     c.train.keep = 3  # newest checkpoints kept
     c.train.checkpoint_dir = ""  # "" = workdir/checkpoints; may be gs://bucket/path (Orbax writes there directly)
@@ -74,7 +75,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.max_skipped = 10  # 'skip': stop after this many non-finite steps in a row
 
     c.parallel = ml_collections.ConfigDict()
-    c.parallel.mode = "auto"  # auto (= shard_map) | pmap | shard_map | fsdp
+    c.parallel.mode = "auto"  # auto (one device: plain jit; several: shard_map) | pmap | shard_map | fsdp
     c.parallel.num_devices = 0  # use the first N devices of this host (0: all; one process only)
     c.parallel.data = 1  # fsdp mode: size of the `data` mesh axis (-1: the devices left)
     c.parallel.fsdp = -1  # fsdp mode: size of the `fsdp` mesh axis (-1: the devices left)
@@ -307,6 +308,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config.{section}.{key} must be >= 0, got {config[section][key]}")
     if config.optimizer.grad_accum_steps < 1:
         raise ConfigError(f"config.optimizer.grad_accum_steps must be >= 1, got {config.optimizer.grad_accum_steps}")
+    if config.train.steps_per_call < 1:
+        raise ConfigError(f"config.train.steps_per_call must be >= 1, got {config.train.steps_per_call}")
+    if config.train.steps_per_call > 1 and config.parallel.mode == "pmap":
+        raise ConfigError("config.train.steps_per_call > 1 needs parallel.mode auto, shard_map or fsdp (not pmap)")
     if config.train.keep < 1:
         raise ConfigError(f"config.train.keep must be >= 1, got {config.train.keep}")
     if config.train.log_every < 1:

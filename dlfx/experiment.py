@@ -34,13 +34,15 @@ class Experiment:
     state: steps.TrainState
     state_sharding: Any  # NamedShardings of the state (replicated, or split over `fsdp` in fsdp mode)
 
-    def compile(self, step_fn: Any, donate_state: bool = False) -> Any:
+    def compile(self, step_fn: Any, donate_state: bool = False, stacked: bool = False) -> Any:
         """`parallel.compile_step` for this experiment's mode, mesh and state layout."""
-        return parallel.compile_step(step_fn, self.mode, self.mesh, donate_state, self.state_sharding)
+        return parallel.compile_step(step_fn, self.mode, self.mesh, donate_state, self.state_sharding, stacked)
 
-    def train_step(self) -> Any:
+    def train_step(self, num_steps: int = 1) -> Any:
         """The compiled train step of this config (state donated), metrics packed in one vector.
 
+        `num_steps > 1`: one call runs that many steps over a stack of batches (steps, batch, ...) and
+        returns their metric vectors stacked (`steps.scan_steps`).
         `.metric_names` names the vector's entries once the step has run (see `steps.pack_metrics`).
         Under `train.nan_policy='error'` the step does not guard the state against a non-finite update:
         the runner stops at the next metrics fetch, before that state is evaluated or saved.
@@ -49,7 +51,10 @@ class Experiment:
         packed = steps.pack_metrics(steps.make_train_step(
             self.model, self.tx, self.schedule, c.loss.label_smoothing, parallel.step_axis(self.mode),
             c.optimizer.freeze, c.optimizer.grad_accum_steps, guard_nonfinite=c.train.nan_policy == "skip"))
-        compiled = self.compile(packed, donate_state=True)
+        if num_steps > 1:
+            compiled = self.compile(steps.scan_steps(packed), donate_state=True, stacked=True)
+        else:
+            compiled = self.compile(packed, donate_state=True)
         compiled.metric_names = packed.names
         return compiled
 

@@ -69,12 +69,20 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     return jax.device_put(tree, replicated(mesh))
 
 
-def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh, mode: str) -> dict[str, jax.Array]:
+def _batch_spec(mesh: Mesh, stacked: bool) -> P:
+    """The batch splits over every mesh axis; a stack of batches (steps, batch, ...) over its second axis."""
+    axes = tuple(mesh.axis_names)
+    return P(None, axes) if stacked else P(axes)
+
+
+def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh, mode: str,
+                stacked: bool = False) -> dict[str, jax.Array]:
     """Turn this process's part of a batch into global arrays split over the `data` axis.
 
-    shard_map mode gets (global_batch, ...); pmap mode gets (num_devices, per_device_batch, ...).
+    shard_map mode gets (global_batch, ...); pmap mode gets (num_devices, per_device_batch, ...);
+    `stacked` batches of several steps (steps, batch, ...) are split on their batch axis.
     """
-    sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))  # the batch splits over every mesh axis
+    sharding = NamedSharding(mesh, _batch_spec(mesh, stacked))
     num_local = len(mesh.local_devices)
 
     def place(x: np.ndarray) -> jax.Array:
@@ -86,13 +94,14 @@ def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh, mode: str) -> di
 
 
 def compile_step(step_fn: Callable, mode: str, mesh: Mesh, donate_state: bool = False,
-                 state_sharding: Any = None) -> Callable:
+                 state_sharding: Any = None, stacked: bool = False) -> Callable:
     """Run a per-device `step_fn(state, batch)` over the mesh; state and outputs are replicated.
 
     In fsdp and single mode `step_fn` is a global step (built with `axis_name=None`): one `jax.jit`
     program over arrays laid out by `state_sharding`, the batch split over both mesh axes, XLA inserting the
     all-gathers and reduce-scatters.
 
+    `stacked`: the batch is a stack of batches (steps, batch, ...), split on its second axis.
     The returned function counts how often JAX traced it in `.traces[0]` (1 for a run without retracing).
     """
     donate = (0,) if donate_state else ()
@@ -109,11 +118,11 @@ def compile_step(step_fn: Callable, mode: str, mesh: Mesh, donate_state: bool = 
     elif mode == "shard_map":
         # check_vma=False: with it on, autodiff already psums the grads of replicated params, and
         # the step's explicit pmean would then scale them by the device count.
-        sharded = jax.shard_map(traced, mesh=mesh, in_specs=(P(), P(DATA_AXIS)), out_specs=P(),
+        sharded = jax.shard_map(traced, mesh=mesh, in_specs=(P(), _batch_spec(mesh, stacked)), out_specs=P(),
                                 check_vma=False)
         compiled = jax.jit(sharded, donate_argnums=donate)
     elif mode in ("fsdp", "single"):
-        batch = NamedSharding(mesh, P(tuple(mesh.axis_names)))
+        batch = NamedSharding(mesh, _batch_spec(mesh, stacked))
         # the train step (state donated) returns (state, metrics); the eval step returns metrics only
         outputs = (state_sharding, replicated(mesh)) if donate_state else replicated(mesh)
         compiled = jax.jit(traced, in_shardings=(state_sharding, batch), out_shardings=outputs,

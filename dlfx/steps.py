@@ -151,6 +151,28 @@ def pack_metrics(step_fn: Callable[[TrainState, Batch], tuple[TrainState, Metric
     return packed
 
 
+def scan_steps(step_fn: Callable[[TrainState, Batch], tuple[TrainState, Any]]) -> Callable:
+    """Several steps in one call: `lax.scan` of `step_fn` over a stack of batches (steps, batch, ...).
+
+    Returns the last state and the per-step outputs stacked; equal to calling `step_fn` once per batch.
+    """
+
+    def steps(state: TrainState, batches: Batch) -> tuple[TrainState, Any]:
+        return lax.scan(step_fn, state, batches)
+
+    return steps
+
+
+def steps_in_call(position: int, steps_per_call: int, total_steps: int, every: Sequence[int]) -> int:
+    """How many steps the call starting after `position` steps runs: `steps_per_call`, or 1 where a
+    full call would pass a multiple of one of `every` (log, eval, checkpoint points) or the last step."""
+    end = position + steps_per_call
+    if steps_per_call == 1 or end > total_steps:
+        return 1
+    crosses = any(n and (position // n) != ((end - 1) // n) for n in every)
+    return 1 if crosses else steps_per_call
+
+
 def make_eval_step(model: nn.Module, axis_name: str | None = DATA_AXIS) -> Callable[[TrainState, Batch], Metrics]:
     """Per-device eval: masked sums of loss/correct/count, `psum`-ed over `axis_name` (None: global step)."""
 

@@ -75,6 +75,24 @@ def test_one_device_runs_a_plain_jit_step_equal_to_shard_map(repo_root, tmp_path
         _train_records(str(tmp_path / "mapped"))[20]["loss"], rel=1e-6)
 
 
+def test_steps_per_call_equals_one_step_per_call_and_resumes_across_it(repo_root, tmp_path):
+    # 8 devices, batch norm and dropout; 3 steps per call does not divide the log (5) and checkpoint (10)
+    # points, so calls of 1 step fill up to them
+    one = runner.train(tiny_config(repo_root), str(tmp_path / "one"))
+    multi_dir = str(tmp_path / "multi")
+    multi = runner.train(tiny_config(repo_root, "train.steps_per_call=3"), multi_dir)
+    assert multi["step"] == 20 and multi["step_traces"] == 2  # the 3-step call and the 1-step call, once each
+    chex.assert_trees_all_close(one["state"], multi["state"], rtol=1e-5, atol=1e-6)
+    one_log, multi_log = _train_records(str(tmp_path / "one")), _train_records(multi_dir)
+    assert sorted(multi_log) == [5, 10, 15, 20]
+    for step in multi_log:
+        assert multi_log[step]["loss"] == pytest.approx(one_log[step]["loss"], rel=1e-5)
+    # resumed from step 10 with 1 step per call: the data position is in batches, not calls
+    shutil.rmtree(os.path.join(multi_dir, "checkpoints", "20"))
+    resumed = runner.train(tiny_config(repo_root), multi_dir, force=True)
+    chex.assert_trees_all_close(one["state"], resumed["state"], rtol=1e-5, atol=1e-6)
+
+
 # Orbax's failed restore leaves an "Event loop is closed" error in a background thread; it is noise.
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_resume_walks_back_over_a_broken_checkpoint(repo_root, tmp_path, caplog):

@@ -8,6 +8,7 @@ import threading
 from typing import Any, Callable
 
 import grain
+import numpy as np
 
 
 class DevicePrefetcher:
@@ -16,10 +17,15 @@ class DevicePrefetcher:
     Checkpointing sees the *consumer's* position (the grain iterator state right after the last batch
     handed out), not the reader's, so a resumed run gets exactly the batches it had not trained on.
     Orbax saves it with grain's checkpoint handler (get_state/set_state in bytes).
+    With `group`, each item stacks `group(position)` batches (position = grain's `next_index`, the
+    global batch counter), placed by `place_stack`: the batches of one multi-step call.
     """
 
-    def __init__(self, iterator: grain.DatasetIterator, place: Callable[[Any], Any], depth: int = 2):
+    def __init__(self, iterator: grain.DatasetIterator, place: Callable[[Any], Any], depth: int = 2,
+                 group: Callable[[int], int] | None = None, place_stack: Callable[[Any], Any] | None = None):
+        # group(position) -> how many batches the item read at that batch position stacks (steps per call)
         self._iterator, self._place, self._depth = iterator, place, depth
+        self._group, self._place_stack = group, place_stack
         self._state = iterator.get_state()
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
@@ -27,9 +33,16 @@ class DevicePrefetcher:
 
     def _fill(self, out: queue.Queue, stop: threading.Event) -> None:
         try:
+            position = int(self._iterator.get_state()["next_index"]) if self._group else 0
             while not stop.is_set():
-                batch = next(self._iterator)
-                item = (self._place(batch), self._iterator.get_state(), None)
+                count = self._group(position) if self._group else 1
+                if count == 1:
+                    placed = self._place(next(self._iterator))
+                else:  # one stacked transfer for the steps of one call
+                    batches = [next(self._iterator) for _ in range(count)]
+                    placed = self._place_stack({k: np.stack([b[k] for b in batches]) for k in batches[0]})
+                position += count
+                item = (placed, self._iterator.get_state(), None)
                 while not stop.is_set():
                     try:
                         out.put(item, timeout=0.1)
