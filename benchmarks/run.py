@@ -4,11 +4,17 @@
 
 Per model, after warm-up, with the median of interleaved repeats:
   compile   first call of the bare dlfx step (trace + compile + run)
-  runner    steps/s of `dlfx.runner.train` (grain pipeline, logging, checkpoints at the config's cadence),
-            steady state between its first and last log point
-  bare      steps/s of the dlfx train step on device-resident batches
+  runner    steps/s of `dlfx.runner.train` at the config's defaults (grain pipeline, device prefetch,
+            train.steps_per_call, logging, checkpoints at the config's cadence), steady state between
+            its first and last log point
+  bare      steps/s of the dlfx train step (one step per call) on device-resident batches
   baseline  steps/s of benchmarks/baseline.py (plain jax.jit step, same model/optimizer/batch)
-  overhead  runner / baseline (median of runner runs each paired with a baseline timing right after it);  step ratio  bare / baseline;  pipeline  runner / bare
+  overhead  runner / baseline: each runner run is paired with a baseline timing of as many steps right
+            after it; the median of the paired ratios, [min-max] over the pairs
+  step ratio  bare / baseline
+  pipeline  the runner's call fed by the real pipeline (grain + device prefetch thread) / the same call
+            cycling over device-resident batches (interleaved repeats)
+  save ms   one Orbax checkpoint save of the state: how long it blocks the loop / until committed
   FLOP/s    XLA cost analysis of the compiled step x bare steps/s; MFU against a measured f32 matmul peak
 """
 
@@ -30,6 +36,7 @@ import numpy as np
 
 from benchmarks import baseline
 from dlfx import config as config_lib, data, parallel, runner
+from dlfx.checkpoint import Checkpointer
 from dlfx.experiment import build
 
 # name -> (config spec, overrides, examples-or-tokens per example)
@@ -57,18 +64,34 @@ def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
     return 2 * size**3 / best
 
 
-def dlfx_stepper(exp, placed: list) -> Callable[[int], None]:
-    """`run(n)`: n steps of the experiment's compiled train step cycling over device-resident batches."""
-    step, state = exp.train_step(), exp.state
+def dlfx_stepper(exp, placed: list, num_steps: int = 1) -> Callable[[int], None]:
+    """`run(n)`: n calls of the experiment's compiled train step (`num_steps` steps each) over `placed`,
+    a list of device-resident batches or an iterator of them."""
+    step, state = exp.train_step(num_steps), exp.state
 
     def run(n: int) -> None:
         nonlocal state
         out = None
         for i in range(n):
-            state, out = step(state, placed[i % len(placed)])
+            state, out = step(state, placed[i % len(placed)] if isinstance(placed, list) else next(placed))
         jax.block_until_ready(out)
 
     return run
+
+
+def save_cost(state) -> tuple[float, float]:
+    """Milliseconds one checkpoint save of `state` blocks the loop, and until it is committed."""
+    with tempfile.TemporaryDirectory() as folder:
+        checkpointer = Checkpointer(os.path.join(folder, "checkpoints"))
+        blocking, committed = [], []
+        for step in range(1, 4):
+            start = time.perf_counter()
+            checkpointer.save(step, state)
+            blocking.append(time.perf_counter() - start)
+            checkpointer.wait()
+            committed.append(time.perf_counter() - start)
+        checkpointer.close()
+    return 1e3 * statistics.median(blocking), 1e3 * statistics.median(committed)
 
 
 def _timed(fn, *args) -> float:
@@ -123,16 +146,44 @@ def bench_model(name: str, steps_per_repeat: int, repeats: int, runner_steps: in
         with tempfile.TemporaryDirectory() as workdir:
             summary = runner.train(config, os.path.join(workdir, "run"))
         rate = summary["steps_per_sec"] or float("nan")
-        base_steps = max(steps_per_repeat, 50)
+        base_steps = max(steps_per_repeat, runner_steps - config.train.log_every)  # as long as the runner's window
         runner_rates.append(rate)
         paired.append(rate / (base_steps / _timed(run_base, base_steps)))
     runner_rate = statistics.median(runner_rates)
+
+    # input pipeline: the runner's call (steps_per_call steps) fed by the real pipeline (grain + device
+    # prefetch thread) against the same call cycling over device-resident batches, interleaved
+    k = config.train.steps_per_call
+    mesh, mode = exp.mesh, exp.mode
+    prefetcher = data.DevicePrefetcher(
+        data.train_iterator(exp.dataset.train, config.data.batch_size, exp.data_seed,
+                            crop_padding=config.data.crop_padding, random_flip=config.data.random_flip),
+        lambda b: parallel.shard_batch(b, mesh, mode), group=(lambda position: k) if k > 1 else None,
+        place_stack=lambda b: parallel.shard_batch(b, mesh, mode, stacked=True))
+    if k > 1:
+        group = [next(it) for _ in range(k)]
+        placed = [parallel.shard_batch({key: np.stack([b[key] for b in group]) for key in group[0]}, mesh, mode,
+                                       stacked=True)]
+    exp.state = jax.device_put(fresh, exp.state_sharding)
+    fed = dlfx_stepper(exp, prefetcher, k)
+    exp.state = jax.device_put(fresh, exp.state_sharding)
+    on_device = dlfx_stepper(exp, placed, k)
+    calls = max(1, steps_per_repeat // k)
+    fed(1), on_device(1)
+    fed_times, resident_times = [], []
+    for _ in range(repeats):
+        fed_times.append(_timed(fed, calls))
+        resident_times.append(_timed(on_device, calls))
+    prefetcher.close()
+    pipeline = statistics.median(resident_times) / statistics.median(fed_times)
+    save_ms = save_cost(jax.device_put(fresh, exp.state_sharding))
     examples = config.data.batch_size * per_example
     return {
         "model": name, "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(exp.state.params)),
         "batch": config.data.batch_size, "unit": "tokens" if unit == "seq" else "examples",
         "compile_s": compile_s, "runner": runner_rate, "bare": bare_rate, "baseline": base_rate,
-        "overhead": statistics.median(paired), "step_ratio": bare_rate / base_rate, "pipeline": runner_rate / bare_rate,
+        "overhead": statistics.median(paired), "step_ratio": bare_rate / base_rate, "pipeline": pipeline,
+        "steps_per_call": k, "save_ms": save_ms, "runner_min": min(paired), "runner_max": max(paired),
         "per_s": runner_rate * examples, "flops": flops, "tflops": flops * bare_rate / 1e12,
         "mfu": flops * bare_rate / peak,
     }
@@ -148,15 +199,16 @@ def _step_flops(exp, batch) -> float:
 
 def table(rows: list[dict], peak: float) -> str:
     """Markdown table of the measurements."""
-    head = ("| model | params | batch | compile (s) | runner steps/s | bare steps/s | baseline steps/s | "
-            "overhead (runner/baseline) | step ratio (bare/baseline) | pipeline (runner/bare) | "
-            "throughput | GFLOP/step | achieved GFLOP/s | MFU |")
+    head = ("| model | params | batch | steps/call | compile (s) | runner steps/s | bare steps/s | baseline steps/s | "
+            "overhead (runner/baseline) [range] | step ratio (bare/baseline) | pipeline (real/on-device) | "
+            "save ms (blocking/committed) | throughput | GFLOP/step | achieved GFLOP/s | MFU |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
-        lines.append(f"| {r['model']} | {r['params']:,} | {r['batch']} | {r['compile_s']:.2f} | {r['runner']:.1f} | "
-                     f"{r['bare']:.1f} | {r['baseline']:.1f} | {r['overhead']:.3f} | {r['step_ratio']:.3f} | "
-                     f"{r['pipeline']:.3f} | {r['per_s']:,.0f} {r['unit']}/s | {r['flops'] / 1e9:.2f} | "
-                     f"{r['tflops'] * 1e3:.1f} | {100 * r['mfu']:.1f} % |")
+        lines.append(f"| {r['model']} | {r['params']:,} | {r['batch']} | {r['steps_per_call']} | {r['compile_s']:.2f} | "
+                     f"{r['runner']:.1f} | {r['bare']:.1f} | {r['baseline']:.1f} | {r['overhead']:.3f} "
+                     f"[{r['runner_min']:.2f}-{r['runner_max']:.2f}] | {r['step_ratio']:.3f} | {r['pipeline']:.3f} | "
+                     f"{r['save_ms'][0]:.0f} / {r['save_ms'][1]:.0f} | {r['per_s']:,.0f} {r['unit']}/s | "
+                     f"{r['flops'] / 1e9:.2f} | {r['tflops'] * 1e3:.1f} | {100 * r['mfu']:.1f} % |")
     lines.append(f"\nPeak: {peak / 1e9:.1f} GFLOP/s (float32 2048^3 matmul, best of 10) on {jax.devices()[0].platform}.")
     return "\n".join(lines)
 
@@ -168,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=20, help="steps per timed repeat")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--runner-steps", type=int, default=150)
-    parser.add_argument("--runner-repeats", type=int, default=1, help="runner runs, each paired with a baseline timing")
+    parser.add_argument("--runner-repeats", type=int, default=3, help="runner runs, each paired with a baseline timing")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     peak = matmul_peak()

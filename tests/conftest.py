@@ -2,7 +2,9 @@
 
 import os
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# A collective waits up to 40 s for its slowest fake device by default; on 2 busy cores (two test workers
+# plus a subprocess run) one straggled past that once, which aborts the process.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_cpu_collective_timeout_seconds=300")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("DLFX_COMPILATION_CACHE", "off")  # tests never write to the user cache
 
