@@ -10,7 +10,10 @@ Per model, after warm-up, with the median of interleaved repeats:
   bare      steps/s of the dlfx train step (one step per call) on device-resident batches
   baseline  steps/s of benchmarks/baseline.py (plain jax.jit step, same model/optimizer/batch)
   overhead  runner / baseline: each runner run is paired with a baseline timing of as many steps right
-            after it; the median of the paired ratios, [min-max] over the pairs
+            after it; the median of the paired ratios, [min-max] over the pairs. Windows: timed loops
+            run >= 0.5 s, the runner >= 3 s of steady state (more steps than --steps/--runner-steps for
+            fast models). Where that window holds checkpoint saves, "saves only at the end" repeats the
+            pairs with train.checkpoint_every=0, separating the loop's overhead from the saves' cost
   step ratio  bare / baseline
   pipeline  the runner's call fed by the real pipeline (grain + device prefetch thread) / the same call
             cycling over device-resident batches (interleaved repeats)
@@ -21,6 +24,7 @@ Per model, after warm-up, with the median of interleaved repeats:
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import resource
@@ -38,6 +42,9 @@ from benchmarks import baseline
 from dlfx import config as config_lib, data, parallel, runner
 from dlfx.checkpoint import Checkpointer
 from dlfx.experiment import build
+
+MIN_WINDOW_S = 0.5  # shortest timed window of the bare step, the baseline and the pipeline loops
+RUNNER_WINDOW_S = 3.0  # shortest steady-state window of a runner run
 
 # name -> (config spec, overrides, examples-or-tokens per example)
 MODELS = {
@@ -131,7 +138,14 @@ def bench_model(name: str, steps_per_repeat: int, repeats: int, runner_steps: in
         nonlocal params, batch_stats, opt_state
         params, batch_stats, opt_state = baseline.run(base_step, params, batch_stats, opt_state, base_batches, n, rng)
 
-    run_dlfx(2)
+    # timed windows of at least MIN_WINDOW_S, and a runner window of at least RUNNER_WINDOW_S: a 20-step
+    # window of a 1 ms step is shorter than this VM's speed swings
+    per_step = _timed(run_dlfx, 3) / 3
+    steps_per_repeat = max(steps_per_repeat, math.ceil(MIN_WINDOW_S / per_step))
+    log_every = config.train.log_every
+    runner_steps = max(runner_steps, log_every * (math.ceil(RUNNER_WINDOW_S / per_step / log_every) + 1))
+    config = config_lib.load(spec, overrides + ["train.epochs=0", f"train.steps={runner_steps}",
+                                                "train.eval_every=0", "optimizer.warmup_steps=1"])
     base_times, dlfx_times = [], []
     for _ in range(repeats):  # interleaved, so drift hits both alike
         base_times.append(_timed(run_base, steps_per_repeat))
@@ -141,14 +155,22 @@ def bench_model(name: str, steps_per_repeat: int, repeats: int, runner_steps: in
 
     # the full runner, in a throwaway workdir, `runner_repeats` times, each paired with a baseline timing
     # taken right after it: the overhead is the median of the paired ratios (this machine drifts)
-    runner_rates, paired = [], []
+    # When the window holds checkpoint saves, the same pairs are also taken with saves only at the end,
+    # which separates the loop's own overhead from the cost of the saves.
+    no_saves = config.copy_and_resolve_references()
+    with no_saves.unlocked():
+        no_saves.train.checkpoint_every = 0
+    window_saves = config.train.checkpoint_every and runner_steps > config.train.checkpoint_every
+    runner_rates, paired, paired_no_saves = [], [], []
+    base_steps = max(steps_per_repeat, runner_steps - config.train.log_every)  # as long as the runner's window
     for _ in range(runner_repeats):
-        with tempfile.TemporaryDirectory() as workdir:
-            summary = runner.train(config, os.path.join(workdir, "run"))
-        rate = summary["steps_per_sec"] or float("nan")
-        base_steps = max(steps_per_repeat, runner_steps - config.train.log_every)  # as long as the runner's window
-        runner_rates.append(rate)
-        paired.append(rate / (base_steps / _timed(run_base, base_steps)))
+        for run_config, ratios in [(config, paired)] + ([(no_saves, paired_no_saves)] if window_saves else []):
+            with tempfile.TemporaryDirectory() as workdir:
+                summary = runner.train(run_config, os.path.join(workdir, "run"))
+            rate = summary["steps_per_sec"] or float("nan")
+            if ratios is paired:
+                runner_rates.append(rate)
+            ratios.append(rate / (base_steps / _timed(run_base, base_steps)))
     runner_rate = statistics.median(runner_rates)
 
     # input pipeline: the runner's call (steps_per_call steps) fed by the real pipeline (grain + device
@@ -183,7 +205,8 @@ def bench_model(name: str, steps_per_repeat: int, repeats: int, runner_steps: in
         "batch": config.data.batch_size, "unit": "tokens" if unit == "seq" else "examples",
         "compile_s": compile_s, "runner": runner_rate, "bare": bare_rate, "baseline": base_rate,
         "overhead": statistics.median(paired), "step_ratio": bare_rate / base_rate, "pipeline": pipeline,
-        "steps_per_call": k, "save_ms": save_ms, "runner_min": min(paired), "runner_max": max(paired),
+        "steps_per_call": k, "save_ms": save_ms, "runner_steps": runner_steps,
+        "overhead_no_saves": statistics.median(paired_no_saves) if paired_no_saves else None, "runner_min": min(paired), "runner_max": max(paired),
         "per_s": runner_rate * examples, "flops": flops, "tflops": flops * bare_rate / 1e12,
         "mfu": flops * bare_rate / peak,
     }
@@ -200,13 +223,15 @@ def _step_flops(exp, batch) -> float:
 def table(rows: list[dict], peak: float) -> str:
     """Markdown table of the measurements."""
     head = ("| model | params | batch | steps/call | compile (s) | runner steps/s | bare steps/s | baseline steps/s | "
-            "overhead (runner/baseline) [range] | step ratio (bare/baseline) | pipeline (real/on-device) | "
+            "overhead (runner/baseline) [range] | overhead, saves only at the end | step ratio (bare/baseline) | pipeline (real/on-device) | "
             "save ms (blocking/committed) | throughput | GFLOP/step | achieved GFLOP/s | MFU |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(f"| {r['model']} | {r['params']:,} | {r['batch']} | {r['steps_per_call']} | {r['compile_s']:.2f} | "
                      f"{r['runner']:.1f} | {r['bare']:.1f} | {r['baseline']:.1f} | {r['overhead']:.3f} "
-                     f"[{r['runner_min']:.2f}-{r['runner_max']:.2f}] | {r['step_ratio']:.3f} | {r['pipeline']:.3f} | "
+                     f"[{r['runner_min']:.2f}-{r['runner_max']:.2f}] | "
+                     f"{'-' if r['overhead_no_saves'] is None else format(r['overhead_no_saves'], '.3f')} | "
+                     f"{r['step_ratio']:.3f} | {r['pipeline']:.3f} | "
                      f"{r['save_ms'][0]:.0f} / {r['save_ms'][1]:.0f} | {r['per_s']:,.0f} {r['unit']}/s | "
                      f"{r['flops'] / 1e9:.2f} | {r['tflops'] * 1e3:.1f} | {100 * r['mfu']:.1f} % |")
     lines.append(f"\nPeak: {peak / 1e9:.1f} GFLOP/s (float32 2048^3 matmul, best of 10) on {jax.devices()[0].platform}.")

@@ -68,7 +68,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.eval_every = 0  # 0: evaluate only at the end
     c.train.log_every = 50
     c.train.steps_per_call = 1  # >1: one compiled call runs this many steps (lax.scan); for small, fast models
-    c.train.checkpoint_every = 500  # also saved at the end
+    c.train.checkpoint_every = 500  # also saved at the end; 0: only at the end
     c.train.keep = 3  # newest checkpoints kept
     c.train.checkpoint_dir = ""  # "" = workdir/checkpoints; may be gs://bucket/path (Orbax writes there directly)
     c.train.nan_policy = "error"  # non-finite loss/grad: 'error' stops the run, 'skip' drops that update

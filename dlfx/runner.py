@@ -190,7 +190,8 @@ def _loop(exp, config, workdir, checkpointer, train_iter, restored, start_time) 
                     first_step_s = time.time() - log.process_start_time()
                     logger.message(f"first step done {first_step_s:.1f} s after process start")
                 pending.append(metrics)  # stays on device until the next log point
-                save_now = step % config.train.checkpoint_every == 0 and step < exp.total_steps
+                every = config.train.checkpoint_every
+                save_now = bool(every) and step % every == 0 and step < exp.total_steps
                 preempted = preemption.requested or (jax.process_count() > 1 and checkpointer.reached_preemption(step))
                 eval_now = config.train.eval_every and step % config.train.eval_every == 0 and step < exp.total_steps
                 # fetched before every eval and save too: a non-finite step is caught before either sees it

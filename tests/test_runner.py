@@ -66,7 +66,9 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(repo_root, tmp_path, m
 
 def test_one_device_runs_a_plain_jit_step_equal_to_shard_map(repo_root, tmp_path):
     # parallel.mode=auto on one device compiles the step without shard_map (it costs ~4 % on small models)
-    single = runner.train(tiny_config(repo_root, "parallel.num_devices=1"), str(tmp_path / "single"))
+    single = runner.train(tiny_config(repo_root, "parallel.num_devices=1", "train.checkpoint_every=0"),
+                          str(tmp_path / "single"))
+    assert os.listdir(tmp_path / "single" / "checkpoints") == ["20"]  # checkpoint_every=0: only at the end
     mapped = runner.train(tiny_config(repo_root, "parallel.num_devices=1", "parallel.mode=shard_map"),
                           str(tmp_path / "mapped"))
     assert (single["mode"], mapped["mode"]) == ("single", "shard_map")
