@@ -2,9 +2,10 @@
 
 import os
 
-# A collective waits up to 40 s for its slowest fake device by default; on 2 busy cores (two test workers
-# plus a subprocess run) one straggled past that once, which aborts the process.
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_cpu_collective_timeout_seconds=300")
+# An in-process collective aborts the process when one fake device is 40 s late; on 2 busy cores (two test
+# workers plus a subprocess run) an 8-device all-reduce straggled past that, so the limits are raised.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_cpu_collective_timeout_seconds=600 "
+                      "--xla_cpu_collective_call_terminate_timeout_seconds=600")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 os.environ.setdefault("DLFX_COMPILATION_CACHE", "off")  # tests never write to the user cache
 
