@@ -146,11 +146,12 @@ def init_from_pretrained(exp: Experiment) -> steps.TrainState:
 
 def evaluate(exp: Experiment, state: steps.TrainState, eval_step: Any) -> dict[str, float]:
     """Loss and accuracy over the whole test split (padded batches, masked)."""
-    totals = None
+    totals, dispatch = None, parallel.DispatchLimit()
     for local in data.eval_batches(exp.dataset.test, exp.config.data.batch_size,
                                    jax.process_index(), jax.process_count()):
         sums = eval_step(state, parallel.shard_batch(local, exp.mesh, exp.mode))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+        dispatch.add(totals)
     totals = jax.device_get(totals)
     count = float(totals.pop("count"))
     metrics = {k: float(v) / count for k, v in totals.items()}

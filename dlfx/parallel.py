@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 from typing import Any, Callable
 
@@ -131,6 +132,25 @@ def compile_step(step_fn: Callable, mode: str, mesh: Mesh, donate_state: bool = 
         compiled.traces = traces
         return compiled
     raise ConfigError(f"config.parallel.mode={mode!r} is not one of {', '.join(MODES)}")
+
+
+class DispatchLimit:
+    """Keeps at most `depth` dispatched calls unfinished: the host waits for the call `depth` back.
+
+    XLA:CPU with several devices deadlocked in a collective when dispatch ran far ahead (8 fake devices
+    on 2 busy cores: one device's launch blocked on its in-flight limit while the others waited for it
+    in an all-reduce). Two calls in flight still keep the device busy while the host dispatches the next.
+    """
+
+    def __init__(self, depth: int = 2):
+        self.depth = depth
+        self._unfinished: collections.deque = collections.deque()
+
+    def add(self, outputs: Any) -> None:
+        """Record a call's outputs; block until the oldest recorded call is done if over `depth`."""
+        self._unfinished.append(outputs)
+        if len(self._unfinished) > self.depth:
+            jax.block_until_ready(self._unfinished.popleft())
 
 
 def default_compilation_cache() -> str:

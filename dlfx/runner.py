@@ -138,6 +138,7 @@ def _loop(exp, config, workdir, checkpointer, train_iter, restored, start_time) 
 
     # --- Loop -------------------------------------------------------------------------------
     pending: list[dict] = []
+    dispatch = parallel.DispatchLimit()  # bounded run-ahead: unbounded, XLA:CPU collectives could deadlock
     train_metrics: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
     status = "finished"
@@ -166,6 +167,7 @@ def _loop(exp, config, workdir, checkpointer, train_iter, restored, start_time) 
                     first_step_s = time.time() - log.process_start_time()
                     logger.message(f"first step done {first_step_s:.1f} s after process start")
                 pending.append(metrics)  # stays on device until the next log point
+                dispatch.add(metrics)
                 if deferred:  # read only now that the next call is queued: the device never waits on logging
                     log_window(deferred)
                     deferred = None

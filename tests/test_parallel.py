@@ -96,3 +96,13 @@ def test_dropout_masks_differ_per_device(dropout_rate, should_match):
     eight, _, _ = _train("mlp", jax.devices(), "shard_map", tiled, hidden_dims=(32,), dropout_rate=dropout_rate)
     close = all(np.allclose(a, b, atol=1e-5) for a, b in zip(jax.tree.leaves(one.params), jax.tree.leaves(eight.params)))
     assert close == should_match
+
+
+def test_dispatch_limit_waits_for_the_call_depth_back(monkeypatch):
+    """The runner's run-ahead bound: adding call k+depth blocks on call k, and on nothing before."""
+    waited = []
+    monkeypatch.setattr(jax, "block_until_ready", lambda x: waited.append(int(x)) or x)
+    limit = parallel.DispatchLimit(depth=2)
+    for k in range(5):
+        limit.add(jnp.asarray(k))
+        assert waited == list(range(max(0, k - 1)))
