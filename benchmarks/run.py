@@ -177,11 +177,9 @@ def bench_model(name: str, steps_per_repeat: int, repeats: int, runner_steps: in
     # prefetch thread) against the same call cycling over device-resident batches, interleaved
     k = config.train.steps_per_call
     mesh, mode = exp.mesh, exp.mode
-    prefetcher = data.DevicePrefetcher(
-        data.train_iterator(exp.dataset.train, config.data.batch_size, exp.data_seed,
-                            crop_padding=config.data.crop_padding, random_flip=config.data.random_flip),
-        lambda b: parallel.shard_batch(b, mesh, mode), group=(lambda position: k) if k > 1 else None,
-        place_stack=lambda b: parallel.shard_batch(b, mesh, mode, stacked=True))
+    prefetcher = runner.device_prefetcher(exp, data.train_iterator(
+        exp.dataset.train, config.data.batch_size, exp.data_seed, crop_padding=config.data.crop_padding,
+        random_flip=config.data.random_flip), group=(lambda position: k) if k > 1 else None)
     if k > 1:
         group = [next(it) for _ in range(k)]
         placed = [parallel.shard_batch({key: np.stack([b[key] for b in group]) for key in group[0]}, mesh, mode,

@@ -92,6 +92,11 @@ def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh, mode: str,
     return {k: jax.make_array_from_process_local_data(sharding, x) for k, x in local_batch.items()}
 
 
+# per-step batches from a stack of them (steps, batch, ...): one device program for the whole stack
+unstack_batches = jax.jit(lambda stacked: [jax.tree.map(lambda a: a[i], stacked)
+                                           for i in range(len(next(iter(stacked.values()))))])
+
+
 def compile_step(step_fn: Callable, mode: str, mesh: Mesh, donate_state: bool = False,
                  state_sharding: Any = None, stacked: bool = False) -> Callable:
     """Run a per-device `step_fn(state, batch)` over the mesh; state and outputs are replicated.

@@ -57,6 +57,34 @@ def _call_sizes(exp) -> Any:
     return lambda position: steps.steps_in_call(position, t.steps_per_call, exp.total_steps, every)
 
 
+MAX_TRANSFER_CHUNK = 16  # batches per transfer (one device, one step per call)
+MAX_TRANSFER_BYTES = 4 << 20  # ... and at most this many bytes per transfer
+
+
+def _transfer_chunk(exp) -> int:
+    """Batches per host-to-device transfer when each call runs one step: several on one device, where a
+    transfer's fixed cost (~30 us per array on CPU) is worth amortizing; else 1. Several devices keep one
+    transfer per step: splitting a chunk is a device program, kept out of the way of collective steps."""
+    if (exp.config.train.steps_per_call > 1 or exp.mesh.devices.size > 1 or jax.process_count() > 1
+            or exp.mode == "pmap"):
+        return 1
+    batch_bytes = exp.config.data.batch_size * sum(v[0].nbytes for v in exp.dataset.train.values())
+    return int(max(1, min(MAX_TRANSFER_CHUNK, MAX_TRANSFER_BYTES // max(batch_bytes, 1))))
+
+
+def device_prefetcher(exp, host_iter, group: Any = None) -> data.DevicePrefetcher:
+    """The runner's device feed: batches placed on the devices two calls ahead, off the training thread;
+    `group(position)` batches stacked per multi-step call, or several per transfer on one device (see
+    `_transfer_chunk`)."""
+    def place_stack(b):
+        return parallel.shard_batch(b, exp.mesh, exp.mode, stacked=True)
+
+    chunk = _transfer_chunk(exp)
+    return data.DevicePrefetcher(host_iter, lambda b: parallel.shard_batch(b, exp.mesh, exp.mode),
+                                 group=group, place_stack=place_stack, chunk=chunk,
+                                 unstack=parallel.unstack_batches)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, force: bool = False) -> dict[str, Any]:
     """Train `config` in `workdir` (resuming from its newest valid checkpoint); return a summary."""
     start_time = time.time()
@@ -74,10 +102,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, force: bool = False) 
         host_iter = data.train_iterator(exp.dataset.train, config.data.batch_size, exp.data_seed,
                                         jax.process_index(), jax.process_count(),
                                         crop_padding=config.data.crop_padding, random_flip=config.data.random_flip)
-        # batches are placed on the devices two calls ahead, off the training thread
-        train_iter = data.DevicePrefetcher(host_iter, lambda b: parallel.shard_batch(b, exp.mesh, exp.mode),
-                                           group=_call_sizes(exp), place_stack=lambda b: parallel.shard_batch(
-                                               b, exp.mesh, exp.mode, stacked=True))
+        train_iter = device_prefetcher(exp, host_iter, _call_sizes(exp))
         checkpointer = Checkpointer(checkpoint_dir(config, workdir), keep=config.train.keep)
         restored = checkpointer.restore_latest(abstract_like(exp.state), train_iter)
         if restored is None and config.init_from.path:  # a fresh run starts from pretrained weights

@@ -1,6 +1,8 @@
 """Offline sources, the grain pipeline (order, epochs, sharding, resume) and batch placement."""
 
 
+import json
+
 import chex
 import jax
 import numpy as np
@@ -145,3 +147,27 @@ def test_processes_split_the_one_process_global_batch():
     for step, batch in enumerate(one):
         np.testing.assert_array_equal(np.concatenate([parts[0][step]["y"], parts[1][step]["y"]]), batch["y"])
         np.testing.assert_array_equal(np.concatenate([parts[0][step]["x"], parts[1][step]["x"]]), batch["x"])
+
+
+@pytest.mark.parametrize("chunk", [1, 4])
+def test_device_prefetcher_hands_out_batches_in_order_with_the_consumer_position(chunk):
+    """Several batches per transfer (split on the device) give the same batches as one per transfer, and
+    the saved position after each batch is the host iterator's position right after that batch."""
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    host = data.train_iterator(_arrays(), 8, seed=3)
+    expected, positions = [], []
+    for _ in range(10):
+        expected.append(next(host)["y"].copy())
+        positions.append(host.get_state())
+    prefetcher = data.DevicePrefetcher(
+        data.train_iterator(_arrays(), 8, seed=3), lambda b: parallel.shard_batch(b, mesh, "single"),
+        place_stack=lambda b: parallel.shard_batch(b, mesh, "single", stacked=True), chunk=chunk,
+        unstack=parallel.unstack_batches)
+    for want, position in zip(expected, positions):
+        batch = next(prefetcher)
+        assert isinstance(batch["y"], jax.Array) and batch["y"].shape == (8,)
+        chex.assert_trees_all_equal(np.asarray(batch["y"]), want)
+        assert json.loads(prefetcher.get_state()) == position
+    prefetcher.set_state(json.dumps(positions[5]).encode())  # resume in the middle of a chunk
+    chex.assert_trees_all_equal(np.asarray(next(prefetcher)["y"]), expected[6])
+    prefetcher.close()

@@ -10,6 +10,7 @@ import pytest
 
 from dlfx import config as config_lib, log, runner
 from dlfx.errors import ConfigError
+from dlfx.experiment import build
 
 
 def tiny_config(repo_root, *overrides):
@@ -93,6 +94,21 @@ def test_steps_per_call_equals_one_step_per_call_and_resumes_across_it(repo_root
     shutil.rmtree(os.path.join(multi_dir, "checkpoints", "20"))
     resumed = runner.train(tiny_config(repo_root), multi_dir, force=True)
     chex.assert_trees_all_close(one["state"], resumed["state"], rtol=1e-5, atol=1e-6)
+
+
+def test_several_batches_per_transfer_equal_one_and_resume_inside_a_chunk(repo_root, tmp_path, monkeypatch):
+    # one device, one step per call: 16 batches travel per transfer; the checkpoint at 10 is inside a chunk
+    chunked_dir = str(tmp_path / "chunked")
+    config = tiny_config(repo_root, "parallel.num_devices=1")
+    assert runner._transfer_chunk(build(config)) == 16
+    chunked = runner.train(config, chunked_dir)
+    monkeypatch.setattr(runner, "MAX_TRANSFER_CHUNK", 1)
+    single = runner.train(config, str(tmp_path / "single"))
+    chex.assert_trees_all_close(chunked["state"], single["state"], rtol=1e-6, atol=1e-7)
+    shutil.rmtree(os.path.join(chunked_dir, "checkpoints", "20"))
+    monkeypatch.undo()
+    resumed = runner.train(config, chunked_dir, force=True)
+    chex.assert_trees_all_close(chunked["state"], resumed["state"], rtol=1e-6, atol=1e-7)
 
 
 # Orbax's failed restore leaves an "Event loop is closed" error in a background thread; it is noise.

@@ -19,13 +19,17 @@ class DevicePrefetcher:
     Orbax saves it with grain's checkpoint handler (get_state/set_state in bytes).
     With `group`, each item stacks `group(position)` batches (position = grain's `next_index`, the
     global batch counter), placed by `place_stack`: the batches of one multi-step call.
+    With `chunk` > 1 (and no `group`), `chunk` batches travel in one stacked transfer (`place_stack`) and
+    `unstack` splits them on the device into per-step batches: one transfer per chunk instead of per step.
     """
 
     def __init__(self, iterator: grain.DatasetIterator, place: Callable[[Any], Any], depth: int = 2,
-                 group: Callable[[int], int] | None = None, place_stack: Callable[[Any], Any] | None = None):
+                 group: Callable[[int], int] | None = None, place_stack: Callable[[Any], Any] | None = None,
+                 chunk: int = 1, unstack: Callable[[Any], list] | None = None):
         # group(position) -> how many batches the item read at that batch position stacks (steps per call)
         self._iterator, self._place, self._depth = iterator, place, depth
         self._group, self._place_stack = group, place_stack
+        self._chunk, self._unstack = (chunk, unstack) if group is None and chunk > 1 else (1, None)
         self._state = iterator.get_state()
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
@@ -36,21 +40,31 @@ class DevicePrefetcher:
             position = int(self._iterator.get_state()["next_index"]) if self._group else 0
             while not stop.is_set():
                 count = self._group(position) if self._group else 1
-                if count == 1:
-                    placed = self._place(next(self._iterator))
+                if self._chunk > 1:  # one transfer for `chunk` steps, split into per-step batches on the device
+                    batches, states = [], []
+                    for _ in range(self._chunk):
+                        batches.append(next(self._iterator))
+                        states.append(self._iterator.get_state())
+                    placed = self._unstack(self._place_stack(_stack(batches)))
+                    items = list(zip(placed, states))
+                elif count == 1:
+                    items = [(self._place(next(self._iterator)), None)]
                 else:  # one stacked transfer for the steps of one call
-                    batches = [next(self._iterator) for _ in range(count)]
-                    placed = self._place_stack({k: np.stack([b[k] for b in batches]) for k in batches[0]})
+                    items = [(self._place_stack(_stack([next(self._iterator) for _ in range(count)])), None)]
                 position += count
-                item = (placed, self._iterator.get_state(), None)
-                while not stop.is_set():
-                    try:
-                        out.put(item, timeout=0.1)
-                        break
-                    except queue.Full:
-                        continue
+                for placed, state in items:
+                    self._put(out, stop, (placed, state or self._iterator.get_state(), None))
         except BaseException as e:  # handed to the consumer, raised at its next()
             out.put((None, None, e))
+
+    @staticmethod
+    def _put(out: queue.Queue, stop: threading.Event, item: tuple) -> None:
+        while not stop.is_set():
+            try:
+                out.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
 
     def __iter__(self) -> DevicePrefetcher:
         return self
@@ -89,3 +103,8 @@ class DevicePrefetcher:
 
     def start_prefetch(self) -> None:
         """Called by grain's checkpoint handler after a restore; reading starts at the next `next()`."""
+
+
+def _stack(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Batches stacked on a new leading axis (steps, batch, ...)."""
+    return {k: np.stack([b[k] for b in batches]) for k in batches[0]}
