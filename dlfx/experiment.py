@@ -33,6 +33,8 @@ class Experiment:
     data_seed: int
     state: steps.TrainState
     state_sharding: Any  # NamedShardings of the state (replicated, or split over `fsdp` in fsdp mode)
+    # names of the packed train-metric vector's entries, filled when a train step is first traced
+    metric_names: list[str] = dataclasses.field(default_factory=list)
 
     def compile(self, step_fn: Any, donate_state: bool = False, stacked: bool = False) -> Any:
         """`parallel.compile_step` for this experiment's mode, mesh and state layout."""
@@ -43,14 +45,16 @@ class Experiment:
 
         `num_steps > 1`: one call runs that many steps over a stack of batches (steps, batch, ...) and
         returns their metric vectors stacked (`steps.scan_steps`).
-        `.metric_names` names the vector's entries once the step has run (see `steps.pack_metrics`).
+        `.metric_names` (the same list as `self.metric_names`, shared by every step built here) names the
+        vector's entries once a step has run (see `steps.pack_metrics`).
         Under `train.nan_policy='error'` the step does not guard the state against a non-finite update:
         the runner stops at the next metrics fetch, before that state is evaluated or saved.
         """
         c = self.config
         packed = steps.pack_metrics(steps.make_train_step(
             self.model, self.tx, self.schedule, c.loss.label_smoothing, parallel.step_axis(self.mode),
-            c.optimizer.freeze, c.optimizer.grad_accum_steps, guard_nonfinite=c.train.nan_policy == "skip"))
+            c.optimizer.freeze, c.optimizer.grad_accum_steps, guard_nonfinite=c.train.nan_policy == "skip"),
+            self.metric_names)
         if num_steps > 1:
             compiled = self.compile(steps.scan_steps(packed), donate_state=True, stacked=True)
         else:

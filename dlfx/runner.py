@@ -175,8 +175,8 @@ def _loop(exp, config, workdir, checkpointer, train_iter, restored, start_time) 
 
     def log_window(window: tuple) -> None:
         nonlocal train_metrics, skipped_in_row
-        names = (multi_step or train_step).metric_names or train_step.metric_names
-        train_metrics, skipped_in_row = train_metrics_lib.read_window(window, names, config, skipped_in_row, groups)
+        train_metrics, skipped_in_row = train_metrics_lib.read_window(window, exp.metric_names, config,
+                                                                      skipped_in_row, groups)
         logger.write(window[2], "train", train_metrics)
         logger.advance(window[2])
 

@@ -135,12 +135,14 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     return train_step
 
 
-def pack_metrics(step_fn: Callable[[TrainState, Batch], tuple[TrainState, Metrics]]) -> Callable:
+def pack_metrics(step_fn: Callable[[TrainState, Batch], tuple[TrainState, Metrics]],
+                 names: list[str] | None = None) -> Callable:
     """`step_fn` returning its scalar metrics as one float32 vector (one output buffer, not one per metric).
 
-    The metric names, in vector order, are in `.names` once the step has been traced.
+    The metric names, in vector order, are in `.names` (the `names` list, if given) once the step has
+    been traced.
     """
-    names: list[str] = []
+    names = [] if names is None else names
 
     def packed(state: TrainState, batch: Batch) -> tuple[TrainState, jnp.ndarray]:
         state, metrics = step_fn(state, batch)
