@@ -92,9 +92,11 @@ def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh, mode: str,
     return {k: jax.make_array_from_process_local_data(sharding, x) for k, x in local_batch.items()}
 
 
-# per-step batches from a stack of them (steps, batch, ...): one device program for the whole stack
-unstack_batches = jax.jit(lambda stacked: [jax.tree.map(lambda a: a[i], stacked)
-                                           for i in range(len(next(iter(stacked.values()))))])
+@jax.jit
+def unstack_batches(stacked: dict[str, jax.Array]) -> list[dict[str, jax.Array]]:
+    """Per-step batches from a stack of them (steps, batch, ...), split on the device in one program."""
+    num_steps = len(next(iter(stacked.values())))
+    return [{k: v[i] for k, v in stacked.items()} for i in range(num_steps)]
 
 
 def compile_step(step_fn: Callable, mode: str, mesh: Mesh, donate_state: bool = False,

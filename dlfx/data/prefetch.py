@@ -53,7 +53,7 @@ class DevicePrefetcher:
                     items = [(self._place_stack(_stack([next(self._iterator) for _ in range(count)])), None)]
                 position += count
                 for placed, state in items:
-                    self._put(out, stop, (placed, state or self._iterator.get_state(), None))
+                    self._put(out, stop, (placed, self._iterator.get_state() if state is None else state, None))
         except BaseException as e:  # handed to the consumer, raised at its next()
             out.put((None, None, e))
 
