@@ -2,8 +2,9 @@
 
 import os
 
-# An in-process collective aborts the process when one fake device is 40 s late; on 2 busy cores (two test
-# workers plus a subprocess run) an 8-device all-reduce straggled past that, so the limits are raised.
+# An in-process collective aborts the process when one fake device is 40 s late. The 8-device hangs once
+# blamed on slow cores were a dispatch deadlock (fixed by parallel.DispatchLimit); the raised limits only
+# leave room for a genuinely slow device on 2 cores shared by two test workers and a subprocess run.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_cpu_collective_timeout_seconds=600 "
                       "--xla_cpu_collective_call_terminate_timeout_seconds=600")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
