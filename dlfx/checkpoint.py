@@ -135,6 +135,88 @@ class Checkpointer:
             self.manager.close()
 
 
+OWNER_FILE = "dlfx_run.json"  # in the checkpoint folder: the config and workdir of the run that saves there
+
+
+def _owner(directory: str) -> dict | None:
+    """The run that owns a checkpoint folder: its `dlfx_run.json`, or for a folder from before owner files
+    the `config.json` of the workdir it sits in (`WORKDIR/checkpoints`); None if unknown."""
+    folder = epath.Path(directory)
+    for path, key in ((folder / OWNER_FILE, None), (folder.parent / "config.json", "config")):
+        if not path.exists() or (key and folder.name != "checkpoints"):
+            continue
+        try:
+            value = json.loads(path.read_text())
+        except (OSError, ValueError, UnicodeDecodeError):
+            raise CheckpointError(f"{path} is damaged; it says which run owns {directory}") from None
+        if not isinstance(value, dict):
+            raise CheckpointError(f"{path} must hold a JSON object; it says which run owns {directory}")
+        return value if key is None else {"config": value, "workdir": str(folder.parent)}
+    return None
+
+
+def _has_steps(directory: str) -> bool:
+    folder = epath.Path(directory)
+    return folder.is_dir() and any(p.name.isdigit() for p in folder.iterdir())
+
+
+def check_owner(directory: str, config: Any, workdir: str, force: bool = False) -> None:
+    """Refuse a checkpoint folder holding checkpoints of another run (another config, or another workdir
+    for a folder outside the workdir), unless forced: resuming from them would train on that run's state
+    and Orbax's keep-N would delete its checkpoints."""
+    from dlfx import config as config_lib
+
+    if force or not _has_steps(directory):
+        return
+    owner = _owner(directory)
+    if owner is None:
+        log.warning("%s holds checkpoints from before dlfx recorded their run; assuming they are this run's",
+                    directory)
+        return
+    # where the checkpoints live is not part of what the run is
+    changes = [c for c in config_lib.config_changes(owner.get("config") or {}, config)
+               if not c.startswith("train.checkpoint_dir:")]
+    other = owner.get("workdir")
+    # a workdir that was moved or deleted (a TPU VM's) leaves no claim; one that still holds a run does
+    other_run = bool(other) and other != _resolve(workdir) and (epath.Path(other) / "config.json").exists()
+    if changes or other_run:
+        why = (f"its config differs: {config_lib.describe_changes(changes)}" if changes
+               else f"it was made by workdir {other}")
+        raise CheckpointError(f"checkpoint folder {directory} holds checkpoints of another run ({why}); "
+                              "give each run its own train.checkpoint_dir, or use --force to continue from them")
+
+
+def claim(directory: str, config: Any, workdir: str) -> None:
+    """Record this run (config and workdir) as the owner of a checkpoint folder (process 0 only)."""
+    from dlfx import config as config_lib
+
+    folder = epath.Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (OWNER_FILE + ".tmp")
+    tmp.write_text(json.dumps({"workdir": _resolve(workdir), "config": config_lib.to_dict(config)}, indent=2,
+                              sort_keys=True))
+    tmp.replace(folder / OWNER_FILE)
+
+
+def check_writable(directory: str) -> None:
+    """Refuse a checkpoint folder that cannot be written (a file, a read-only folder) before training starts:
+    a save that fails inside Orbax leaves its background threads waiting for good."""
+    if "://" in directory:
+        return  # object stores: a permission error surfaces at the first save
+    path = os.path.abspath(directory)
+    parent = path
+    while not os.path.lexists(parent):  # the folder is made later, by the first save: check where it will go
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise CheckpointError(f"checkpoint folder {directory}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise CheckpointError(f"checkpoint folder {directory}: {parent} is not writable")
+
+
+def _resolve(path: str) -> str:
+    return path if "://" in path else os.path.abspath(path)
+
+
 def _iterator_state(iterator: Any) -> dict:
     """A data iterator's position as a JSON-able dict (grain iterators give a dict, dlfx's prefetcher bytes)."""
     state = iterator.get_state()

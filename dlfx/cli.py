@@ -7,7 +7,9 @@ import json
 import logging
 import os
 import sys
+import threading
 import time
+import traceback
 
 from dlfx.errors import ConfigError, DlfxError
 
@@ -115,6 +117,9 @@ def cmd_runs(args: argparse.Namespace, extra: list[str]) -> int:
 
     _no_extra(extra)
     rows = [runs.summarize(w) for w in runs.find_runs(args.dir)]
+    for row in rows:
+        if row["status"] == "damaged":
+            print(f"dlfx: warning: {row['error']}", file=sys.stderr)
     print(runs.table(rows, args.sort, args.csv))
     return 0
 
@@ -216,10 +221,37 @@ def main(argv: list[str] | None = None) -> int:
         return args.func(args, extra)
     except DlfxError as e:
         print(f"dlfx: error: {e}", file=sys.stderr)
-        return 2
+        return _exit_now_if_stuck(2)
     except KeyboardInterrupt:
         print("dlfx: interrupted", file=sys.stderr)
-        return 130
+        return _exit_now_if_stuck(130)
+    except Exception:
+        traceback.print_exc()
+        return _exit_now_if_stuck(1)
+
+
+STUCK_THREAD_GRACE_S = 5.0
+
+
+def _exit_now_if_stuck(code: int) -> int:
+    """Return `code`, or end the process with it at once if a library thread would keep it alive.
+
+    A checkpoint save that fails inside Orbax leaves its background (non-daemon) threads waiting for a
+    signal that never comes; a normal exit would wait for them forever and hold a cluster allocation.
+    """
+    deadline = time.time() + STUCK_THREAD_GRACE_S
+    for thread in threading.enumerate():
+        if thread is not threading.current_thread() and not thread.daemon:
+            threading.Thread.join(thread, timeout=max(0.0, deadline - time.time()))  # not Orbax's join, which raises
+    stuck = [t.name for t in threading.enumerate() if t is not threading.current_thread() and not t.daemon]
+    if not stuck:
+        return code
+    print(f"dlfx: exiting without waiting for {len(stuck)} stuck background thread(s) ({stuck[0]}, ...)",
+          file=sys.stderr)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    logging.shutdown()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -353,15 +353,20 @@ def from_dict(values: dict) -> ml_collections.ConfigDict:
 
 def read_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     """The resolved config a run wrote to `workdir/config.json`."""
+    from dlfx.workdir import read_json
+
     path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         raise ConfigError(f"no run in {workdir}: {path} does not exist")
+    saved = read_json(path)
     try:
-        with open(path) as f:
-            saved = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from None
-    return from_dict(_with_defaults(to_dict(base_config()), saved))
+        config = from_dict(_with_defaults(to_dict(base_config()), saved))
+        validate(config)
+    except ConfigError as e:
+        raise ConfigError(f"{path} holds no valid config: {e}") from None
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
+        raise ConfigError(f"{path} holds no valid config: {type(e).__name__}: {e}") from None
+    return config
 
 
 def _with_defaults(defaults: dict, saved: dict) -> dict:
@@ -400,20 +405,33 @@ def _new_key_at_default(change: str, defaults: dict) -> bool:
 
 def check_workdir(config: ml_collections.ConfigDict, workdir: str, force: bool) -> None:
     """Refuse a workdir whose config.json holds a different config, unless forced."""
+    from dlfx.workdir import read_json
+
     path = os.path.join(workdir, "config.json")
-    if force or not os.path.isfile(path):
+    if os.path.lexists(workdir) and not os.path.isdir(workdir):
+        raise ConfigError(f"workdir {workdir} is a file, not a folder")
+    if force or not os.path.lexists(path):
         return
     try:
-        with open(path) as f:
-            old = json.load(f)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path} is not valid JSON ({e}); use --force to overwrite it") from None
-    defaults = to_dict(base_config())
-    changes = [c for c in _diff(old, to_dict(config)) if not _new_key_at_default(c, defaults)]
+        old = read_json(path)
+    except ConfigError as e:
+        raise ConfigError(f"{e}; use --force to overwrite it") from None
+    changes = config_changes(old, config)
     if changes:
-        shown = "; ".join(changes[:5]) + (f"; ... {len(changes) - 5} more" if len(changes) > 5 else "")
-        raise ConfigError(f"workdir {workdir} holds a run with a different config ({shown}); "
+        raise ConfigError(f"workdir {workdir} holds a run with a different config ({describe_changes(changes)}); "
                           "use --force to run the new config there")
+
+
+def config_changes(old: dict, config: ml_collections.ConfigDict) -> list[str]:
+    """`key: old -> new` for every key where a saved config (dict) and `config` differ; keys dlfx added
+    since `old` was written, at their default, are not changes."""
+    defaults = to_dict(base_config())
+    return [c for c in _diff(old, to_dict(config)) if not _new_key_at_default(c, defaults)]
+
+
+def describe_changes(changes: list[str]) -> str:
+    """The first few config changes on one line."""
+    return "; ".join(changes[:5]) + (f"; ... {len(changes) - 5} more" if len(changes) > 5 else "")
 
 
 def write_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:

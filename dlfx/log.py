@@ -10,6 +10,9 @@ from typing import Mapping
 
 import tqdm
 
+from dlfx.errors import ConfigError
+from dlfx.workdir import read_jsonl
+
 
 _IMPORT_TIME = time.time()
 
@@ -27,18 +30,19 @@ def process_start_time() -> float:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-    """All records of a run's `metrics.jsonl` (empty if there is none)."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.isfile(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """All records of a run's `metrics.jsonl` (empty if there is none; a cut-off last line is dropped,
+    other damage is a ConfigError naming the file and line)."""
+    records = read_jsonl(os.path.join(workdir, "metrics.jsonl"), required=("step", "split"))
+    for record in records:
+        if not isinstance(record["step"], int) or record["split"] not in ("train", "eval"):
+            raise ConfigError(f"{os.path.join(workdir, 'metrics.jsonl')}: bad record {json.dumps(record)[:80]}")
+    return records
 
 
 def truncate_metrics(workdir: str, last_step: int) -> None:
     """Drop records after `last_step` so a resumed run does not log the same steps twice."""
     path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         return
     kept = [r for r in read_metrics(workdir) if r.get("step", 0) <= last_step]
     tmp = path + ".tmp"

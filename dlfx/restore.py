@@ -9,7 +9,7 @@ import ml_collections
 from etils import epath
 
 from dlfx import config as config_lib, steps
-from dlfx.checkpoint import Checkpointer, abstract_like
+from dlfx.checkpoint import Checkpointer, abstract_like, check_owner
 from dlfx.errors import CheckpointError
 from dlfx.experiment import Experiment, build, evaluate
 
@@ -22,10 +22,10 @@ def checkpoint_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
 def load_run(workdir: str, step: int | None = None) -> tuple[Experiment, steps.TrainState, int]:
     """A run's experiment and its newest valid (or the given) checkpointed state; changes no file."""
     config = config_lib.read_workdir_config(workdir)
-    config_lib.validate(config)
     directory = checkpoint_dir(config, workdir)
     if not epath.Path(directory).is_dir():
         raise CheckpointError(f"no checkpoint folder {directory}")
+    check_owner(directory, config, workdir)  # another run's checkpoints are not this run's result
     exp = build(config)
     checkpointer = Checkpointer(directory, keep=config.train.keep)
     try:

@@ -8,9 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import sys
-import threading
 import time
 from typing import Any
 
@@ -18,33 +16,14 @@ import jax
 import ml_collections
 
 from dlfx import config as config_lib
-from dlfx import data, log, optim, parallel, plot, steps
+from dlfx import checkpoint, data, log, optim, parallel, plot, steps
 from dlfx import train_metrics as train_metrics_lib
 from dlfx.checkpoint import Checkpointer, abstract_like
 from dlfx.errors import ConfigError, DlfxError
 from dlfx.experiment import build, evaluate, init_from_pretrained
 from dlfx.restore import checkpoint_dir, evaluate_workdir, load_run  # noqa: F401  (re-exported)
-from dlfx.workdir import WorkdirLock, write_status
-
-
-class _Preemption:
-    """Remembers a SIGTERM so the loop can save at the next step boundary."""
-
-    def __init__(self):
-        self.requested = False
-        self._previous = None
-
-    def __enter__(self):
-        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
+from dlfx.preemption import Preemption
+from dlfx.workdir import WorkdirLock, read_status, write_status
 
 
 def _call_sizes(exp) -> Any:
@@ -88,9 +67,18 @@ def device_prefetcher(exp, host_iter, group: Any = None) -> data.DevicePrefetche
 def train(config: ml_collections.ConfigDict, workdir: str, force: bool = False) -> dict[str, Any]:
     """Train `config` in `workdir` (resuming from its newest valid checkpoint); return a summary."""
     start_time = time.time()
+    with Preemption() as preemption:  # SIGTERM from here on: the run saves what is new and exits 0
+        return _train(config, workdir, force, preemption, start_time)
+
+
+def _train(config, workdir, force, preemption, start_time) -> dict[str, Any]:
+    """See `train`: set up the workdir, run the loop, record the outcome."""
     config_lib.check_workdir(config, workdir, force)
     exp = build(config)  # fails on bad input before anything is written
     is_main = jax.process_index() == 0
+    ckpt_dir = checkpoint_dir(config, workdir)
+    checkpoint.check_owner(ckpt_dir, config, workdir, force)  # never train on (or delete) another run's state
+    checkpoint.check_writable(ckpt_dir)
 
     # --- Workdir: lock it, restore the newest valid checkpoint, record the config ---------------
     created = not os.path.exists(workdir)
@@ -103,26 +91,35 @@ def train(config: ml_collections.ConfigDict, workdir: str, force: bool = False) 
                                         jax.process_index(), jax.process_count(),
                                         crop_padding=config.data.crop_padding, random_flip=config.data.random_flip)
         train_iter = device_prefetcher(exp, host_iter, _call_sizes(exp))
-        checkpointer = Checkpointer(checkpoint_dir(config, workdir), keep=config.train.keep)
+        checkpointer = Checkpointer(ckpt_dir, keep=config.train.keep)
         restored = checkpointer.restore_latest(abstract_like(exp.state), train_iter)
         if restored is None and config.init_from.path:  # a fresh run starts from pretrained weights
             exp.state = init_from_pretrained(exp)
-        if is_main:
+        done = restored is not None and restored[1] == exp.total_steps and _finished(workdir, exp.total_steps)
+        if is_main and not done:
             config_lib.write_workdir(config, workdir)
+            checkpoint.claim(ckpt_dir, config, workdir)
             if "vocab" in exp.dataset.metadata:  # lets `dlfx sample` decode tokens
                 with open(os.path.join(workdir, "vocab.json"), "w") as f:
                     json.dump(exp.dataset.metadata["vocab"], f)
-    except (DlfxError, OSError) as e:
+    except BaseException as e:  # Ctrl-C included: a failed start leaves no half-made workdir and no lock
         lock.release()
-        if created and is_main:  # a failed start leaves no half-made workdir behind
+        if created and is_main:
             shutil.rmtree(workdir, ignore_errors=True)
         if isinstance(e, OSError):
             raise ConfigError(f"cannot use workdir {workdir}: {e.strerror or e}") from None
         raise
+    if done:  # rerunning a finished run changes nothing
+        train_iter.close()
+        checkpointer.close()
+        lock.release()
+        return _finished_summary(exp, workdir, restored[0])
     if is_main:
         write_status(workdir, "running", pid=os.getpid(), total_steps=exp.total_steps)
     try:
-        summary = _loop(exp, config, workdir, checkpointer, train_iter, restored, start_time)
+        summary = _loop(exp, config, workdir, checkpointer, train_iter, restored, start_time, preemption)
+        if is_main and summary["status"] == "finished":  # plots before the status: a kill here redoes them
+            plot.write_run_plots(workdir, exp.model, summary["state"], exp.dataset, confusion=True)
     except BaseException as e:
         if is_main:
             error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -134,12 +131,40 @@ def train(config: ml_collections.ConfigDict, workdir: str, force: bool = False) 
     if is_main:
         write_status(workdir, summary["status"], step=summary["step"], total_steps=exp.total_steps,
                      wall_time=summary["wall_time"], steps_per_sec=summary["steps_per_sec"])
-        plot.write_run_plots(workdir, exp.model, summary["state"], exp.dataset,
-                             confusion=summary["status"] == "finished")
     return summary
 
 
-def _loop(exp, config, workdir, checkpointer, train_iter, restored, start_time) -> dict[str, Any]:
+def _final_eval(workdir: str, total_steps: int) -> dict[str, float] | None:
+    """The eval metrics logged at the last step, if the final evaluation already ran."""
+    records = [r for r in log.read_metrics(workdir) if r["split"] == "eval" and r["step"] == total_steps]
+    if not records:
+        return None
+    return {k: v for k, v in records[-1].items() if k not in ("step", "split", "wall_time")}
+
+
+def _finished(workdir: str, total_steps: int) -> bool:
+    """True if the run in `workdir` did everything: all steps, final eval, plots and status."""
+    status = read_status(workdir)
+    return status["status"] == "finished" and status.get("step") == total_steps and \
+        _final_eval(workdir, total_steps) is not None
+
+
+def _finished_summary(exp, workdir: str, state) -> dict[str, Any]:
+    """The summary of a finished run, read back from its files (nothing is written)."""
+    status = read_status(workdir)
+    trains = [r for r in log.read_metrics(workdir) if r["split"] == "train"]
+    train = {k: v for k, v in (trains[-1] if trains else {}).items() if k not in ("step", "split", "wall_time")}
+    if jax.process_index() == 0:
+        print(f"dlfx: {workdir} already finished all {exp.total_steps} steps; nothing to do "
+              "(raise train.steps, or use a new --workdir)", file=sys.stderr)
+    return {"status": "finished", "step": exp.total_steps, "total_steps": exp.total_steps, "train": train,
+            "eval": _final_eval(workdir, exp.total_steps), "wall_time": status.get("wall_time") or 0.0,
+            "steps_per_sec": status.get("steps_per_sec"), "workdir": workdir, "mode": exp.mode,
+            "devices": exp.mesh.devices.size, "state": state, "step_traces": 0, "time_to_first_step": None,
+            "process_index": jax.process_index()}
+
+
+def _loop(exp, config, workdir, checkpointer, train_iter, restored, start_time, preemption) -> dict[str, Any]:
     """Train from the restored (or fresh) state to the last step; see `train`."""
     is_main = jax.process_index() == 0
     state = exp.state if restored is None else restored[0]
@@ -181,52 +206,64 @@ def _loop(exp, config, workdir, checkpointer, train_iter, restored, start_time) 
         logger.advance(window[2])
 
     try:
-        with _Preemption() as preemption:
-            while step < exp.total_steps:
-                count = call_sizes(step)  # steps in this call (the prefetcher stacked that many batches)
-                batch = next(train_iter)
-                state, metrics = (multi_step if count > 1 else train_step)(state, batch)
-                step += count
-                if first_step_s is None:  # one host sync, on the first step only
-                    jax.block_until_ready(metrics)
-                    first_step_s = time.time() - log.process_start_time()
-                    logger.message(f"first step done {first_step_s:.1f} s after process start")
-                pending.append(metrics)  # stays on device until the next log point
-                dispatch.add(metrics)
-                if deferred:  # read only now that the next call is queued: the device never waits on logging
-                    log_window(deferred)
-                    deferred = None
-                every = config.train.checkpoint_every
-                save_now = bool(every) and step % every == 0 and step < exp.total_steps
-                preempted = preemption.requested or (jax.process_count() > 1 and checkpointer.reached_preemption(step))
-                eval_now = config.train.eval_every and step % config.train.eval_every == 0 and step < exp.total_steps
-                # read at once before every eval and save: a non-finite step is caught before either sees it
-                must_read = step == exp.total_steps or save_now or preempted or eval_now
-                if step % config.train.log_every == 0 or must_read:
-                    now = time.time()
-                    window = (train_metrics_lib.stack(pending), window_step, step, window_start, now)
-                    first_log, last_log = first_log or (now, step), (now, step)
-                    window_start, window_step, pending = now, step, []
-                    if must_read:
-                        log_window(window)
-                    else:
-                        window[0].copy_to_host_async()
-                        deferred = window
-                if eval_now:
-                    eval_metrics = evaluate(exp, state, eval_step)
-                    logger.write(step, "eval", eval_metrics)
-                if save_now or preempted:
-                    checkpointer.save(step, state, train_iter)
-                if preempted:
-                    status = "preempted"
-                    break
-
-        # --- Final eval and checkpoint --------------------------------------------------------
-        if status == "finished":
-            eval_metrics = evaluate(exp, state, eval_step)
-            logger.write(step, "eval", eval_metrics)
-            if step not in checkpointer.steps():
+        if preemption.requested:  # SIGTERM during start-up: no step run, nothing new to save
+            status = "preempted"
+        while status == "finished" and step < exp.total_steps:
+            count = call_sizes(step)  # steps in this call (the prefetcher stacked that many batches)
+            batch = next(train_iter)
+            state, metrics = (multi_step if count > 1 else train_step)(state, batch)
+            step += count
+            if first_step_s is None:  # one host sync, on the first step only
+                jax.block_until_ready(metrics)
+                first_step_s = time.time() - log.process_start_time()
+                logger.message(f"first step done {first_step_s:.1f} s after process start")
+            pending.append(metrics)  # stays on device until the next log point
+            dispatch.add(metrics)
+            if deferred:  # read only now that the next call is queued: the device never waits on logging
+                log_window(deferred)
+                deferred = None
+            every = config.train.checkpoint_every
+            save_now = bool(every) and step % every == 0 and step < exp.total_steps
+            preempted = preemption.requested or (jax.process_count() > 1 and checkpointer.reached_preemption(step))
+            eval_now = config.train.eval_every and step % config.train.eval_every == 0 and step < exp.total_steps
+            # read at once before every eval and save: a non-finite step is caught before either sees it
+            must_read = step == exp.total_steps or save_now or preempted or eval_now
+            if step % config.train.log_every == 0 or must_read:
+                now = time.time()
+                window = (train_metrics_lib.stack(pending), window_step, step, window_start, now)
+                first_log, last_log = first_log or (now, step), (now, step)
+                window_start, window_step, pending = now, step, []
+                if must_read:
+                    log_window(window)
+                else:
+                    window[0].copy_to_host_async()
+                    deferred = window
+            if eval_now:
+                eval_metrics = evaluate(exp, state, eval_step)
+                logger.write(step, "eval", eval_metrics)
+            if save_now or preempted:
                 checkpointer.save(step, state, train_iter)
+            if preempted:
+                status = "preempted"
+                break
+
+        # --- Final checkpoint and eval (a rerun after a kill here does only what is missing) ----
+        if status == "finished":
+            if step not in checkpointer.steps():
+                checkpointer.save(step, state, train_iter)  # first: the newest state is safe before the eval
+            logged = _final_eval(workdir, step) if is_main else None
+            if jax.process_count() > 1:  # every process takes part in the eval, or none
+                from jax.experimental import multihost_utils
+
+                logged = logged if multihost_utils.broadcast_one_to_all(logged is not None) else None
+            if preemption.requested:  # the eval is left for the rerun
+                status = "preempted"
+            elif logged is not None:
+                eval_metrics = logged if is_main else {}
+            else:
+                eval_metrics = evaluate(exp, state, eval_step)
+                logger.write(step, "eval", eval_metrics)
+        saved = status != "preempted" or step in checkpointer.steps()
     finally:
         train_iter.close()
         try:
@@ -236,9 +273,9 @@ def _loop(exp, config, workdir, checkpointer, train_iter, restored, start_time) 
                 logger.close()
             except OSError as e:  # e.g. a full disk; never hide the error that stopped the run
                 print(f"dlfx: warning: could not flush the run logs: {e}", file=sys.stderr)
-    if status == "preempted":
-        print(f"dlfx: preempted: saved step {step} to {checkpointer.directory}; rerun the same command to resume",
-              file=sys.stderr)
+    if status == "preempted" and is_main:
+        what = f"saved step {step} to {checkpointer.directory}" if saved else f"at step {step}, nothing new to save"
+        print(f"dlfx: preempted: {what}; rerun the same command to resume", file=sys.stderr)
     end_time = time.time()
     steady = None
     if first_log and last_log[1] > first_log[1]:

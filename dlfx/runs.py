@@ -13,13 +13,20 @@ from dlfx.workdir import read_status
 COLUMNS = ("name", "model", "data", "steps", "status", "final_loss", "final_accuracy", "best_accuracy",
            "wall_time", "path")
 
+LOWER_IS_BETTER = ("final_loss", "wall_time")
+
 
 def find_runs(root: str) -> list[str]:
     """Every workdir (a folder holding config.json) under `root`, `root` itself included."""
     if not os.path.isdir(root):
         raise ConfigError(f"no such folder: {root}")
-    found = []
-    for folder, subdirs, files in os.walk(root):
+    found, seen = [], set()
+    for folder, subdirs, files in os.walk(root, followlinks=True):  # a symlinked run is a run
+        real = os.path.realpath(folder)
+        if real in seen:  # a link back up the tree
+            subdirs[:] = []
+            continue
+        seen.add(real)
         if "config.json" in files:
             found.append(folder)
             subdirs[:] = []  # a run's own folders hold no runs
@@ -29,9 +36,15 @@ def find_runs(root: str) -> list[str]:
 
 
 def summarize(workdir: str) -> dict:
-    """One run's row: identity, progress, final and best eval metrics, wall time, status."""
-    config = config_lib.read_workdir_config(workdir)
-    records = log.read_metrics(workdir)
+    """One run's row: identity, progress, final and best eval metrics, wall time, status; a run whose files
+    are damaged gets the status `damaged` and the reason in `error`."""
+    try:
+        config = config_lib.read_workdir_config(workdir)
+        records = log.read_metrics(workdir)
+    except ConfigError as e:
+        row = {c: None for c in COLUMNS}
+        return {**row, "name": os.path.basename(os.path.normpath(workdir)), "model": "?", "data": "?", "steps": "?",
+                "status": "damaged", "path": workdir, "error": str(e), "config": None}
     evals = [r for r in records if r["split"] == "eval"]
     status = read_status(workdir)
     last_step = max((r["step"] for r in records), default=0)
@@ -42,7 +55,7 @@ def summarize(workdir: str) -> dict:
     accuracies = [r["accuracy"] for r in evals if "accuracy" in r]
     wall = status.get("wall_time")
     if wall is None and len(records) > 1:
-        wall = records[-1]["wall_time"] - records[0]["wall_time"]
+        wall = records[-1].get("wall_time", 0.0) - records[0].get("wall_time", 0.0)
     return {"name": os.path.basename(os.path.normpath(workdir)), "model": config.model.name, "data": config.data.name,
             "steps": f"{last_step}/{total}" if total else str(last_step), "status": status["status"],
             "final_loss": final.get("loss"), "final_accuracy": final.get("accuracy"),
@@ -59,12 +72,14 @@ def _cell(value) -> str:
 
 
 def table(rows: list[dict], sort: str | None = None, as_csv: bool = False) -> str:
-    """The rows as an aligned text table (or CSV), optionally sorted by a column (numbers descending)."""
+    """The rows as an aligned text table (or CSV), optionally sorted by a column: numbers best first (losses
+    and wall time ascending, accuracies descending), missing values last."""
     if sort:
         if sort not in COLUMNS:
             raise ConfigError(f"--sort {sort!r} is not a column ({', '.join(COLUMNS)})")
         numeric = all(isinstance(r[sort], (int, float)) or r[sort] is None for r in rows)
-        key = (lambda r: (r[sort] is None, -(r[sort] or 0))) if numeric else (lambda r: str(r[sort]))
+        sign = 1 if sort in LOWER_IS_BETTER else -1
+        key = (lambda r: (r[sort] is None, sign * (r[sort] or 0))) if numeric else (lambda r: str(r[sort]))
         rows = sorted(rows, key=key)
     if as_csv:
         out = io.StringIO()

@@ -1,0 +1,34 @@
+"""The run's SIGTERM policy: remember the signal, never die of it; the runner saves and exits 0."""
+
+from __future__ import annotations
+
+import signal
+import threading
+
+import jax
+
+
+class Preemption:
+    """Remembers a SIGTERM from `__enter__` to `__exit__` so the runner can act on it at a safe point.
+
+    Installed before the run writes anything and kept until its last file is written, so a SIGTERM during
+    start-up, a step, the final eval, save or plots never kills the process half-way. With
+    `jax.distributed` on, JAX's own preemption notifier handles SIGTERM (Orbax's sync point) instead.
+    """
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> "Preemption":
+        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+            self._previous = None
