@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from benchmarks import baseline
-from dlfx import config as config_lib, data, parallel, runner
+from dlfx import config as config_lib, data, feed, parallel, runner
 from dlfx.checkpoint import Checkpointer
 from dlfx.experiment import build
 
@@ -177,7 +177,7 @@ def bench_model(name: str, steps_per_repeat: int, repeats: int, runner_steps: in
     # prefetch thread) against the same call cycling over device-resident batches, interleaved
     k = config.train.steps_per_call
     mesh, mode = exp.mesh, exp.mode
-    prefetcher = runner.device_prefetcher(exp, data.train_iterator(
+    prefetcher = feed.device_prefetcher(exp, data.train_iterator(
         exp.dataset.train, config.data.batch_size, exp.data_seed, crop_padding=config.data.crop_padding,
         random_flip=config.data.random_flip), group=(lambda position: k) if k > 1 else None)
     if k > 1:

@@ -84,6 +84,11 @@ class Checkpointer:
         checkpoints but none of them can be restored (then nothing is moved).
         """
         steps = self.steps()
+        if steps:  # shapes that differ are a config mismatch, not damage: say so rather than walk back
+            mismatch = _shape_mismatch(f"{self.directory}/{steps[-1]}", abstract_state)
+            if mismatch:
+                raise CheckpointError(f"checkpoint {self.directory}/{steps[-1]} does not fit this config's model: "
+                                      f"{mismatch}")
         broken = []
         for step in reversed(steps):
             try:
@@ -135,6 +140,23 @@ class Checkpointer:
             self.manager.close()
 
 
+def _shape_mismatch(step_dir: str, abstract_state: Any) -> str | None:
+    """Which arrays of a saved step have other shapes than `abstract_state` wants; None if all fit."""
+    from dlfx import inspection
+
+    try:
+        saved = inspection.checkpoint_shapes(step_dir)
+    except CheckpointError:
+        return None  # unreadable: restoring says so and walks back
+    wanted = inspection.flatten(abstract_state)
+    differ = [(p, saved[p][0], shape) for p, (shape, _) in wanted.items() if p in saved and saved[p][0] != shape]
+    if not differ:
+        return None
+    path, old, new = differ[0]
+    more = f" (and {len(differ) - 1} more arrays)" if len(differ) > 1 else ""
+    return f"{path} is {old} in the checkpoint but {new} in the config{more}"
+
+
 OWNER_FILE = "dlfx_run.json"  # in the checkpoint folder: the config and workdir of the run that saves there
 
 
@@ -176,9 +198,12 @@ def check_owner(directory: str, config: Any, workdir: str, force: bool = False) 
     # where the checkpoints live is not part of what the run is
     changes = [c for c in config_lib.config_changes(owner.get("config") or {}, config)
                if not c.startswith("train.checkpoint_dir:")]
-    other = owner.get("workdir")
-    # a workdir that was moved or deleted (a TPU VM's) leaves no claim; one that still holds a run does
-    other_run = bool(other) and other != _resolve(workdir) and (epath.Path(other) / "config.json").exists()
+    other, ours = owner.get("workdir"), _resolve(workdir)
+    # a folder inside the workdir travels with it (a copied or moved workdir is the same run); for one outside,
+    # a workdir that was moved or deleted (a TPU VM's) leaves no claim, one that still holds a run does
+    inside = _resolve(directory).startswith(ours.rstrip("/") + "/")
+    other_run = (not inside and bool(other) and other != ours
+                 and (epath.Path(other) / "config.json").exists())
     if changes or other_run:
         why = (f"its config differs: {config_lib.describe_changes(changes)}" if changes
                else f"it was made by workdir {other}")

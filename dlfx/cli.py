@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import threading
@@ -149,9 +150,44 @@ def cmd_interpret(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are one line and exit 2, like every other dlfx error."""
+
+    def error(self, message: str) -> None:
+        """Print `dlfx: error: PROG: MESSAGE` and exit 2 (argparse prints the usage block too)."""
+        command = self.prog.partition(" ")[2]
+        self.exit(2, f"dlfx: error: {command + ': ' if command else ''}{message} (see {self.prog} --help)\n")
+
+
+def int_at_least(low: int):
+    """argparse type: an int >= `low`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+        return value
+    return parse
+
+
+def finite_float(low: float = -math.inf, high: float = math.inf):
+    """argparse type: a finite float in [low, high)."""
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+        if not (math.isfinite(value) and low <= value < high):
+            raise argparse.ArgumentTypeError(f"must be a finite number in [{low}, {high}), got {text}")
+        return value
+    return parse
+
+
 def make_parser() -> argparse.ArgumentParser:
     """The argument parser of the `dlfx` command."""
-    parser = argparse.ArgumentParser(prog="dlfx", description="dlfx: JAX research experiments.")
+    parser = _Parser(prog="dlfx", description="dlfx: JAX research experiments.")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a config (resumes a workdir with checkpoints)",
                            epilog="Any --config.KEY=VALUE overrides that key of the config.")
@@ -159,15 +195,15 @@ def make_parser() -> argparse.ArgumentParser:
     train.add_argument("--workdir", help="run folder (default: a new folder under runs/)")
     train.add_argument("--force", action="store_true", help="run even if the workdir holds a different config")
     train.add_argument("--coordinator-address", help="multi-process: HOST:PORT of process 0 (jax.distributed)")
-    train.add_argument("--num-processes", type=int, help="multi-process: number of processes")
-    train.add_argument("--process-id", type=int, help="multi-process: this process's index")
+    train.add_argument("--num-processes", type=int_at_least(1), help="multi-process: number of processes")
+    train.add_argument("--process-id", type=int_at_least(0), help="multi-process: this process's index")
     train.add_argument("--compilation-cache", default=None, metavar="DIR",
                        help="persistent XLA compilation cache ('off' disables; default $DLFX_COMPILATION_CACHE "
                             "or ~/.cache/dlfx/jax)")
     train.set_defaults(func=cmd_train)
     evaluate = sub.add_parser("eval", help="evaluate a run's checkpoint")
     evaluate.add_argument("--workdir", required=True)
-    evaluate.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest valid)")
+    evaluate.add_argument("--step", type=int_at_least(0), default=None, help="checkpoint step (default: newest valid)")
     evaluate.set_defaults(func=cmd_eval)
     inspect = sub.add_parser("inspect", help="parameter table of a run, checkpoint, .safetensors or .npz")
     inspect.add_argument("path")
@@ -175,16 +211,16 @@ def make_parser() -> argparse.ArgumentParser:
     sample = sub.add_parser("sample", help="generate text from a character LM run")
     sample.add_argument("--workdir", required=True)
     sample.add_argument("--prompt", default="\n")
-    sample.add_argument("--length", type=int, default=200)
-    sample.add_argument("--temperature", type=float, default=0.8, help="0 is greedy")
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("--num-samples", type=int, default=1)
+    sample.add_argument("--length", type=int_at_least(1), default=200)
+    sample.add_argument("--temperature", type=finite_float(0.0), default=0.8, help="0 is greedy")
+    sample.add_argument("--seed", type=int_at_least(0), default=0)
+    sample.add_argument("--num-samples", type=int_at_least(1), default=1)
     sample.set_defaults(func=cmd_sample)
     plot = sub.add_parser("plot", help="PNG of train/eval curves of one or more runs")
     plot.add_argument("runs", nargs="+", metavar="RUN")
     plot.add_argument("-o", "--output", help="PNG path (default: RUN/plots/curves.png of the first run)")
     plot.add_argument("--metrics", default="loss,accuracy", help="comma-separated metric names")
-    plot.add_argument("--smooth", type=float, default=0.0, help="EMA weight for train curves, in [0, 1)")
+    plot.add_argument("--smooth", type=finite_float(0.0, 1.0), default=0.0, help="EMA weight for train curves, in [0, 1)")
     plot.add_argument("--log-y", action="store_true")
     plot.set_defaults(func=cmd_plot)
     runs = sub.add_parser("runs", help="table of every run under a folder")
@@ -197,7 +233,7 @@ def make_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--config", required=True)
     sweep.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2,...")
     sweep.add_argument("--workdir-root", default="runs/sweep")
-    sweep.add_argument("--parallel", type=int, default=1, help="runs at a time (subprocesses)")
+    sweep.add_argument("--parallel", type=int_at_least(1), default=1, help="runs at a time (subprocesses)")
     sweep.add_argument("--metric", default="accuracy", help="eval metric to tabulate and plot")
     sweep.set_defaults(func=cmd_sweep)
     interp = sub.add_parser("interpret", help="saliency / SmoothGrad / integrated gradients / attention rollout")
@@ -206,8 +242,8 @@ def make_parser() -> argparse.ArgumentParser:
     interp.add_argument("--index", default="0..7", help="examples: A..B (inclusive), N or A,B,C")
     interp.add_argument("--method", default="saliency,smoothgrad,integrated_gradients",
                         help="comma-separated: saliency, smoothgrad, integrated_gradients; or attention")
-    interp.add_argument("--step", type=int, default=None)
-    interp.add_argument("--ig-steps", type=int, default=64)
+    interp.add_argument("--step", type=int_at_least(0), default=None)
+    interp.add_argument("--ig-steps", type=int_at_least(1), default=64)
     interp.add_argument("-o", "--output", required=True)
     interp.set_defaults(func=cmd_interpret)
     return parser

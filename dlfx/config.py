@@ -9,10 +9,12 @@ import importlib.util
 import inspect
 import json
 import os
+import re
 from typing import Any, Iterable
 
 import ml_collections
 
+from dlfx import preflight
 from dlfx.errors import ConfigError
 
 PARALLEL_MODES = ("auto", "pmap", "shard_map", "fsdp")
@@ -108,6 +110,8 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     path, arg = parse_config_spec(spec)
     if not os.path.isfile(path):
         raise ConfigError(f"config file not found: {path}")
+    if not path.endswith(".py"):
+        raise ConfigError(f"config file {path} is not a Python file (a config is a .py file defining get_config)")
     name = "dlfx_config_" + os.path.splitext(os.path.basename(path))[0]
     module_spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(module_spec)
@@ -298,6 +302,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         section, leaf = key.split(".")
         if not all(isinstance(p, str) for p in config[section][leaf]):
             raise ConfigError(f"config.{key} must be a tuple of regex strings, got {config[section][leaf]!r}")
+        for pattern in config[section][leaf]:
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"config.{key}: {pattern!r} is not a valid regex ({e})") from None
     if not isinstance(config.data.batch_size, int) or config.data.batch_size <= 0:
         raise ConfigError(f"config.data.batch_size must be a positive int, got {config.data.batch_size!r}")
     if (config.train.steps > 0) == (config.train.epochs > 0):
@@ -316,10 +325,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.train.keep must be >= 1, got {config.train.keep}")
     if config.train.log_every < 1:
         raise ConfigError(f"config.train.log_every must be >= 1, got {config.train.log_every}")
-    if config.optimizer.learning_rate < 0:
-        raise ConfigError(f"config.optimizer.learning_rate must be >= 0, got {config.optimizer.learning_rate}")
-    if not 0 <= config.loss.label_smoothing < 1:
-        raise ConfigError(f"config.loss.label_smoothing must be in [0, 1), got {config.loss.label_smoothing}")
+    preflight.check(config, flat_keys(config))
 
 
 def load(spec: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:

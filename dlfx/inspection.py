@@ -32,15 +32,35 @@ def flatten(tree: Any) -> dict[str, tuple[tuple[int, ...], str]]:
             if hasattr(leaf, "shape")}
 
 
-def _checkpoint_step_dir(path: str) -> str:
+def _checkpoint_step_dirs(path: str) -> list[str]:
+    """Step folders to read, newest first: `path` itself if it is one, else those of the run or folder."""
     if os.path.isdir(os.path.join(path, "state")):
-        return path
+        return [path]
     ckpt_dir = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
     steps = sorted((int(d) for d in os.listdir(ckpt_dir) if d.isdigit()
                     and os.path.isdir(os.path.join(ckpt_dir, d, "state"))), reverse=True)
     if not steps:
         raise CheckpointError(f"no checkpoint found under {path}")
-    return os.path.join(ckpt_dir, str(steps[0]))
+    return [os.path.join(ckpt_dir, str(step)) for step in steps]
+
+
+def checkpoint_shapes(step_dir: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """(shape, dtype) of every array of a dlfx checkpoint step's train state, read from its metadata only."""
+    import orbax.checkpoint as ocp
+
+    absl_logger = logging.getLogger("absl")
+    level = absl_logger.level
+    absl_logger.setLevel(logging.ERROR)  # Orbax warns that sub-items lack their own metadata file
+    try:
+        with ocp.StandardCheckpointer() as checkpointer:
+            local = "://" not in step_dir
+            tree = checkpointer.metadata(os.path.join(os.path.abspath(step_dir) if local else step_dir,
+                                                      "state")).item_metadata.tree
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint {step_dir}: {type(e).__name__}: {e}") from None
+    finally:
+        absl_logger.setLevel(level)
+    return flatten(tree)
 
 
 def read_shapes(path: str) -> dict[str, tuple[tuple[int, ...], str]]:
@@ -64,21 +84,21 @@ def read_shapes(path: str) -> dict[str, tuple[tuple[int, ...], str]]:
                 return {k: (arrays[k].shape, str(arrays[k].dtype)) for k in arrays.files}
         except Exception as e:
             raise CheckpointError(f"{path} is not a readable npz file: {e}") from None
-    import orbax.checkpoint as ocp
-
-    step_dir = os.path.abspath(_checkpoint_step_dir(path))
-    absl_logger = logging.getLogger("absl")
-    level = absl_logger.level
-    absl_logger.setLevel(logging.ERROR)  # Orbax warns that sub-items lack their own metadata file
-    try:
-        tree = ocp.StandardCheckpointer().metadata(os.path.join(step_dir, "state")).item_metadata.tree
-    except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {step_dir}: {type(e).__name__}: {e}") from None
-    finally:
-        absl_logger.setLevel(level)
-    shapes = flatten(tree)
-    return {k: shapes[k] for k in sorted(shapes, key=lambda k: (not k.startswith("params/"), k))
-            if k.startswith(("params/", "batch_stats/"))}
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{path}: inspect reads a run folder, a checkpoint folder, a .safetensors or a .npz "
+                              "file")
+    errors = []
+    for step_dir in _checkpoint_step_dirs(path):  # newest first; a broken newer step falls back, as eval does
+        try:
+            shapes = checkpoint_shapes(step_dir)
+        except CheckpointError as e:
+            errors.append(str(e))
+            continue
+        if errors:
+            logging.getLogger("dlfx").warning("%s; showing the older %s", errors[0], step_dir)
+        return {k: shapes[k] for k in sorted(shapes, key=lambda k: (not k.startswith("params/"), k))
+                if k.startswith(("params/", "batch_stats/"))}
+    raise CheckpointError(errors[0] if len(errors) == 1 else f"no readable checkpoint under {path} ({errors[0]})")
 
 
 def format_table(shapes: dict[str, tuple[tuple[int, ...], str]]) -> str:

@@ -77,7 +77,7 @@ def integrated_gradients(model: Any, variables: dict, x: jnp.ndarray, target: jn
 def attention_maps(model: Any, variables: dict, x: jnp.ndarray) -> list[jnp.ndarray]:
     """Attention weights of every layer, in layer order: each (batch, heads, queries, keys)."""
     _, state = jax.jit(lambda v, x: model.apply(v, x, train=False, mutable=["intermediates"]))(variables, x)
-    leaves = [(path_str(p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(state["intermediates"])[0]
+    leaves = [(path_str(p), leaf) for p, leaf in jax.tree_util.tree_flatten_with_path(state.get("intermediates", {}))[0]
               if "attention_weights" in path_str(p)]
     if not leaves:
         raise ValueError(f"{type(model).__name__} records no attention weights (not a Transformer/ViT)")
@@ -144,9 +144,16 @@ def interpret_workdir(workdir: str, out: str, split: str = "test", index: str = 
     from dlfx import load_run, plot
     from dlfx.errors import ConfigError
 
+    if not methods:
+        raise ConfigError(f"--method names no method (one or more of {', '.join(METHODS)})")
     for m in methods:
         if m not in METHODS:
             raise ConfigError(f"--method {m!r} is not one of {', '.join(METHODS)}")
+    if "attention" in methods and len(methods) > 1:
+        raise ConfigError("--method attention makes its own figure; give it alone")
+    if ig_steps < 1:
+        raise ConfigError(f"--ig-steps must be >= 1, got {ig_steps}")
+    out = plot.output_path(out, "interpret.png")
     run = load_run(workdir, step)
     if "vocab" in run.dataset.metadata:
         raise ConfigError(f"{workdir} is a language model run; interpret works on classifiers")
@@ -160,7 +167,10 @@ def interpret_workdir(workdir: str, out: str, split: str = "test", index: str = 
     target = jnp.asarray(predicted)
     result: dict = {"indices": indices, "labels": y.tolist(), "predicted": predicted.tolist(), "out": out}
     if "attention" in methods:
-        maps = attention_maps(run.model, run.variables, x)
+        try:
+            maps = attention_maps(run.model, run.variables, x)
+        except ValueError as e:
+            raise ConfigError(f"--method attention: {e}; use it on a transformer or vit run") from None
         rollout = np.asarray(attention_rollout(maps))
         tokens = rollout.shape[-1]
         patch = getattr(run.model, "patch_size", None)

@@ -35,11 +35,44 @@ def run_name(workdir: str) -> str:
     return os.path.basename(os.path.normpath(workdir))
 
 
+IMAGE_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg")
+
+
+def output_path(out: str, default_name: str = "curves.png") -> str:
+    """Where a figure given by `-o` goes: a folder gets `default_name` inside it, a bare name gets `.png`;
+    an extension matplotlib cannot write is refused."""
+    if out.endswith(os.sep) or os.path.isdir(out):
+        return os.path.join(out, default_name)
+    ext = os.path.splitext(out)[1].lstrip(".").lower()
+    if not ext:
+        return out + ".png"
+    if ext not in IMAGE_FORMATS:
+        raise ConfigError(f"-o {out}: cannot write a .{ext} figure (use one of .{', .'.join(IMAGE_FORMATS)})")
+    return out
+
+
+def save_figure(fig, out: str) -> None:
+    """Write a figure atomically (a temp file renamed into place): a kill never leaves half an image."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    tmp = f"{out}.tmp{os.getpid()}"
+    try:
+        fig.savefig(tmp, format=os.path.splitext(out)[1].lstrip(".").lower())
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
 def plot_curves(workdirs: Sequence[str], out: str, metrics: Sequence[str] = ("loss", "accuracy"),
                 smoothing: float = 0.0, log_y: bool = False) -> str:
-    """One panel per metric; train (solid, smoothed) and eval (dashed, markers) curves per run. Returns `out`."""
+    """One panel per metric; train (solid, smoothed) and eval (dashed, markers) curves per run.
+
+    Returns the path written (see `output_path`)."""
     if not 0 <= smoothing < 1:
         raise ConfigError(f"--smooth must be in [0, 1), got {smoothing}")
+    if not metrics:
+        raise ConfigError("--metrics names no metric (give e.g. --metrics loss,accuracy)")
+    out = output_path(out)
     runs = {}
     for workdir in workdirs:
         records = log.read_metrics(workdir)
@@ -72,8 +105,7 @@ def plot_curves(workdirs: Sequence[str], out: str, metrics: Sequence[str] = ("lo
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out)
+    save_figure(fig, out)
     plt.close(fig)
     return out
 
@@ -118,7 +150,7 @@ def plot_sweep(rows: Sequence[dict], key: str, metric: str, out: str) -> str:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out)
+    save_figure(fig, out)
     plt.close(fig)
     return out
 
@@ -142,8 +174,7 @@ def plot_confusion(counts: np.ndarray, out: str, class_names: Sequence[str] | No
     accuracy = np.trace(counts) / max(counts.sum(), 1)
     ax.set_title(f"accuracy {100 * accuracy:.1f} % ({counts.sum()} examples)", fontsize=9)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out)
+    save_figure(fig, out)
     plt.close(fig)
     return out
 
@@ -172,8 +203,7 @@ def plot_attributions(x: np.ndarray, maps: dict[str, np.ndarray], titles: Sequen
         ax.set_xticks([])
         ax.set_yticks([])
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out)
+    save_figure(fig, out)
     plt.close(fig)
     return out
 
@@ -200,7 +230,6 @@ def plot_attention(x: np.ndarray, rollout: np.ndarray, grid: tuple[int, int] | N
         ax.set_yticks([])
     axes[1, 0].set_ylabel("rollout", fontsize=7)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    fig.savefig(out)
+    save_figure(fig, out)
     plt.close(fig)
     return out

@@ -16,52 +16,14 @@ import jax
 import ml_collections
 
 from dlfx import config as config_lib
-from dlfx import checkpoint, data, log, optim, parallel, plot, steps
+from dlfx import checkpoint, data, feed, log, optim, parallel, plot, runs, steps
 from dlfx import train_metrics as train_metrics_lib
 from dlfx.checkpoint import Checkpointer, abstract_like
-from dlfx.errors import ConfigError, DlfxError
+from dlfx.errors import ConfigError
 from dlfx.experiment import build, evaluate, init_from_pretrained
 from dlfx.restore import checkpoint_dir, evaluate_workdir, load_run  # noqa: F401  (re-exported)
 from dlfx.preemption import Preemption
 from dlfx.workdir import WorkdirLock, read_status, write_status
-
-
-def _call_sizes(exp) -> Any:
-    """Batch position -> steps the call starting there runs (`train.steps_per_call`, or 1 up to a log,
-    eval or checkpoint point); None without multi-step calls."""
-    t = exp.config.train
-    if t.steps_per_call == 1:
-        return None
-    every = (t.log_every, t.eval_every, t.checkpoint_every)
-    return lambda position: steps.steps_in_call(position, t.steps_per_call, exp.total_steps, every)
-
-
-MAX_TRANSFER_CHUNK = 16  # batches per transfer (one device, one step per call)
-MAX_TRANSFER_BYTES = 4 << 20  # ... and at most this many bytes per transfer
-
-
-def _transfer_chunk(exp) -> int:
-    """Batches per host-to-device transfer when each call runs one step: several on one device, where a
-    transfer's fixed cost (~30 us per array on CPU) is worth amortizing; else 1. Several devices keep one
-    transfer per step: splitting a chunk is a device program, kept out of the way of collective steps."""
-    if (exp.config.train.steps_per_call > 1 or exp.mesh.devices.size > 1 or jax.process_count() > 1
-            or exp.mode == "pmap"):
-        return 1
-    batch_bytes = exp.config.data.batch_size * sum(v[0].nbytes for v in exp.dataset.train.values())
-    return int(max(1, min(MAX_TRANSFER_CHUNK, MAX_TRANSFER_BYTES // max(batch_bytes, 1))))
-
-
-def device_prefetcher(exp, host_iter, group: Any = None) -> data.DevicePrefetcher:
-    """The runner's device feed: batches placed on the devices two calls ahead, off the training thread;
-    `group(position)` batches stacked per multi-step call, or several per transfer on one device (see
-    `_transfer_chunk`)."""
-    def place_stack(b):
-        return parallel.shard_batch(b, exp.mesh, exp.mode, stacked=True)
-
-    chunk = _transfer_chunk(exp)
-    return data.DevicePrefetcher(host_iter, lambda b: parallel.shard_batch(b, exp.mesh, exp.mode),
-                                 group=group, place_stack=place_stack, chunk=chunk,
-                                 unstack=parallel.unstack_batches)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, force: bool = False) -> dict[str, Any]:
@@ -91,12 +53,13 @@ def _train(config, workdir, force, preemption, start_time) -> dict[str, Any]:
         host_iter = data.train_iterator(exp.dataset.train, config.data.batch_size, exp.data_seed,
                                         jax.process_index(), jax.process_count(),
                                         crop_padding=config.data.crop_padding, random_flip=config.data.random_flip)
-        train_iter = device_prefetcher(exp, host_iter, _call_sizes(exp))
+        train_iter = feed.device_prefetcher(exp, host_iter, feed.call_sizes(exp))
         checkpointer = Checkpointer(ckpt_dir, keep=config.train.keep)
         restored = checkpointer.restore_latest(abstract_like(exp.state), train_iter)
         if restored is None and config.init_from.path:  # a fresh run starts from pretrained weights
             exp.state = init_from_pretrained(exp)
-        done = restored is not None and restored[1] == exp.total_steps and _finished(workdir, exp.total_steps)
+        done = (restored is not None and restored[1] == exp.total_steps
+                and runs.is_finished(workdir, exp.total_steps))
         if is_main and not done:
             config_lib.write_workdir(config, workdir)
             checkpoint.claim(ckpt_dir, config, workdir)
@@ -135,21 +98,6 @@ def _train(config, workdir, force, preemption, start_time) -> dict[str, Any]:
     return summary
 
 
-def _final_eval(workdir: str, total_steps: int) -> dict[str, float] | None:
-    """The eval metrics logged at the last step, if the final evaluation already ran."""
-    records = [r for r in log.read_metrics(workdir) if r["split"] == "eval" and r["step"] == total_steps]
-    if not records:
-        return None
-    return {k: v for k, v in records[-1].items() if k not in ("step", "split", "wall_time")}
-
-
-def _finished(workdir: str, total_steps: int) -> bool:
-    """True if the run in `workdir` did everything: all steps, final eval, plots and status."""
-    status = read_status(workdir)
-    return status["status"] == "finished" and status.get("step") == total_steps and \
-        _final_eval(workdir, total_steps) is not None
-
-
 def _finished_summary(exp, workdir: str, state) -> dict[str, Any]:
     """The summary of a finished run, read back from its files (nothing is written)."""
     status = read_status(workdir)
@@ -159,7 +107,7 @@ def _finished_summary(exp, workdir: str, state) -> dict[str, Any]:
         print(f"dlfx: {workdir} already finished all {exp.total_steps} steps; nothing to do "
               "(raise train.steps, or use a new --workdir)", file=sys.stderr)
     return {"status": "finished", "step": exp.total_steps, "total_steps": exp.total_steps, "train": train,
-            "eval": _final_eval(workdir, exp.total_steps), "wall_time": status.get("wall_time") or 0.0,
+            "eval": runs.final_eval(workdir, exp.total_steps), "wall_time": status.get("wall_time") or 0.0,
             "steps_per_sec": status.get("steps_per_sec"), "workdir": workdir, "mode": exp.mode,
             "devices": exp.mesh.devices.size, "state": state, "step_traces": 0, "time_to_first_step": None,
             "process_index": jax.process_index()}
@@ -184,7 +132,7 @@ def _loop(exp, config, workdir, checkpointer, train_iter, restored, start_time, 
     # --- Compiled steps ---------------------------------------------------------------------
     train_step, eval_step = exp.train_step(), exp.eval_step()
     multi_step = exp.train_step(config.train.steps_per_call) if config.train.steps_per_call > 1 else None
-    call_sizes = _call_sizes(exp) or (lambda position: 1)
+    call_sizes = feed.call_sizes(exp) or (lambda position: 1)
     groups = steps.param_groups(exp.state.params)
 
     # --- Loop -------------------------------------------------------------------------------
@@ -252,7 +200,7 @@ def _loop(exp, config, workdir, checkpointer, train_iter, restored, start_time, 
         if status == "finished":
             if step not in checkpointer.steps():
                 checkpointer.save(step, state, train_iter)  # first: the newest state is safe before the eval
-            logged = _final_eval(workdir, step) if is_main else None
+            logged = runs.final_eval(workdir, step) if is_main else None
             if jax.process_count() > 1:  # every process takes part in the eval, or none
                 from jax.experimental import multihost_utils
 

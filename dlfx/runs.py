@@ -90,3 +90,18 @@ def table(rows: list[dict], sort: str | None = None, as_csv: bool = False) -> st
     cells = [list(COLUMNS)] + [[_cell(r[c]) for c in COLUMNS] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells)
+
+
+def final_eval(workdir: str, total_steps: int) -> dict[str, float] | None:
+    """The eval metrics logged at the last step, if the final evaluation already ran."""
+    records = [r for r in log.read_metrics(workdir) if r["split"] == "eval" and r["step"] == total_steps]
+    if not records:
+        return None
+    return {k: v for k, v in records[-1].items() if k not in ("step", "split", "wall_time")}
+
+
+def is_finished(workdir: str, total_steps: int) -> bool:
+    """True if the run in `workdir` did everything: all steps, final eval, plots and status."""
+    status = read_status(workdir)
+    return status["status"] == "finished" and status.get("step") == total_steps and \
+        final_eval(workdir, total_steps) is not None

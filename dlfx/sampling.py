@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+import math
 import os
 
 import jax
@@ -13,6 +13,7 @@ from dlfx.errors import ConfigError, DataError
 from dlfx.models import GPT, RNN
 from dlfx.models import rnn, transformer
 from dlfx.restore import load_run
+from dlfx.workdir import read_json
 
 
 def encode(text: str, vocab: list[str]) -> np.ndarray:
@@ -46,12 +47,19 @@ def sample_workdir(workdir: str, prompt: str, length: int, temperature: float = 
     vocab_path = os.path.join(workdir, "vocab.json")
     if not os.path.isfile(vocab_path):
         raise ConfigError(f"{workdir} is not a language-model run: {vocab_path} does not exist")
-    with open(vocab_path) as f:
-        vocab = json.load(f)
+    vocab = read_json(vocab_path, "any")
+    if not (isinstance(vocab, list) and vocab and all(isinstance(c, str) and len(c) == 1 for c in vocab)):
+        raise ConfigError(f"{vocab_path} must hold a JSON list of single characters (the run's vocabulary)")
     if not prompt:
         raise DataError("the prompt is empty; give at least one character")
     if length < 1:
         raise ConfigError(f"--length must be >= 1, got {length}")
+    if num_samples < 1:
+        raise ConfigError(f"--num-samples must be >= 1, got {num_samples}")
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ConfigError(f"--temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
+    if not 0 <= seed < 2**32:
+        raise ConfigError(f"--seed must be in [0, 2**32), got {seed}")
     exp, state, _ = load_run(workdir)
     params = jax.device_get(state.params)
     prompt_ids = jnp.asarray(np.tile(encode(prompt, vocab), (num_samples, 1)))

@@ -15,9 +15,10 @@ import jax
 import numpy as np
 import pytest
 
-from dlfx import config as config_lib, experiment, log, parallel, runner
-from dlfx.checkpoint import Checkpointer, abstract_like
+from dlfx import config as config_lib, log, parallel, runner
 from dlfx.errors import CheckpointError, ConfigError, DataError, NonFiniteError
+
+from checks import assert_bit_identical, restore_newest
 
 TINY = ["model.features=(8, 16)", "model.hidden_dim=32", "data.batch_size=64", "train.epochs=0",
         "train.steps=20", "train.log_every=5", "train.eval_every=0", "train.checkpoint_every=10",
@@ -30,19 +31,6 @@ def tiny(repo_root, *extra):
 
 def cli_args(*extra):
     return [f"--config.{o}" for o in TINY + list(extra)]
-
-
-def restore_final(config, workdir):
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
-    try:
-        return checkpointer.restore_latest(abstract_like(experiment.build(config).state), quarantine=False)
-    finally:
-        checkpointer.close()
-
-
-def assert_bit_identical(a, b):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        assert np.array_equal(np.asarray(x), np.asarray(y))
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +59,7 @@ def test_sigkill_during_save_resumes_from_previous_checkpoint(repo_root, tmp_pat
     resumed_from = int(resumed.stderr.split("resumed from step ")[1].split()[0])
     assert resumed_from in (10, 20)  # 20 only if its background write had already committed
     assert "taking over stale lock" in resumed.stderr
-    state, step = restore_final(tiny(repo_root, "train.steps=30"), workdir)
+    state, step = restore_newest(tiny(repo_root, "train.steps=30"), os.path.join(workdir, "checkpoints"))
     assert step == 30
     assert_bit_identical(state, reference[30])
     assert not os.path.exists(os.path.join(workdir, ".lock"))
@@ -105,7 +93,7 @@ def test_corrupt_latest_checkpoint_falls_back_and_is_quarantined(repo_root, tmp_
     assert "checkpoints/20 is unreadable" in caplog.text and "moved unreadable checkpoint step 20" in caplog.text
     assert len(os.listdir(os.path.join(workdir, "corrupt_checkpoints"))) == 1  # kept, not deleted
     assert summary["step"] == 20
-    state, step = restore_final(config, workdir)  # step 20 was saved again and reads back
+    state, step = restore_newest(config, os.path.join(workdir, "checkpoints"))  # step 20 saved again, reads back
     assert step == 20
     assert_bit_identical(state, reference[20])
 
@@ -144,7 +132,7 @@ def test_nan_policy_error_stops_without_saving_the_poisoned_state(repo_root, tmp
     saved = sorted(int(d) for d in os.listdir(os.path.join(workdir, "checkpoints")) if d.isdigit())
     assert all(s < bad_step for s in saved)
     if saved:
-        state, _ = restore_final(tiny(repo_root, *DIVERGE), workdir)
+        state, _ = restore_newest(tiny(repo_root, *DIVERGE), os.path.join(workdir, "checkpoints"))
         assert all(np.all(np.isfinite(np.asarray(x))) for x in jax.tree.leaves(state.params))
 
 
@@ -204,7 +192,7 @@ def test_disk_full_at_save_is_surfaced_and_last_checkpoint_survives(repo_root, s
     with pytest.raises(CheckpointError, match="No space left on device"):
         runner.train(longer, workdir, force=True)
     os.remove(os.path.join(small_tmpfs, "filler"))
-    state, step = restore_final(config, workdir)
+    state, step = restore_newest(config, os.path.join(workdir, "checkpoints"))
     assert step == 10 and int(state.step) == 10
 
 

@@ -10,13 +10,12 @@ import subprocess
 import sys
 import time
 
-import jax
-import numpy as np
 import pytest
 
-from dlfx import cli, config as config_lib, experiment, log, runner, workdir as workdir_lib
-from dlfx.checkpoint import Checkpointer, abstract_like
+from dlfx import cli, config as config_lib, log, runner, workdir as workdir_lib
 from dlfx.errors import CheckpointError
+
+from checks import assert_bit_identical, restore_newest
 
 TINY = ["model.features=(8, 16)", "model.hidden_dim=32", "data.batch_size=64", "train.epochs=0",
         "train.steps=20", "train.log_every=5", "train.eval_every=0", "train.checkpoint_every=10",
@@ -37,19 +36,6 @@ def dlfx(repo_root, *args, script=None, env=None, timeout=300):
 def train_args(workdir, *extra):
     return ["train", "--config", "configs/digits_cnn.py", "--workdir", str(workdir),
             *[f"--config.{o}" for o in TINY + list(extra)]]
-
-
-def final_state(config, directory):
-    checkpointer = Checkpointer(str(directory))
-    try:
-        return checkpointer.restore_latest(abstract_like(experiment.build(config).state), quarantine=False)
-    finally:
-        checkpointer.close()
-
-
-def assert_bit_identical(a, b):
-    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
-        assert np.array_equal(np.asarray(x), np.asarray(y))
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +182,7 @@ def test_sigterm_outside_the_step_loop_saves_and_exits_0(repo_root, tmp_path, re
     evals = [r for r in log.read_metrics(str(workdir)) if r["split"] == "eval"]
     assert [r["step"] for r in evals] == [20]
     assert (workdir / "plots" / "curves.png").exists()
-    state, step = final_state(tiny(repo_root), workdir / "checkpoints")
+    state, step = restore_newest(tiny(repo_root), workdir / "checkpoints")
     assert step == 20
     assert_bit_identical(reference, state)
 
