@@ -42,7 +42,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.classes = ()  # classification: keep only these labels, relabelled 0..k-1 (empty: all)
     c.data.train_fraction = 1.0  # classification: stratified fraction of the train split to keep
 
-    c.loss = ml_collections.ConfigDict()
+    c.task = ml_collections.ConfigDict()  # the objective and eval metrics, see dlfx.tasks
+    c.task.name = ""  # classification | lm | regression | 'package.module:attr' ("": lm for text, else classification)
+
+    c.loss = ml_collections.ConfigDict()  # kept for older configs: loss.label_smoothing feeds the task's
     c.loss.name = "softmax_xent"
     c.loss.label_smoothing = 0.0
 
@@ -202,10 +205,27 @@ def parse_value(text: str, current: Any) -> Any:
 _NOT_AN_ARGUMENT = object()
 
 
+def _task_default(config: ml_collections.ConfigDict, name: str) -> Any:
+    """Default of task argument `name` of the configured task (for no task name: of classification / lm)."""
+    from dlfx import tasks
+
+    task_name = config.task.get("name", "")
+    candidates = [tasks.resolve(task_name)] if task_name else [tasks.Classification, tasks.LanguageModel]
+    for target in candidates:
+        arguments = tasks.arguments(target)
+        if name in arguments:
+            default = arguments[name]
+            return None if default is inspect.Parameter.empty else default
+    return _NOT_AN_ARGUMENT
+
+
 def _constructor_default(config: ml_collections.ConfigDict, parts: list[str]) -> Any:
-    """Default of `model.X` / `data.X` when X is an argument of the configured model / data source."""
-    if len(parts) != 2 or parts[0] not in ("model", "data"):
+    """Default of `model.X` / `data.X` / `task.X` when X is an argument of the configured model / data
+    source / task."""
+    if len(parts) != 2 or parts[0] not in ("model", "data", "task"):
         return _NOT_AN_ARGUMENT
+    if parts[0] == "task":
+        return _task_default(config, parts[1])
     from dlfx import data, models  # registries; imported here to keep config import light
 
     section, name = parts
@@ -291,6 +311,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.data.name is not set (one of {', '.join(data.names())})")
     _check_choice(config, "data.name", data.names())
     _check_choice(config, "loss.name", LOSSES)
+    task_name = config.task.get("name", "")
+    if task_name and ":" not in task_name:
+        from dlfx import tasks
+
+        _check_choice(config, "task.name", sorted(tasks.TASKS))
     _check_choice(config, "optimizer.name", OPTIMIZERS)
     _check_choice(config, "optimizer.schedule", SCHEDULES)
     _check_choice(config, "parallel.mode", PARALLEL_MODES)

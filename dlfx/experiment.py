@@ -8,11 +8,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from jax.sharding import Mesh
 
-from dlfx import data, models, optim, parallel, sharding, steps, transfer
+from dlfx import data, models, optim, parallel, sharding, steps, tasks, transfer
 from dlfx.errors import ConfigError
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -33,8 +32,12 @@ class Experiment:
     data_seed: int
     state: steps.TrainState
     state_sharding: Any  # NamedShardings of the state (replicated, or split over `fsdp` in fsdp mode)
-    # names of the packed train-metric vector's entries, filled when a train step is first traced
-    metric_names: list[str] = dataclasses.field(default_factory=list)
+    task: Any = dataclasses.field(default_factory=tasks.Classification)  # objective and metrics (dlfx.tasks)
+
+    @property
+    def metric_names(self) -> list[str]:
+        """Names of the packed train-metric vector's entries (the task's, then the step's)."""
+        return steps.train_metric_names(self.task)
 
     def compile(self, step_fn: Any, donate_state: bool = False, stacked: bool = False) -> Any:
         """`parallel.compile_step` for this experiment's mode, mesh and state layout."""
@@ -45,42 +48,46 @@ class Experiment:
 
         `num_steps > 1`: one call runs that many steps over a stack of batches (steps, batch, ...) and
         returns their metric vectors stacked (`steps.scan_steps`).
-        `.metric_names` (the same list as `self.metric_names`, shared by every step built here) names the
-        vector's entries once a step has run (see `steps.pack_metrics`).
+        `self.metric_names` names the vector's entries (see `steps.pack_metrics`).
         Under `train.nan_policy='error'` the step does not guard the state against a non-finite update:
         the runner stops at the next metrics fetch, before that state is evaluated or saved.
         """
         c = self.config
         packed = steps.pack_metrics(steps.make_train_step(
-            self.model, self.tx, self.schedule, c.loss.label_smoothing, parallel.step_axis(self.mode),
+            self.model, self.tx, self.schedule, self.task, parallel.step_axis(self.mode),
             c.optimizer.freeze, c.optimizer.grad_accum_steps, guard_nonfinite=c.train.nan_policy == "skip"),
             self.metric_names)
         if num_steps > 1:
-            compiled = self.compile(steps.scan_steps(packed), donate_state=True, stacked=True)
-        else:
-            compiled = self.compile(packed, donate_state=True)
-        compiled.metric_names = packed.names
-        return compiled
+            return self.compile(steps.scan_steps(packed), donate_state=True, stacked=True)
+        return self.compile(packed, donate_state=True)
 
     def eval_step(self) -> Any:
-        """The compiled eval step (sums over the whole batch)."""
-        return self.compile(steps.make_eval_step(self.model, parallel.step_axis(self.mode)))
+        """The compiled eval step (the task's sums over the whole batch)."""
+        return self.compile(steps.make_eval_step(self.model, parallel.step_axis(self.mode), self.task))
 
 
-def build_model(config: ml_collections.ConfigDict, dataset: data.Dataset, mode: str = "shard_map") -> Any:
-    """The model of `config.model`, with sizes from the data, the device axis and dtypes filled in."""
+SIZE_WORDS = {"num_classes": "classes", "vocab_size": "distinct tokens"}
+
+
+def build_task(config: ml_collections.ConfigDict, dataset: data.Dataset) -> Any:
+    """The task of `config.task` (default: classification, or lm for text) for `dataset`."""
+    return tasks.build(config.task, dataset, config.loss.label_smoothing)
+
+
+def build_model(config: ml_collections.ConfigDict, dataset: data.Dataset, mode: str = "shard_map",
+                task: Any = None) -> Any:
+    """The model of `config.model`, with the sizes the task takes from the data (number of logits,
+    vocabulary), the device axis and dtypes filled in."""
+    task = build_task(config, dataset) if task is None else task
     kwargs = {k: v for k, v in config.model.items() if k != "name"}
     accepted = models.fields(config.model.name)
-    num_classes = dataset.num_classes
-    if "num_classes" in accepted:
-        kwargs.setdefault("num_classes", num_classes)
-        if kwargs["num_classes"] < num_classes:
-            raise ConfigError(f"config.model.num_classes={kwargs['num_classes']} but the data has {num_classes} classes")
-    if "vocab_size" in accepted and "vocab" in dataset.metadata:
-        kwargs.setdefault("vocab_size", dataset.num_classes)
-        if kwargs["vocab_size"] < dataset.num_classes:
-            raise ConfigError(f"config.model.vocab_size={kwargs['vocab_size']} but the text has "
-                              f"{dataset.num_classes} distinct characters")
+    defaults = task.model_defaults(dataset) if hasattr(task, "model_defaults") else {}
+    for key, needed in defaults.items():
+        if key not in accepted:
+            continue
+        kwargs.setdefault(key, needed)
+        if key in SIZE_WORDS and kwargs[key] < needed:
+            raise ConfigError(f"config.model.{key}={kwargs[key]} but the data has {needed} {SIZE_WORDS[key]}")
     if "axis_name" in accepted:  # batch-norm statistics synced over the device axis (fsdp: global view)
         kwargs.setdefault("axis_name", parallel.step_axis(mode))
     if "dtype" in accepted:
@@ -109,13 +116,14 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
 
     # --- Data ------------------------------------------------------------------------------
     dataset = data.load(config.data)
-    per_epoch = data.steps_per_epoch(len(dataset.train["y"]), config.data.batch_size)
+    task = build_task(config, dataset)
+    per_epoch = data.steps_per_epoch(data.num_examples(dataset.train), config.data.batch_size)
     total_steps = config.train.steps or config.train.epochs * per_epoch
     root_key = jax.random.PRNGKey(config.seed)
     data_seed = int(jax.random.randint(jax.random.fold_in(root_key, 1), (), 0, 2**31 - 1))
 
     # --- Model, optimizer, fresh state -----------------------------------------------------
-    model = build_model(config, dataset, mode)
+    model = build_model(config, dataset, mode, task)
     tx, schedule = optim.build(config.optimizer, total_steps)
     init_key, state_key = jax.random.split(jax.random.fold_in(root_key, 0))
     example_x = jnp.zeros((1, *dataset.example_shape), dataset.train["x"].dtype)
@@ -134,7 +142,9 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
         raise ConfigError(f"config.model ({config.model.name}) does not fit data {config.data.name!r} "
                           f"with example shape {dataset.example_shape}: {str(e).splitlines()[0]}") from None
     optim.check_freeze(state.params, config.optimizer.freeze)
-    return Experiment(config, mode, mesh, dataset, model, tx, schedule, total_steps, data_seed, state, state_sharding)
+    tasks.check(task, model, state, {k: v[:2] for k, v in dataset.train.items()}, config.task.get("name", ""))
+    return Experiment(config, mode, mesh, dataset, model, tx, schedule, total_steps, data_seed, state, state_sharding,
+                      task)
 
 
 def init_from_pretrained(exp: Experiment) -> steps.TrainState:
@@ -149,16 +159,11 @@ def init_from_pretrained(exp: Experiment) -> steps.TrainState:
 
 
 def evaluate(exp: Experiment, state: steps.TrainState, eval_step: Any) -> dict[str, float]:
-    """Loss and accuracy over the whole test split (padded batches, masked)."""
+    """The task's metrics over the whole test split (padded batches, masked)."""
     totals, dispatch = None, parallel.DispatchLimit()
     for local in data.eval_batches(exp.dataset.test, exp.config.data.batch_size,
                                    jax.process_index(), jax.process_count()):
         sums = eval_step(state, parallel.shard_batch(local, exp.mesh, exp.mode))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
         dispatch.add(totals)
-    totals = jax.device_get(totals)
-    count = float(totals.pop("count"))
-    metrics = {k: float(v) / count for k, v in totals.items()}
-    if "vocab" in exp.dataset.metadata:  # character LM: report bits per character too
-        metrics["bits_per_char"] = metrics["loss"] / np.log(2)
-    return metrics
+    return {k: float(v) for k, v in exp.task.finalize(jax.device_get(totals)).items()}

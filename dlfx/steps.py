@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import optax
 from jax import lax
 
-from dlfx import losses, optim
+from dlfx import optim, tasks
 from dlfx.inspection import path_str
 
 DATA_AXIS = "data"
@@ -59,11 +59,20 @@ def _variables(state: TrainState, params: Any) -> dict:
     return {"params": params}
 
 
+STEP_METRICS = ("grad_norm", "learning_rate", "nonfinite", "first_nonfinite_group")  # the step's own, after the task's
+
+
+def train_metric_names(task: Any) -> list[str]:
+    """Names of a train step's metrics, in the order `pack_metrics` stacks them: the task's, then the step's."""
+    return list(task.train_metrics) + list(STEP_METRICS)
+
+
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
-                    label_smoothing: float = 0.0, axis_name: str | None = DATA_AXIS, freeze: Sequence[str] = (),
+                    task: Any = None, axis_name: str | None = DATA_AXIS, freeze: Sequence[str] = (),
                     grad_accum_steps: int = 1, guard_nonfinite: bool = True
                     ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
-    """One per-device SGD step: local grads, `pmean` over `axis_name`, optax update, synced BN stats.
+    """One per-device SGD step: the task's loss, local grads, `pmean` over `axis_name`, optax update,
+    synced BN stats. `task` defaults to classification (see `dlfx.tasks`).
 
     `axis_name=None` makes it a global step (no collectives) for `jax.jit` on sharded arrays (fsdp mode).
     With `grad_accum_steps=k` the batch is split into k microbatches run by `lax.scan` (memory of one
@@ -76,12 +85,12 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     def mean(tree):  # over the devices of the data axis
         return lax.pmean(tree, axis_name) if axis_name else tree
 
+    task = tasks.Classification() if task is None else task
+
     def loss_fn(params, batch_stats, batch, rng):
         variables = {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
-        logits, updates = model.apply(variables, batch["x"], train=True, rngs={"dropout": rng},
-                                      mutable=["batch_stats"])
-        loss, metrics = losses.classification_loss(logits, batch["y"], label_smoothing)
-        return loss, (metrics, updates.get("batch_stats", batch_stats))
+        loss, metrics, updates = task.loss(model, variables, batch, rng, True)
+        return loss, (dict(metrics), updates.get("batch_stats", batch_stats))
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
@@ -136,20 +145,14 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
 
 
 def pack_metrics(step_fn: Callable[[TrainState, Batch], tuple[TrainState, Metrics]],
-                 names: list[str] | None = None) -> Callable:
-    """`step_fn` returning its scalar metrics as one float32 vector (one output buffer, not one per metric).
-
-    The metric names, in vector order, are in `.names` (the `names` list, if given) once the step has
-    been traced.
-    """
-    names = [] if names is None else names
+                 names: Sequence[str]) -> Callable:
+    """`step_fn` returning its scalar metrics `names` as one float32 vector in that order (one output
+    buffer, not one per metric)."""
 
     def packed(state: TrainState, batch: Batch) -> tuple[TrainState, jnp.ndarray]:
         state, metrics = step_fn(state, batch)
-        names[:] = list(metrics)
-        return state, jnp.stack([jnp.asarray(v, jnp.float32) for v in metrics.values()])
+        return state, jnp.stack([jnp.asarray(metrics[name], jnp.float32) for name in names])
 
-    packed.names = names
     return packed
 
 
@@ -175,12 +178,14 @@ def steps_in_call(position: int, steps_per_call: int, total_steps: int, every: S
     return 1 if crosses else steps_per_call
 
 
-def make_eval_step(model: nn.Module, axis_name: str | None = DATA_AXIS) -> Callable[[TrainState, Batch], Metrics]:
-    """Per-device eval: masked sums of loss/correct/count, `psum`-ed over `axis_name` (None: global step)."""
+def make_eval_step(model: nn.Module, axis_name: str | None = DATA_AXIS,
+                   task: Any = None) -> Callable[[TrainState, Batch], Metrics]:
+    """Per-device eval: the task's masked sums (with their count), `psum`-ed over `axis_name` (None: global
+    step); `task.finalize` turns the split's totals into metrics."""
+    task = tasks.Classification() if task is None else task
 
     def eval_step(state: TrainState, batch: Batch) -> Metrics:
-        logits = model.apply(_variables(state, state.params), batch["x"], train=False)
-        sums = losses.masked_sums(logits, batch["y"], batch["mask"])
+        sums = task.eval_sums(model, _variables(state, state.params), batch)
         return lax.psum(sums, axis_name) if axis_name else sums
 
     return eval_step

@@ -39,7 +39,7 @@ def test_run_writes_all_artifacts(repo_root, tmp_path):
     for r in records:
         assert {"step", "split", "loss", "accuracy", "wall_time"} <= set(r)
     assert {"grad_norm", "learning_rate", "steps_per_sec"} <= set(records[0])
-    assert summary["eval"] == {k: records[-1][k] for k in ("loss", "accuracy")}
+    assert summary["eval"] == {k: records[-1][k] for k in ("loss", "accuracy", "top5_accuracy")}  # 10 classes
     assert config_lib.to_dict(config_lib.read_workdir_config(workdir)) == config_lib.to_dict(tiny_config(repo_root, "train.keep=1"))
     evaluated = runner.evaluate_workdir(workdir)
     assert evaluated["step"] == 20

@@ -6,7 +6,8 @@ import inspect
 from typing import Any, Callable, Mapping
 
 from dlfx.data import sources
-from dlfx.data.pipeline import ArraySource, augment_images, eval_batches, steps_per_epoch, train_iterator
+from dlfx.data.pipeline import (ArraySource, augment_images, eval_batches, num_examples, steps_per_epoch,
+                                 train_iterator)
 from dlfx.data.prefetch import DevicePrefetcher
 from dlfx.data.sources import Dataset
 from dlfx.errors import ConfigError, DataError
@@ -15,13 +16,14 @@ SOURCES: dict[str, Callable[..., Dataset]] = {
     "digits": sources.digits,
     "mnist1d": sources.mnist1d,
     "synthetic": sources.synthetic,
+    "sines": sources.sines,
     "text": sources.text,
 }
 
 # `config.data` keys used by the pipeline rather than passed to the source
 PIPELINE_KEYS = ("name", "batch_size", "crop_padding", "random_flip", "classes", "train_fraction")
 
-__all__ = ["ArraySource", "Dataset", "DevicePrefetcher", "PIPELINE_KEYS", "augment_images", "SOURCES", "eval_batches", "load", "names", "steps_per_epoch",
+__all__ = ["ArraySource", "Dataset", "DevicePrefetcher", "PIPELINE_KEYS", "augment_images", "SOURCES", "eval_batches", "load", "names", "num_examples", "steps_per_epoch",
            "train_iterator"]
 
 
@@ -51,6 +53,6 @@ def load(data_config: Mapping[str, Any]) -> Dataset:
     fraction = data_config.get("train_fraction", 1.0)
     if classes or fraction != 1.0:
         dataset = sources.subset(dataset, classes, fraction)
-    if len(dataset.test["y"]) == 0:
+    if num_examples(dataset.test) == 0:
         raise DataError(f"data set {name!r}: eval split is empty")
     return dataset

@@ -110,6 +110,11 @@ def train_iterator(arrays: dict[str, np.ndarray], global_batch_size: int, seed: 
     return iter(dataset.to_iter_dataset(options))
 
 
+def num_examples(arrays: dict[str, np.ndarray]) -> int:
+    """The length of a split (every array has it)."""
+    return len(next(iter(arrays.values())))
+
+
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
     """Full global batches in one pass over a split."""
     return max(num_examples // global_batch_size, 1)

@@ -13,12 +13,13 @@ from dlfx.errors import DataError
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """Train and test splits as dicts of equally long numpy arrays ('x' inputs, 'y' int32 labels)."""
+    """Train and test splits as dicts of equally long numpy arrays (any keys; the built-in tasks read 'x'
+    and 'y'), built by the data sources and by users' data factories alike."""
 
     train: dict[str, np.ndarray]
     test: dict[str, np.ndarray]
-    num_classes: int  # classes, or the vocabulary size for language modelling
-    name: str
+    name: str = "data"
+    num_classes: int | None = None  # classes, or the vocabulary size for language modelling; None otherwise
     metadata: dict = dataclasses.field(default_factory=dict)  # e.g. {'vocab': [...]} for text
 
     @property
@@ -111,6 +112,23 @@ def synthetic(shape: tuple = (8, 8, 1), num_classes: int = 10, num_train: int = 
     train = {"x": x[:num_train], "y": y[:num_train]}
     test = {"x": x[num_train:], "y": y[num_train:]}
     return Dataset(train=train, test=test, num_classes=num_classes, name="synthetic")
+
+
+def sines(length: int = 64, num_train: int = 4096, num_test: int = 1024, noise: float = 0.1,
+          seed: int = 0) -> Dataset:
+    """Regression: noisy sine waves (length, 1); targets are each wave's amplitude, frequency and offset."""
+    if length < 8 or num_train < 1 or num_test < 1 or noise < 0:
+        raise DataError("config.data: sines needs length >= 8, num_train and num_test >= 1, noise >= 0")
+    rng = np.random.default_rng(seed)
+    n = num_train + num_test
+    amplitude, frequency = rng.uniform(0.5, 2.0, n), rng.uniform(1.0, 4.0, n)
+    offset, phase = rng.uniform(-1.0, 1.0, n), rng.uniform(0.0, 2 * np.pi, n)
+    t = np.linspace(0.0, 1.0, length)
+    waves = amplitude[:, None] * np.sin(2 * np.pi * frequency[:, None] * t + phase[:, None]) + offset[:, None]
+    x = (waves + noise * rng.standard_normal(waves.shape))[..., None].astype(np.float32)
+    y = np.stack([amplitude, frequency, offset], axis=1).astype(np.float32)
+    return Dataset(train={"x": x[:num_train], "y": y[:num_train]}, test={"x": x[num_train:], "y": y[num_train:]},
+                   name="sines", metadata={"targets": ["amplitude", "frequency", "offset"]})
 
 
 def _default_corpus() -> str:

@@ -1,0 +1,35 @@
+"""`package.module:attribute` targets for `model.name`, `data.name` and `task.name`."""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from typing import Any
+
+from dlfx.errors import ConfigError
+
+
+def is_import_path(name: str) -> bool:
+    """True for `package.module:attribute` (a built-in name has no colon)."""
+    return ":" in name
+
+
+def load(spec: str, key: str, search_dirs: tuple[str, ...] = ()) -> Any:
+    """Import `module:attribute` from `sys.path` plus `search_dirs` (a config file's folder); one ConfigError
+    line naming `key` (e.g. `config.model.name`) if the module or attribute is not there."""
+    module_name, _, attribute = spec.partition(":")
+    if not module_name or not attribute:
+        raise ConfigError(f"{key}={spec!r} is not 'package.module:attribute'")
+    for folder in search_dirs:
+        if folder and folder not in sys.path:
+            sys.path.append(folder)
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as e:  # the user's module: any error while importing it
+        raise ConfigError(f"{key}={spec!r}: cannot import {module_name}: {type(e).__name__}: {e}") from None
+    target = module
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise ConfigError(f"{key}={spec!r}: {module_name} has no attribute {attribute!r}")
+        target = getattr(target, part)
+    return target

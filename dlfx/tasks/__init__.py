@@ -1,0 +1,130 @@
+"""Tasks: the objective and eval metrics of an experiment, picked by `config.task.name`.
+
+A task is any object with
+  `train_metrics` / `eval_metrics`  names of what `loss` and `finalize` return (declared up front),
+  `loss(model, variables, batch, rng, train) -> (scalar loss, {name: scalar}, updated mutable collections)`,
+  `eval_sums(model, variables, batch) -> {name: sum over the real (batch['mask'] = 1) examples, 'count': ...}`,
+  `finalize(totals) -> {name: float}` (the sums totalled over the whole eval split),
+and optionally `model_defaults(dataset) -> {model argument: value}` (e.g. the number of logits).
+Built-ins are frozen dataclasses whose fields are the `config.task.*` keys; a `package.module:Class`
+target works the same way.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from dlfx import imports
+from dlfx.errors import ConfigError
+from dlfx.tasks.classification import Classification
+from dlfx.tasks.common import apply_model, means, per_example
+from dlfx.tasks.lm import LanguageModel
+from dlfx.tasks.regression import Regression
+
+TASKS: dict[str, type] = {"classification": Classification, "lm": LanguageModel, "regression": Regression}
+REQUIRED = ("train_metrics", "eval_metrics", "loss", "eval_sums", "finalize")
+
+__all__ = ["Classification", "LanguageModel", "Regression", "TASKS", "apply_model", "build", "default_name",
+           "check", "means", "per_example", "resolve"]
+
+
+def default_name(dataset: Any) -> str:
+    """The task of a config that names none: `lm` for text (a vocabulary), else `classification`."""
+    return "lm" if "vocab" in getattr(dataset, "metadata", {}) else "classification"
+
+
+def resolve(name: str, search_dirs: tuple[str, ...] = ()) -> Any:
+    """The class (or object) `config.task.name` names: a built-in or a `package.module:attr` target."""
+    if name in TASKS:
+        return TASKS[name]
+    if imports.is_import_path(name):
+        return imports.load(name, "config.task.name", search_dirs)
+    raise ConfigError(f"config.task.name={name!r} is not one of {', '.join(sorted(TASKS))} "
+                      "or a 'package.module:attribute' path")
+
+
+def arguments(target: Any) -> dict[str, Any]:
+    """Constructor arguments of a task class and their defaults (inspect.Parameter.empty if required)."""
+    if not inspect.isclass(target):
+        return {}
+    return {n: p.default for n, p in inspect.signature(target).parameters.items()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+def build(task_config: ml_collections.ConfigDict, dataset: Any, legacy_label_smoothing: float = 0.0,
+          search_dirs: tuple[str, ...] = ()) -> Any:
+    """The task of `config.task` for `dataset`, its arguments checked like a model's."""
+    name = task_config.get("name", "") or default_name(dataset)
+    target = resolve(name, search_dirs)
+    kwargs = {k: v for k, v in task_config.items() if k != "name"}
+    accepted = arguments(target)
+    if inspect.isclass(target):
+        for key in kwargs:
+            if key not in accepted:
+                raise ConfigError(f"config.task.{key}: task {name!r} takes no argument {key!r} "
+                                  f"(valid: {', '.join(accepted) or 'none'})")
+        if "label_smoothing" in accepted and legacy_label_smoothing:  # the old config.loss.label_smoothing
+            kwargs.setdefault("label_smoothing", legacy_label_smoothing)
+        for field, value in (("num_classes", dataset.num_classes), ("vocab_size", dataset.num_classes),
+                             ("char_level", bool(dataset.metadata.get("char_level", True)))):
+            if field in accepted and field not in kwargs and value is not None:
+                kwargs[field] = value
+        try:
+            task = target(**kwargs)
+        except ConfigError:
+            raise
+        except Exception as e:
+            raise ConfigError(f"config.task ({name}): {type(e).__name__}: {e}") from None
+    elif kwargs:
+        raise ConfigError(f"config.task.{next(iter(kwargs))}: task {name!r} is an object and takes no arguments")
+    else:
+        task = target
+    missing = [attr for attr in REQUIRED if not hasattr(task, attr)]
+    if missing:
+        raise ConfigError(f"config.task.name={name!r} is not a task: it lacks {', '.join(missing)} "
+                          "(see dlfx.tasks)")
+    return task
+
+
+
+def _first_line(error: BaseException) -> str:
+    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
+
+
+def check(task: Any, model: Any, state: Any, batch: dict, name: str = "", axis_name: str = "data") -> None:
+    """Trace (no compute) the task's loss and eval sums on a two-example batch, so a task that does not fit
+    the model or data, returns a non-scalar loss or other metrics than it declares fails in one ConfigError
+    line before anything is written."""
+    label = name or type(task).__name__
+    variables = {"params": state.params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
+    stacked = jax.tree.map(lambda a: jnp.asarray(a)[None], batch)  # a mapped axis binds the device-axis name
+
+    def train_loss(b):
+        return task.loss(model, variables, b, jax.random.PRNGKey(0), True)
+
+    def eval_sums(b):
+        return task.eval_sums(model, variables, {**b, "mask": jnp.ones(len(next(iter(b.values()))), jnp.float32)})
+
+    try:
+        loss, metrics, _ = jax.eval_shape(jax.vmap(train_loss, axis_name=axis_name), stacked)
+        sums = jax.eval_shape(jax.vmap(eval_sums, axis_name=axis_name), stacked)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"config.task ({label}) fails on this model and data (batch keys "
+                          f"{sorted(batch)}): {_first_line(e)}") from None
+    if loss.shape != (1,):
+        raise ConfigError(f"config.task ({label}): the loss must be a scalar, got shape {loss.shape[1:]}")
+    if set(metrics) != set(task.train_metrics):
+        raise ConfigError(f"config.task ({label}) declares train_metrics {sorted(task.train_metrics)} but its loss "
+                          f"returns {sorted(metrics)}")
+    bad = [k for k, v in {**metrics, **sums}.items() if v.shape != (1,)]
+    if bad:
+        raise ConfigError(f"config.task ({label}): metric {bad[0]!r} is not a scalar")
+    if "count" not in sums:
+        raise ConfigError(f"config.task ({label}): eval_sums must return a 'count' (the real examples summed)")

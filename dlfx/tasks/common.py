@@ -1,0 +1,34 @@
+"""What every task needs: running the model in train or eval mode, and turning eval sums into means."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+
+Batch = dict[str, jnp.ndarray]
+
+
+def apply_model(model: Any, variables: dict, x: Any, rng: jnp.ndarray | None, train: bool) -> tuple[Any, dict]:
+    """The model's output and, in training, its updated mutable collections (e.g. `batch_stats`).
+
+    Training draws dropout (and any other stochastic layer) from the `dropout` stream of `rng`.
+    """
+    if not train:
+        return model.apply(variables, x, train=False), {}
+    mutable = [name for name in variables if name != "params"]
+    if not mutable:
+        return model.apply(variables, x, train=True, rngs={"dropout": rng}), {}
+    out, updates = model.apply(variables, x, train=True, rngs={"dropout": rng}, mutable=mutable)
+    return out, dict(updates)
+
+
+def per_example(values: jnp.ndarray) -> jnp.ndarray:
+    """Mean over every axis but the batch, so each example weighs the same."""
+    return values.reshape(values.shape[0], -1).mean(axis=1)
+
+
+def means(totals: dict[str, float]) -> dict[str, float]:
+    """Eval sums divided by their `count` (the number of real, unpadded examples)."""
+    count = float(totals["count"])
+    return {k: float(v) / count for k, v in totals.items() if k != "count"}
