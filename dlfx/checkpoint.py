@@ -64,7 +64,19 @@ class Checkpointer:
 
     def restore(self, step: int, abstract_state: Any,
                 data_iterator: grain.DatasetIterator | None = None) -> Any:
-        """Restore one step into the shapes/shardings of `abstract_state`; the iterator is set in place."""
+        """Restore one step into the shapes/shardings of `abstract_state`; the iterator is set in place.
+
+        A step that does not fit the state's shapes, or does not read back, raises one CheckpointError line.
+        """
+        mismatch = _shape_mismatch(f"{self.directory}/{step}", abstract_state)
+        if mismatch:
+            raise CheckpointError(f"checkpoint {self.directory}/{step} does not fit this config's model: {mismatch}")
+        try:
+            return self._restore(step, abstract_state, data_iterator)
+        except Exception as e:  # Orbax raises several types for unreadable data
+            raise CheckpointError(f"checkpoint {self.directory}/{step} is unreadable: {_first_line(e)}") from None
+
+    def _restore(self, step: int, abstract_state: Any, data_iterator: grain.DatasetIterator | None) -> Any:
         items = {"state": ocp.args.StandardRestore(abstract_state)}
         if data_iterator is None:
             return self.manager.restore(step, args=ocp.args.Composite(**items)).state
@@ -92,7 +104,7 @@ class Checkpointer:
         broken = []
         for step in reversed(steps):
             try:
-                state = self.restore(step, abstract_state, data_iterator)
+                state = self._restore(step, abstract_state, data_iterator)
             except Exception as e:  # Orbax raises several types for unreadable or mismatched data
                 log.warning("checkpoint %s/%d is unreadable (%s); trying an older one", self.directory, step,
                             _first_line(e))
@@ -171,6 +183,10 @@ def _owner(directory: str) -> dict | None:
             value = json.loads(path.read_text())
         except (OSError, ValueError, UnicodeDecodeError):
             raise CheckpointError(f"{path} is damaged; it says which run owns {directory}") from None
+        if key is None and not (isinstance(value, dict) and isinstance(value.get("config"), dict)
+                                and isinstance(value.get("workdir"), str)):
+            raise CheckpointError(f"{path} is damaged (it must hold the owner's 'config' object and 'workdir' "
+                                  f"path); it says which run owns {directory}")
         if not isinstance(value, dict):
             raise CheckpointError(f"{path} must hold a JSON object; it says which run owns {directory}")
         return value if key is None else {"config": value, "workdir": str(folder.parent)}

@@ -53,11 +53,13 @@ def output_path(out: str, default_name: str = "curves.png") -> str:
 
 def save_figure(fig, out: str) -> None:
     """Write a figure atomically (a temp file renamed into place): a kill never leaves half an image."""
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     tmp = f"{out}.tmp{os.getpid()}"
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         fig.savefig(tmp, format=os.path.splitext(out)[1].lstrip(".").lower())
         os.replace(tmp, out)
+    except OSError as e:
+        raise ConfigError(f"cannot write figure {out}: {e.strerror or e}") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

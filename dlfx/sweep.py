@@ -56,15 +56,23 @@ def sweep(config_spec: str, grid_items: Sequence[str], root: str, overrides: Seq
           parallel: int = 1, metric: str = "accuracy") -> list[dict]:
     """Run every grid point not yet finished under `root`; return one `dlfx runs` row per point."""
     grid = parse_grid(grid_items)
-    plan = []
+    if os.path.exists(root) and not os.path.isdir(root):
+        raise ConfigError(f"--workdir-root {root} is a file, not a folder")
+    plan, names = [], {}
     for params in points(grid):  # every config is validated before anything runs
         config = config_lib.load(config_spec, list(overrides) + [f"{k}={v}" for k, v in params.items()])
-        plan.append((params, config, os.path.join(root, run_name(params))))
+        name = run_name(params)
+        if name in names:  # two values that differ only in characters a folder name cannot hold
+            raise ConfigError(f"--grid points {names[name]} and {params} would share the run folder {name!r}; "
+                              "give values that differ in letters, digits or . = + -")
+        names[name] = params
+        plan.append((params, config, os.path.join(root, name)))
     todo = [(p, c, w) for p, c, w in plan if read_status(w)["status"] != "finished"]
     print(f"sweep: {len(plan)} runs, {len(plan) - len(todo)} already finished, {len(todo)} to run under {root}",
           file=sys.stderr)
+    failed: set[str] = set()  # points whose train failed now (a refused one may leave another run's files)
     if parallel > 1:
-        _run_subprocesses(config_spec, overrides, todo, parallel)
+        failed = _run_subprocesses(config_spec, overrides, todo, parallel)
     else:
         from dlfx import runner
 
@@ -72,24 +80,27 @@ def sweep(config_spec: str, grid_items: Sequence[str], root: str, overrides: Seq
             print(f"sweep: {os.path.basename(workdir)}", file=sys.stderr)
             try:
                 runner.train(config, workdir)
-            except DlfxError as e:  # one bad point does not stop the sweep; its status says failed
+            except DlfxError as e:  # one bad point does not stop the sweep
+                failed.add(workdir)
                 print(f"sweep: {os.path.basename(workdir)} failed: {e}", file=sys.stderr)
     rows = []
     for params, _, workdir in plan:
         row = runs.summarize(workdir) if os.path.isfile(os.path.join(workdir, "config.json")) else {
             **{c: None for c in runs.COLUMNS}, "name": os.path.basename(workdir), "status": "failed", "path": workdir}
+        if workdir in failed:
+            row = {**row, "status": "failed"}
         row["params"] = {k: _value(v) for k, v in params.items()}
         row[metric] = row.get(f"final_{metric}")
         rows.append(row)
     for key, values in grid:
-        if len(values) > 1:
+        if len(values) > 1 and any(row[metric] is not None for row in rows):
             plot.plot_sweep(rows, key, metric, os.path.join(root, f"sweep_{key.rsplit('.', 1)[-1]}.png"))
     return rows
 
 
-def _run_subprocesses(config_spec: str, overrides: Sequence[str], todo: list, parallel: int) -> None:
-    """`dlfx train` per grid point, at most `parallel` at once; each gets its share of the CPU threads."""
-    pending, active = list(todo), []
+def _run_subprocesses(config_spec: str, overrides: Sequence[str], todo: list, parallel: int) -> set[str]:
+    """`dlfx train` per grid point, at most `parallel` at once; returns the workdirs whose run failed."""
+    pending, active, failed = list(todo), [], set()
     while pending or active:
         while pending and len(active) < parallel:
             params, _, workdir = pending.pop(0)
@@ -106,4 +117,6 @@ def _run_subprocesses(config_spec: str, overrides: Sequence[str], todo: list, pa
                 out.close()
                 active.remove((proc, out, workdir))
                 if proc.returncode:
+                    failed.add(workdir)
                     print(f"sweep: {os.path.basename(workdir)} exited {proc.returncode}", file=sys.stderr)
+    return failed

@@ -73,6 +73,8 @@ class WorkdirLock:
         raise ConfigError(f"could not take the lock {self.path}")
 
     def _take_over_if_stale(self) -> None:
+        if os.path.isdir(self.path):
+            raise ConfigError(f"{self.path} is a folder, not a lock file; remove it")
         host, pid, live = read_lock(self.path)
         if live and host != socket.gethostname():
             raise ConfigError(f"workdir {os.path.dirname(self.path)} is locked by process {pid} on host {host} "
@@ -214,6 +216,10 @@ def read_status(workdir: str) -> dict:
             status = read_json(path)
             if not isinstance(status.get("status"), str):
                 raise ConfigError(f"{path} has no 'status' string")
+            for key in ("step", "total_steps", "pid", "wall_time", "steps_per_sec"):
+                value = status.get(key)
+                if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+                    raise ConfigError(f"{path}: '{key}' must be a number, got {value!r}")
         except ConfigError as e:
             status = {"status": "unknown", "error": str(e)}
     if status["status"] == "running" and not lock_holder_alive(workdir):

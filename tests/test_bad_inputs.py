@@ -21,6 +21,9 @@ def root(tmp_path_factory):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     runner.train(config_lib.load(os.path.join(repo, CNN), TINY), str(base / "runs" / "run"))
     (base / "notes.txt").write_text("not a config\n")
+    (base / "none.py").write_text("from dlfx.config import base_config\n\n\ndef get_config():\n    c = base_config()\n"
+                                  "    c.model.name, c.data.name, c.train.steps = 'cnn', 'digits', 5\n"
+                                  "    c.train.log_every = None\n    return c\n")
     (base / "bad.safetensors").write_bytes(b"\x00garbage")
     (base / "bad.npz").write_bytes(b"PK\x03\x04garbage")
     return base
@@ -66,7 +69,13 @@ def _edit_config(run):
         f.write(text.replace('"hidden_dim": 16', '"hidden_dim": 24'))
 
 
+def _remove_state(run):
+    """The newest checkpoint loses its train state."""
+    shutil.rmtree(os.path.join(run, "checkpoints", "4", "state"))
+
+
 BINARY = b"\x89\xff\x00\x13binary"
+SAME = [f"--config.{o}" for o in TINY]
 TRAIN = ["train", "--config", CNN, "--workdir", "{new}"]
 # (argv with {run} {new} {root}, text the one error line must hold, change made to a copy of the run first)
 CASES = [
@@ -141,6 +150,17 @@ CASES = [
     (["sweep", "--config", CNN, "--workdir-root", "{new}", "--grid", "seed=1", "--parallel", "0"], "--parallel",
      None),
     (["nosuch"], "nosuch", None),
+    # found by an adversarial probe
+    (["train", "--config", "{root}/none.py", "--workdir", "{new}"], "config.train.log_every", None),
+    (["eval", "--workdir", "{run}", "--step", "4"], "unreadable", _remove_state),
+    (["eval", "--workdir", "{run}"], "dlfx_run.json", _damage("checkpoints/dlfx_run.json",
+                                                              '{"workdir": 5, "config": "x"}')),
+    (["train", "--config", CNN, "--workdir", "{run}"] + SAME, ".lock is a folder", _damage(".lock", None)),
+    (["plot", "{run}", "-o", "{root}/notes.txt/x.png"], "notes.txt", None),
+    (["sweep", "--config", CNN, "--workdir-root", "{root}/notes.txt", "--grid", "seed=1,2"], "--workdir-root",
+     None),
+    (["sweep", "--config", CNN, "--workdir-root", "{new}", "--grid", "train.checkpoint_dir=a/b,a_b"],
+     "share the run folder", None),
 ]
 
 
@@ -154,7 +174,7 @@ def test_bad_input_is_one_line_exit_2_and_changes_nothing(root, tmp_path, monkey
     monkeypatch.setattr(cli, "_exit_now_if_stuck", lambda code: code)  # never os._exit a test worker
     monkeypatch.chdir(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     args = [a.format(run=run, new=str(tmp_path / "new"), root=str(tmp_path)) for a in argv]
-    for name in ("notes.txt", "bad.safetensors", "bad.npz"):
+    for name in ("notes.txt", "none.py", "bad.safetensors", "bad.npz"):
         shutil.copy(root / name, tmp_path / name)
     before = _snapshot(tmp_path)
     capsys.readouterr()
