@@ -48,6 +48,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     parallel.initialize(args.coordinator_address, args.num_processes, args.process_id)  # before devices are used
     config = config_lib.load(args.config, split_overrides(extra))
     parallel.enable_compilation_cache(args.compilation_cache)
+    if args.workdir is not None and not args.workdir.strip():
+        raise ConfigError("--workdir is empty (leave it out for a fresh folder under runs/)")
     workdir = args.workdir or _default_workdir(args.config)
     if not args.workdir:
         print(f"workdir: {workdir}", file=sys.stderr)
@@ -119,7 +121,7 @@ def cmd_runs(args: argparse.Namespace, extra: list[str]) -> int:
     _no_extra(extra)
     rows = [runs.summarize(w) for w in runs.find_runs(args.dir)]
     for row in rows:
-        if row["status"] == "damaged":
+        if row["status"] == "damaged" or "status.json" in (row.get("error") or ""):
             print(f"dlfx: warning: {row['error']}", file=sys.stderr)
     print(runs.table(rows, args.sort, args.csv))
     return 0

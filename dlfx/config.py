@@ -10,6 +10,7 @@ import inspect
 import json
 import os
 import re
+import sys
 from typing import Any, Iterable
 
 import ml_collections
@@ -230,14 +231,15 @@ def _constructor_default(config: ml_collections.ConfigDict, parts: list[str]) ->
 
     section, name = parts
     if section == "model":
-        if config.model.name not in models.REGISTRY or name not in models.fields(config.model.name):
+        if not (config.model.name in models.REGISTRY or ":" in config.model.name) or \
+                name not in models.fields(config.model.name):
             return _NOT_AN_ARGUMENT
-        cls = models.REGISTRY[config.model.name][0]
+        cls = models.resolve(config.model.name)[0]
         field = next(f for f in dataclasses.fields(cls) if f.name == name)
         return None if field.default is dataclasses.MISSING else field.default
-    if config.data.name not in data.SOURCES:
+    if not (config.data.name in data.SOURCES or ":" in config.data.name):
         return _NOT_AN_ARGUMENT
-    params = inspect.signature(data.SOURCES[config.data.name]).parameters
+    params = inspect.signature(data.resolve(config.data.name)).parameters
     if name not in params or name in data.PIPELINE_KEYS:
         return _NOT_AN_ARGUMENT
     default = params[name].default
@@ -289,6 +291,30 @@ def _check_choice(config: ml_collections.ConfigDict, key: str, choices: Iterable
         raise ConfigError(f"config.{key}={value!r} is not one of {', '.join(choices)}{hint}")
 
 
+def _type_ok(value: Any, default: Any) -> bool:
+    if isinstance(default, bool):
+        return isinstance(value, bool)
+    if isinstance(default, (int, float)):
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+            (isinstance(default, float) or isinstance(value, int))
+    if isinstance(default, (tuple, list)):
+        return isinstance(value, (tuple, list))
+    return isinstance(value, type(default))
+
+
+def _check_types(config: ml_collections.ConfigDict, reference: ml_collections.ConfigDict) -> None:
+    """Every key dlfx defines holds the type of its default (a config file can set anything)."""
+    for key in flat_keys(reference):
+        section, _, leaf = key.rpartition(".")
+        node = config[section] if section else config
+        if leaf not in node:
+            continue
+        default = reference[section][leaf] if section else reference[leaf]
+        if not _type_ok(node[leaf], default):
+            kind = "a number" if isinstance(default, float) else type(default).__name__
+            raise ConfigError(f"config.{key} must be {kind}, got {node[leaf]!r}")
+
+
 def validate(config: ml_collections.ConfigDict) -> None:
     """Check that every section is present and every value is usable; raise ConfigError."""
     from dlfx import data, models  # registries; imported here to keep config import light
@@ -304,12 +330,15 @@ def validate(config: ml_collections.ConfigDict) -> None:
         for key in config[section].keys():
             if key not in reference[section]:
                 raise _unknown_key(f"{section}.{key}", reference)
+    _check_types(config, reference)
     if not config.model.name:
         raise ConfigError(f"config.model.name is not set (one of {', '.join(models.names())})")
-    _check_choice(config, "model.name", models.names())
+    if ":" not in config.model.name:  # 'package.module:Class' is checked when the model is built
+        _check_choice(config, "model.name", models.names())
     if not config.data.name:
         raise ConfigError(f"config.data.name is not set (one of {', '.join(data.names())})")
-    _check_choice(config, "data.name", data.names())
+    if ":" not in config.data.name:
+        _check_choice(config, "data.name", data.names())
     _check_choice(config, "loss.name", LOSSES)
     task_name = config.task.get("name", "")
     if task_name and ":" not in task_name:
@@ -353,10 +382,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
     preflight.check(config, flat_keys(config))
 
 
+def _search_config_folder(spec: str, config: ml_collections.ConfigDict, overrides: Iterable[str]) -> None:
+    """With a `package.module:attr` name (model, data or task), its module may sit beside the config file:
+    that folder joins the end of `sys.path` (installed packages still win)."""
+    names = [config.model.get("name", ""), config.data.get("name", ""), config.get("task", {}).get("name", "")]
+    names += [o.partition("=")[2] for o in overrides if o.split("=")[0].strip().endswith(".name")]
+    if any(":" in str(n) for n in names):
+        folder = os.path.dirname(os.path.abspath(parse_config_spec(spec)[0]))
+        if folder not in sys.path:
+            sys.path.append(folder)
+
+
 def load(spec: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
     """Load a config file, apply overrides, validate and lock it."""
     config = load_config_file(spec)
     config.lock()
+    _search_config_folder(spec, config, overrides)
     apply_overrides(config, overrides)
     validate(config)
     return config

@@ -25,8 +25,13 @@ def load(spec: str, key: str, search_dirs: tuple[str, ...] = ()) -> Any:
             sys.path.append(folder)
     try:
         module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name != module_name.split(".")[0]:
+            raise ConfigError(f"{key}={spec!r}: importing {module_name} failed: {type(e).__name__}: {e}") from None
+        raise ConfigError(f"{key}={spec!r}: no module {module_name!r} on the Python path (dlfx adds the folder "
+                          "of the config file it loads; elsewhere put the module's folder on PYTHONPATH)") from None
     except Exception as e:  # the user's module: any error while importing it
-        raise ConfigError(f"{key}={spec!r}: cannot import {module_name}: {type(e).__name__}: {e}") from None
+        raise ConfigError(f"{key}={spec!r}: importing {module_name} failed: {type(e).__name__}: {e}") from None
     target = module
     for part in attribute.split("."):
         if not hasattr(target, part):

@@ -67,6 +67,8 @@ def read_shapes(path: str) -> dict[str, tuple[tuple[int, ...], str]]:
     """Parameter (and batch-stat) shapes of a workdir, checkpoint folder, HF folder, `.safetensors` or `.npz` file."""
     if not os.path.exists(path):
         raise CheckpointError(f"no such file or folder: {path}")
+    if not (os.path.isfile(path) or os.path.isdir(path)):  # a FIFO or device would block the reader
+        raise CheckpointError(f"{path} is not a regular file or folder")
     if os.path.isfile(os.path.join(path, "config.json")) and os.path.isfile(os.path.join(path, "model.safetensors")):
         path = os.path.join(path, "model.safetensors")  # a Hugging Face model folder
     if path.endswith(".safetensors"):

@@ -128,8 +128,10 @@ def parse_indices(text: str, limit: int) -> list[int]:
             indices = [int(v) for v in text.split(",") if v.strip()]
     except ValueError:
         raise ConfigError(f"--index {text!r}: expected N, A..B or A,B,C") from None
+    if not indices:
+        raise ConfigError(f"--index {text!r} selects no example (A..B needs A <= B)")
     bad = [i for i in indices if not 0 <= i < limit]
-    if not indices or bad:
+    if bad:
         raise ConfigError(f"--index {text!r}: indices must be in [0, {limit}) (bad: {bad})")
     return indices
 

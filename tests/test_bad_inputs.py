@@ -74,6 +74,11 @@ def _remove_state(run):
     shutil.rmtree(os.path.join(run, "checkpoints", "4", "state"))
 
 
+def _fifo(run):
+    """A named pipe where a weights file is expected (reading it would block for ever)."""
+    os.mkfifo(os.path.join(run, "weights.npz"))
+
+
 BINARY = b"\x89\xff\x00\x13binary"
 SAME = [f"--config.{o}" for o in TINY]
 TRAIN = ["train", "--config", CNN, "--workdir", "{new}"]
@@ -161,6 +166,9 @@ CASES = [
      None),
     (["sweep", "--config", CNN, "--workdir-root", "{new}", "--grid", "train.checkpoint_dir=a/b,a_b"],
      "share the run folder", None),
+    (["train", "--config", CNN, "--workdir", ""], "--workdir is empty", None),
+    (["interpret", "--workdir", "{run}", "-o", "{new}.png", "--index", "5..2"], "selects no example", None),
+    (["inspect", "{run}/weights.npz"], "not a regular file", _fifo),
 ]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 from typing import Any, Callable, Mapping
 
+from dlfx import imports
 from dlfx.data import sources
 from dlfx.data.pipeline import (ArraySource, augment_images, eval_batches, num_examples, steps_per_epoch,
                                  train_iterator)
@@ -23,7 +24,7 @@ SOURCES: dict[str, Callable[..., Dataset]] = {
 # `config.data` keys used by the pipeline rather than passed to the source
 PIPELINE_KEYS = ("name", "batch_size", "crop_padding", "random_flip", "classes", "train_fraction")
 
-__all__ = ["ArraySource", "Dataset", "DevicePrefetcher", "PIPELINE_KEYS", "augment_images", "SOURCES", "eval_batches", "load", "names", "num_examples", "steps_per_epoch",
+__all__ = ["ArraySource", "Dataset", "DevicePrefetcher", "PIPELINE_KEYS", "augment_images", "SOURCES", "eval_batches", "load", "names", "resolve", "num_examples", "steps_per_epoch",
            "train_iterator"]
 
 
@@ -32,23 +33,54 @@ def names() -> list[str]:
     return sorted(SOURCES)
 
 
+def resolve(name: str) -> Callable[..., Dataset]:
+    """The source a built-in name or a `package.module:factory` path names (a callable returning a Dataset)."""
+    if name in SOURCES:
+        return SOURCES[name]
+    if not imports.is_import_path(name):
+        raise ConfigError(f"config.data.name={name!r} is not one of {', '.join(names())} "
+                          "(or a 'package.module:factory' path)")
+    target = imports.load(name, "config.data.name")
+    if not callable(target):
+        raise ConfigError(f"config.data.name={name!r} is not callable (a data factory returns a dlfx.data.Dataset)")
+    return target
+
+
+def _check_dataset(dataset: Any, name: str) -> None:
+    """A factory's result: a Dataset whose splits are non-empty dicts of equally long arrays."""
+    if not isinstance(dataset, Dataset):
+        raise DataError(f"data set {name!r} returned a {type(dataset).__name__}, not a dlfx.data.Dataset")
+    for split in ("train", "test"):
+        arrays = getattr(dataset, split)
+        if not isinstance(arrays, dict) or not arrays:
+            raise DataError(f"data set {name!r}: its {split} split must be a non-empty dict of arrays")
+        lengths = {key: len(value) for key, value in arrays.items()}
+        if len(set(lengths.values())) > 1:
+            raise DataError(f"data set {name!r}: the {split} arrays have unequal lengths {lengths}")
+
+
 def load(data_config: Mapping[str, Any]) -> Dataset:
     """Load the data set that `config.data` names, passing its source keys (not the pipeline keys) to it."""
     name = data_config.get("name", "")
-    if name not in SOURCES:
-        raise ConfigError(f"config.data.name={name!r} is not one of {', '.join(names())}")
+    source = resolve(name)
     kwargs = {k: v for k, v in data_config.items() if k not in PIPELINE_KEYS}
-    params = inspect.signature(SOURCES[name]).parameters
+    params = inspect.signature(source).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
     for key in kwargs:
-        if key not in params:
+        if key not in params and not takes_any:
             raise ConfigError(f"config.data.{key}: data set {name!r} takes no argument {key!r} "
                               f"(valid: {', '.join(params)})")
     try:
-        dataset = SOURCES[name](**kwargs)
+        dataset = source(**kwargs)
     except (DataError, ConfigError):
         raise
     except ImportError as e:
         raise DataError(f"data set {name!r} needs a package that is not installed: {e}") from None
+    except Exception as e:
+        if name in SOURCES:
+            raise
+        raise DataError(f"data set {name!r} failed: {type(e).__name__}: {e}") from None
+    _check_dataset(dataset, name)
     classes = tuple(data_config.get("classes", ()))
     fraction = data_config.get("train_fraction", 1.0)
     if classes or fraction != 1.0:

@@ -5,6 +5,7 @@ from typing import Any
 
 import flax.linen as nn
 
+from dlfx import imports
 from dlfx.errors import ConfigError
 from dlfx.models.cnn import CNN, CNN1D
 from dlfx.models.mlp import MLP
@@ -29,7 +30,7 @@ REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
 }
 
 __all__ = ["Block", "CNN", "CNN1D", "GPT", "MLP", "REGISTRY", "RNN", "ResNet", "TransformerEncoder", "ViT",
-           "build", "fields", "names"]
+           "build", "fields", "names", "resolve"]
 
 
 def names() -> list[str]:
@@ -37,21 +38,38 @@ def names() -> list[str]:
     return sorted(REGISTRY)
 
 
+def resolve(name: str) -> tuple[type[nn.Module], dict[str, Any]]:
+    """(class, preset arguments) of a registered name or a `package.module:Class` flax Module."""
+    if name in REGISTRY:
+        return REGISTRY[name]
+    if not imports.is_import_path(name):
+        raise ConfigError(f"unknown model {name!r}; registered models: {', '.join(names())} "
+                          "(or a 'package.module:Class' path)")
+    target = imports.load(name, "config.model.name")
+    if not (isinstance(target, type) and issubclass(target, nn.Module)):
+        raise ConfigError(f"config.model.name={name!r} is not a flax.linen.Module class "
+                          f"(got {type(target).__name__})")
+    return target, {}
+
+
 def fields(name: str) -> list[str]:
-    """Constructor arguments a registered model accepts (its presets excluded)."""
-    cls, presets = REGISTRY[name]
+    """Constructor arguments a model accepts (its presets excluded)."""
+    cls, presets = resolve(name)
     return [f.name for f in dataclasses.fields(cls)
             if f.init and f.name not in ("parent", "name") and f.name not in presets]
 
 
 def build(name: str, **kwargs) -> nn.Module:
-    """Build a registered model; unknown names or arguments raise ConfigError."""
-    if name not in REGISTRY:
-        raise ConfigError(f"unknown model {name!r}; registered models: {', '.join(names())}")
+    """Build a registered model or a `package.module:Class` Module; unknown arguments raise ConfigError."""
+    cls, presets = resolve(name)
     valid = fields(name)
     for key in kwargs:
         if key not in valid:
             raise ConfigError(f"config.model.{key}: model {name!r} takes no argument {key!r} "
                               f"(valid: {', '.join(valid)})")
-    cls, presets = REGISTRY[name]
+    missing = [f.name for f in dataclasses.fields(cls) if f.init and f.name not in ("parent", "name")
+               and f.name not in presets and f.name not in kwargs
+               and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"config.model.{missing[0]}: model {name!r} needs this argument")
     return cls(**presets, **kwargs)

@@ -1,0 +1,120 @@
+"""Tasks (classification, lm, regression, a user's) and import paths for models, data and tasks."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import chex
+import numpy as np
+import pytest
+
+from dlfx import config as config_lib, log, runner
+from dlfx.errors import ConfigError, DataError
+
+from checks import assert_bit_identical
+
+REGRESSION = ["model.name=mlp", "model.hidden_dims=(32,)", "model.dropout_rate=0.0", "data.name=sines", "data.length=16",
+              "data.num_train=256", "data.num_test=64", "task.name=regression", "data.batch_size=32",
+              "train.epochs=0", "train.steps=40", "train.log_every=10", "train.eval_every=0",
+              "optimizer.warmup_steps=2", "optimizer.learning_rate=0.01", "train.steps_per_call=1"]
+CUSTOM = "experiments/custom_research/config.py"
+CUSTOM_TINY = ["model.features=8", "model.num_layers=2", "data.length=16", "data.num_train=128", "data.num_test=64",
+               "data.batch_size=32", "train.steps=12", "train.log_every=4", "train.eval_every=0",
+               "train.checkpoint_every=6", "optimizer.warmup_steps=2"]
+
+
+def _config(repo_root, path, base, *extra):
+    return config_lib.load(os.path.join(repo_root, path), base + list(extra))
+
+
+def test_regression_trains_reports_r2_and_matches_one_device(repo_root, tmp_path):
+    one = runner.train(_config(repo_root, "configs/digits_mlp.py", REGRESSION, "parallel.num_devices=1"),
+                       str(tmp_path / "one"))
+    losses = [r["loss"] for r in log.read_metrics(str(tmp_path / "one")) if r["split"] == "train"]
+    assert losses[-1] < 0.5 * losses[0]
+    assert set(one["eval"]) == {"loss", "mse", "mae", "r2"} and 0.0 < one["eval"]["r2"] <= 1.0
+    assert one["eval"]["loss"] == pytest.approx(one["eval"]["mse"])
+    for mode in ("pmap", "shard_map"):  # 8 fake devices
+        many = runner.train(_config(repo_root, "configs/digits_mlp.py", REGRESSION, f"parallel.mode={mode}"),
+                            str(tmp_path / mode))
+        chex.assert_trees_all_close(one["state"], many["state"], rtol=1e-5, atol=1e-6)
+
+
+def test_lm_task_reports_perplexity_and_bits_per_char(repo_root, tmp_path):
+    summary = runner.train(_config(repo_root, "configs/char_lstm.py", [
+        "model.hidden_dim=32", "model.embed_dim=16", "data.seq_len=32", "data.batch_size=16", "train.epochs=0",
+        "train.steps=4", "train.log_every=2", "train.eval_every=0", "optimizer.warmup_steps=1",
+        "parallel.num_devices=1"]), str(tmp_path / "lm"))
+    metrics = summary["eval"]
+    assert metrics["perplexity"] == pytest.approx(np.exp(metrics["loss"]), rel=1e-6)
+    assert metrics["bits_per_char"] == pytest.approx(metrics["loss"] / np.log(2), rel=1e-6)
+
+
+def test_label_smoothing_moves_from_loss_to_task_and_old_key_still_works(repo_root):
+    old = _config(repo_root, "configs/digits_cnn.py", ["loss.label_smoothing=0.1"])
+    new = _config(repo_root, "configs/digits_cnn.py", ["task.label_smoothing=0.1"])
+    from dlfx import data, tasks
+
+    dataset = data.load(old.data)
+    assert tasks.build(old.task, dataset, old.loss.label_smoothing).label_smoothing == 0.1
+    assert tasks.build(new.task, dataset, new.loss.label_smoothing).label_smoothing == 0.1
+
+
+def test_user_model_data_and_task_train_through_the_cli_and_resume_bit_identically(repo_root, tmp_path):
+    args = [f"--config.{o}" for o in CUSTOM_TINY] + ["--config.parallel.num_devices=1"]
+    full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
+    result = subprocess.run([sys.executable, "-m", "dlfx", "train", "--config", CUSTOM, "--workdir", full, *args],
+                            cwd=repo_root, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "gain_db=" in result.stdout
+    shutil.copytree(full, resumed)
+    shutil.rmtree(os.path.join(resumed, "checkpoints", "12"))  # as if killed after step 6
+    config = _config(repo_root, CUSTOM, CUSTOM_TINY, "parallel.num_devices=1")
+    summary = runner.train(config, resumed)
+    assert summary["step"] == 12 and np.isfinite(summary["eval"]["gain_db"])
+    from checks import restore_newest
+
+    reference, _ = restore_newest(config, os.path.join(full, "checkpoints"))
+    assert_bit_identical(reference, summary["state"])
+
+
+BAD = [
+    (["task.name=nosuch"], "config.task.name='nosuch'"),
+    (["task.name=regression", "task.nosuch=1"], "config.task.nosuch"),
+    (["task.name=regression", "task.loss_name=l3"], "config.task.loss_name"),
+    (["model.name=no_such_module_xyz:Net"], "no module 'no_such_module_xyz'"),
+    (["model.name=nets:Missing"], "nets has no attribute 'Missing'"),
+    (["model.name=data:noisy_waves"], "not a flax.linen.Module class"),
+    (["data.name=data:not_a_dataset"], "returned a list, not a dlfx.data.Dataset"),
+    (["data.name=data:unequal"], "unequal lengths"),
+    (["task.name=tasks:VectorLoss"], "the loss must be a scalar"),
+    (["task.name=tasks:Denoising", "task.weight=2"], "config.task.weight"),
+    (["task.name=nets:Denoiser"], "config.task"),
+]
+
+
+@pytest.mark.parametrize("overrides, expected", BAD)
+def test_bad_user_targets_are_one_clear_error_and_leave_no_workdir(repo_root, tmp_path, monkeypatch, overrides,
+                                                                  expected):
+    folder = tmp_path / "research"
+    shutil.copytree(os.path.join(repo_root, "experiments/custom_research"), folder)
+    with open(folder / "data.py", "a") as f:
+        f.write("\n\ndef not_a_dataset(**kwargs):\n    return [1, 2]\n"
+                "\n\ndef unequal(**kwargs):\n    import numpy as np\n    return Dataset(train={'x': np.zeros((4, 16, 1)), "
+                "'clean': np.zeros((3, 16, 1))}, test={'x': np.zeros((2, 16, 1)), 'clean': np.zeros((2, 16, 1))})\n")
+    with open(folder / "tasks.py", "a") as f:
+        f.write("\n\nclass VectorLoss(Denoising):\n    def loss(self, model, variables, batch, rng, train=True):\n"
+                "        out, updates = apply_model(model, variables, batch['x'], rng, train)\n"
+                "        err = jnp.square(out - batch['clean']).mean(axis=(1, 2))\n"
+                "        return err, {'loss': err.mean()}, updates\n")
+    for name in ("nets", "data", "tasks"):
+        sys.modules.pop(name, None)  # each case imports its own copy ...
+    monkeypatch.syspath_prepend(str(folder))  # ... from its own folder, ahead of another test's
+    workdir = str(tmp_path / "run")
+    with pytest.raises((ConfigError, DataError), match=expected.replace("(", r"\(").replace(")", r"\)")):
+        config = config_lib.load(str(folder / "config.py"), CUSTOM_TINY + ["parallel.num_devices=1"] + overrides)
+        runner.train(config, workdir)
+    assert not os.path.exists(workdir)
+    for name in ("nets", "data", "tasks"):
+        sys.modules.pop(name, None)
