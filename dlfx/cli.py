@@ -109,7 +109,7 @@ def cmd_plot(args: argparse.Namespace, extra: list[str]) -> int:
 
     _no_extra(extra)
     out = args.output or os.path.join(args.runs[0], "plots", "curves.png")
-    metrics = [m.strip() for m in args.metrics.split(",") if m.strip()]
+    metrics = None if args.metrics is None else [m.strip() for m in args.metrics.split(",") if m.strip()]
     print(plot.plot_curves(args.runs, out, metrics, args.smooth, args.log_y))
     return 0
 
@@ -221,7 +221,8 @@ def make_parser() -> argparse.ArgumentParser:
     plot = sub.add_parser("plot", help="PNG of train/eval curves of one or more runs")
     plot.add_argument("runs", nargs="+", metavar="RUN")
     plot.add_argument("-o", "--output", help="PNG path (default: RUN/plots/curves.png of the first run)")
-    plot.add_argument("--metrics", default="loss,accuracy", help="comma-separated metric names")
+    plot.add_argument("--metrics", default=None,
+                      help="comma-separated metric names (default: those of loss, accuracy, r2, elbo logged)")
     plot.add_argument("--smooth", type=finite_float(0.0, 1.0), default=0.0, help="EMA weight for train curves, in [0, 1)")
     plot.add_argument("--log-y", action="store_true")
     plot.set_defaults(func=cmd_plot)

@@ -65,14 +65,17 @@ def save_figure(fig, out: str) -> None:
             os.remove(tmp)
 
 
-def plot_curves(workdirs: Sequence[str], out: str, metrics: Sequence[str] = ("loss", "accuracy"),
+DEFAULT_METRICS = ("loss", "accuracy", "r2", "elbo")  # plotted when a run logged them
+
+
+def plot_curves(workdirs: Sequence[str], out: str, metrics: Sequence[str] | None = None,
                 smoothing: float = 0.0, log_y: bool = False) -> str:
     """One panel per metric; train (solid, smoothed) and eval (dashed, markers) curves per run.
 
     Returns the path written (see `output_path`)."""
     if not 0 <= smoothing < 1:
         raise ConfigError(f"--smooth must be in [0, 1), got {smoothing}")
-    if not metrics:
+    if metrics is not None and not metrics:
         raise ConfigError("--metrics names no metric (give e.g. --metrics loss,accuracy)")
     out = output_path(out)
     runs = {}
@@ -82,6 +85,8 @@ def plot_curves(workdirs: Sequence[str], out: str, metrics: Sequence[str] = ("lo
             raise ConfigError(f"no metrics in {workdir} (metrics.jsonl is missing or empty)")
         runs[workdir] = records
     available = {k for records in runs.values() for r in records for k in r} - {"step", "split", "wall_time"}
+    if metrics is None:  # the task's headline metrics that these runs logged
+        metrics = [m for m in DEFAULT_METRICS if m in available] or sorted(available)[:1]
     missing = [m for m in metrics if m not in available]
     if missing:
         raise ConfigError(f"metric(s) {', '.join(missing)} not logged by these runs (available: "
@@ -112,23 +117,55 @@ def plot_curves(workdirs: Sequence[str], out: str, metrics: Sequence[str] = ("lo
     return out
 
 
-def write_run_plots(workdir: str, model, state, dataset, confusion: bool = True) -> None:
-    """`plots/curves.png`, and `plots/confusion.png` for classifiers; a failure is a warning, never an error."""
+def write_run_plots(workdir: str, model, state, dataset, task=None) -> None:
+    """`plots/curves.png`; `plots/confusion.png` for classifiers, `plots/reconstructions.png` for
+    autoencoders of images. A failure is a warning, never an error."""
+    from dlfx import tasks
+
     try:
         plot_curves([workdir], os.path.join(workdir, "plots", "curves.png"))
-        if confusion and "vocab" not in dataset.metadata and dataset.num_classes <= 50:
-            import jax
+        import jax
 
+        variables = {"params": jax.device_get(state.params)}
+        if state.batch_stats:
+            variables["batch_stats"] = jax.device_get(state.batch_stats)
+        if isinstance(task, tasks.Classification) and dataset.num_classes <= 50:
             from dlfx import interpret
 
-            variables = {"params": jax.device_get(state.params)}
-            if state.batch_stats:
-                variables["batch_stats"] = jax.device_get(state.batch_stats)
             predicted = interpret.predictions(model, variables, dataset.test["x"])
             counts = interpret.confusion_matrix(dataset.test["y"], predicted, dataset.num_classes)
             plot_confusion(counts, os.path.join(workdir, "plots", "confusion.png"))
+        if isinstance(task, tasks.Autoencoder) and len(dataset.example_shape) == 3:
+            plot_reconstructions(model, variables, dataset.test["x"][:8], task,
+                                 os.path.join(workdir, "plots", "reconstructions.png"))
     except Exception as e:
         print(f"dlfx: warning: could not write plots in {workdir}: {e}", file=sys.stderr)
+
+
+def plot_reconstructions(model, variables: dict, x: np.ndarray, task, out: str, seed: int = 0) -> str:
+    """Rows of images: inputs, their reconstructions and, for a VAE, decodings of codes drawn from N(0, I)."""
+    import jax
+
+    recon = np.asarray(model.apply(variables, x))
+    rows = [("input", np.asarray(x)), ("reconstruction", recon)]
+    if task.variational:
+        z = jax.random.normal(jax.random.PRNGKey(seed), (len(x), model.latent_dim))
+        rows.append(("sample", np.asarray(model.apply(variables, z, method="decode"))))
+    if task.reconstruction == "bce":  # the decoder gives logits
+        rows = [(name, images if name == "input" else 1 / (1 + np.exp(-images))) for name, images in rows]
+    plt = _pyplot()
+    fig, axes = plt.subplots(len(rows), len(x), figsize=(1.1 * len(x), 1.2 * len(rows)), dpi=110, squeeze=False)
+    for r, (name, images) in enumerate(rows):
+        for c in range(len(x)):
+            ax = axes[r][c]
+            ax.imshow(images[c, ..., 0] if images.shape[-1] == 1 else images[c], cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r][0].set_ylabel(name, fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, out)
+    plt.close(fig)
+    return out
 
 
 def plot_sweep(rows: Sequence[dict], key: str, metric: str, out: str) -> str:

@@ -83,7 +83,7 @@ def _train(config, workdir, force, preemption, start_time) -> dict[str, Any]:
     try:
         summary = _loop(exp, config, workdir, checkpointer, train_iter, restored, start_time, preemption)
         if is_main and summary["status"] == "finished":  # plots before the status: a kill here redoes them
-            plot.write_run_plots(workdir, exp.model, summary["state"], exp.dataset, confusion=True)
+            plot.write_run_plots(workdir, exp.model, summary["state"], exp.dataset, exp.task)
     except BaseException as e:
         if is_main:
             error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"

@@ -51,6 +51,27 @@ def test_lm_task_reports_perplexity_and_bits_per_char(repo_root, tmp_path):
     assert metrics["bits_per_char"] == pytest.approx(metrics["loss"] / np.log(2), rel=1e-6)
 
 
+VAE_TINY = ["model.latent_dim=4", "model.hidden_dims=(32,)", "data.batch_size=32", "train.steps=30",
+            "train.log_every=10", "train.eval_every=0", "optimizer.warmup_steps=2", "parallel.num_devices=1"]
+
+
+@pytest.mark.parametrize("kl_weight", [0.0, 1.0])
+def test_autoencoder_and_vae_train_report_their_terms_and_draw_reconstructions(repo_root, tmp_path, kl_weight):
+    workdir = str(tmp_path / "ae")
+    summary = runner.train(_config(repo_root, "configs/digits_vae.py", VAE_TINY, f"task.kl_weight={kl_weight}"),
+                           workdir)
+    losses = [r["loss"] for r in log.read_metrics(workdir) if r["split"] == "train"]
+    assert losses[-1] < losses[0]
+    metrics = summary["eval"]
+    if kl_weight:
+        assert set(metrics) == {"loss", "reconstruction", "kl", "elbo"} and metrics["kl"] > 0
+        assert metrics["elbo"] == pytest.approx(-(metrics["reconstruction"] + metrics["kl"]))
+    else:
+        assert set(metrics) == {"loss", "reconstruction"}
+    assert os.path.getsize(os.path.join(workdir, "plots", "reconstructions.png")) > 0
+    assert os.path.getsize(os.path.join(workdir, "plots", "curves.png")) > 0
+
+
 def test_label_smoothing_moves_from_loss_to_task_and_old_key_still_works(repo_root):
     old = _config(repo_root, "configs/digits_cnn.py", ["loss.label_smoothing=0.1"])
     new = _config(repo_root, "configs/digits_cnn.py", ["task.label_smoothing=0.1"])

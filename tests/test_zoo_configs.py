@@ -22,6 +22,7 @@ TINY = {
     "configs/digits_resnet.py": ["model.width=4", "data.batch_size=64"],
     "configs/digits_vit.py": ["model.embed_dim=8", "model.num_layers=1", "model.num_heads=2", "data.batch_size=64"],
     "configs/digits_mlp.py": [],
+    "configs/digits_vae.py": ["model.hidden_dims=(16,)", "model.latent_dim=2"],
     "configs/sines.py": ["model.features=(8, 8)", "data.num_train=256", "data.num_test=64", "data.batch_size=32"],
     "configs/char_lstm.py": ["model.hidden_dim=16", "model.num_layers=1", "data.seq_len=32", "data.batch_size=16"],
     "configs/char_gpt.py": ["model.embed_dim=16", "model.num_layers=1", "model.num_heads=2", "data.seq_len=32",
@@ -39,6 +40,8 @@ def test_config_trains_end_to_end(repo_root, tmp_path, spec):
     assert np.isfinite(summary["train"]["loss"])
     if config.task.name == "regression":
         assert {"mse", "mae", "r2"} <= set(summary["eval"])
+    elif config.task.name == "autoencoder":
+        assert np.isfinite(summary["eval"]["elbo"])
     else:
         assert 0.0 <= summary["eval"]["accuracy"] <= 1.0
     if config.data.name == "text":

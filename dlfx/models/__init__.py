@@ -7,6 +7,7 @@ import flax.linen as nn
 
 from dlfx import imports
 from dlfx.errors import ConfigError
+from dlfx.models.autoencoder import Autoencoder
 from dlfx.models.cnn import CNN, CNN1D
 from dlfx.models.mlp import MLP
 from dlfx.models.resnet import ResNet
@@ -27,9 +28,10 @@ REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "transformer": (TransformerEncoder, {}),
     "gpt": (GPT, {}),
     "vit": (ViT, {}),
+    "autoencoder": (Autoencoder, {}),
 }
 
-__all__ = ["Block", "CNN", "CNN1D", "GPT", "MLP", "REGISTRY", "RNN", "ResNet", "TransformerEncoder", "ViT",
+__all__ = ["Autoencoder", "Block", "CNN", "CNN1D", "GPT", "MLP", "REGISTRY", "RNN", "ResNet", "TransformerEncoder", "ViT",
            "build", "fields", "names", "resolve"]
 
 

@@ -21,15 +21,17 @@ import ml_collections
 
 from dlfx import imports
 from dlfx.errors import ConfigError
+from dlfx.tasks.autoencoder import Autoencoder
 from dlfx.tasks.classification import Classification
 from dlfx.tasks.common import apply_model, means, per_example
 from dlfx.tasks.lm import LanguageModel
 from dlfx.tasks.regression import Regression
 
-TASKS: dict[str, type] = {"classification": Classification, "lm": LanguageModel, "regression": Regression}
+TASKS: dict[str, type] = {"autoencoder": Autoencoder, "classification": Classification, "lm": LanguageModel,
+                          "regression": Regression}
 REQUIRED = ("train_metrics", "eval_metrics", "loss", "eval_sums", "finalize")
 
-__all__ = ["Classification", "LanguageModel", "Regression", "TASKS", "apply_model", "build", "default_name",
+__all__ = ["Autoencoder", "Classification", "LanguageModel", "Regression", "TASKS", "apply_model", "build", "default_name",
            "check", "means", "per_example", "resolve"]
 
 
