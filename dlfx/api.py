@@ -28,7 +28,7 @@ def load_run(workdir: str, step: int | None = None) -> Run:
     """Restore a run's newest valid (or the given) checkpoint; changes no file in the workdir."""
     from dlfx import restore
 
-    exp, state, step = restore.load_run(workdir, step)
+    exp, state, step = restore.restore_run(workdir, step)
     variables = {"params": jax.device_get(state.params)}
     if state.batch_stats:
         variables["batch_stats"] = jax.device_get(state.batch_stats)

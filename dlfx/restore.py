@@ -19,8 +19,9 @@ def checkpoint_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
     return config.train.checkpoint_dir or os.path.join(workdir, "checkpoints")
 
 
-def load_run(workdir: str, step: int | None = None) -> tuple[Experiment, steps.TrainState, int]:
-    """A run's experiment and its newest valid (or the given) checkpointed state; changes no file."""
+def restore_run(workdir: str, step: int | None = None) -> tuple[Experiment, steps.TrainState, int]:
+    """A run's experiment and its newest valid (or the given) checkpointed state (the one live copy, on its
+    devices); changes no file. The public, host-side view of a run is `dlfx.load_run`."""
     config = config_lib.read_workdir_config(workdir)
     directory = checkpoint_dir(config, workdir)
     if not epath.Path(directory).is_dir():
@@ -46,5 +47,5 @@ def load_run(workdir: str, step: int | None = None) -> tuple[Experiment, steps.T
 
 def evaluate_workdir(workdir: str, step: int | None = None) -> dict[str, Any]:
     """Restore a run's newest valid (or the given) checkpoint and evaluate it on the test split."""
-    exp, state, step = load_run(workdir, step)
+    exp, state, step = restore_run(workdir, step)
     return {"step": step, **evaluate(exp, state, exp.eval_step())}

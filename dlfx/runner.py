@@ -21,7 +21,7 @@ from dlfx import train_metrics as train_metrics_lib
 from dlfx.checkpoint import Checkpointer, abstract_like
 from dlfx.errors import ConfigError
 from dlfx.experiment import build, evaluate, init_from_pretrained
-from dlfx.restore import checkpoint_dir, evaluate_workdir, load_run  # noqa: F401  (re-exported)
+from dlfx.restore import checkpoint_dir, evaluate_workdir, restore_run  # noqa: F401  (re-exported)
 from dlfx.preemption import Preemption
 from dlfx.workdir import WorkdirLock, read_status, write_status
 

@@ -12,7 +12,7 @@ import numpy as np
 from dlfx.errors import ConfigError, DataError
 from dlfx.models import GPT, RNN
 from dlfx.models import rnn, transformer
-from dlfx.restore import load_run
+from dlfx.restore import restore_run
 from dlfx.workdir import read_json
 
 
@@ -60,7 +60,7 @@ def sample_workdir(workdir: str, prompt: str, length: int, temperature: float = 
         raise ConfigError(f"--temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
     if not 0 <= seed < 2**32:
         raise ConfigError(f"--seed must be in [0, 2**32), got {seed}")
-    exp, state, _ = load_run(workdir)
+    exp, state, _ = restore_run(workdir)
     params = jax.device_get(state.params)
     prompt_ids = jnp.asarray(np.tile(encode(prompt, vocab), (num_samples, 1)))
     rng = jax.random.PRNGKey(seed)

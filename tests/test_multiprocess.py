@@ -29,7 +29,7 @@ def _launch(workdir, processes=2):
 
 
 def _final_params(workdir):
-    _, state, step = runner.load_run(workdir)  # restored here: 1 process, 8 devices
+    _, state, step = runner.restore_run(workdir)  # restored here: 1 process, 8 devices
     return state, step
 
 

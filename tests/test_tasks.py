@@ -35,7 +35,7 @@ def test_regression_trains_reports_r2_and_matches_one_device(repo_root, tmp_path
     assert losses[-1] < 0.5 * losses[0]
     assert set(one["eval"]) == {"loss", "mse", "mae", "r2"} and 0.0 < one["eval"]["r2"] <= 1.0
     assert one["eval"]["loss"] == pytest.approx(one["eval"]["mse"])
-    for mode in ("pmap", "shard_map"):  # 8 fake devices
+    for mode in ("pmap", "shard_map", "fsdp"):  # 8 fake devices
         many = runner.train(_config(repo_root, "configs/digits_mlp.py", REGRESSION, f"parallel.mode={mode}"),
                             str(tmp_path / mode))
         chex.assert_trees_all_close(one["state"], many["state"], rtol=1e-5, atol=1e-6)
