@@ -26,7 +26,7 @@ def classification_loss(logits: jnp.ndarray, labels: jnp.ndarray,
     return loss, {"loss": loss, "accuracy": correct(logits, labels).mean()}
 
 
-def _per_example(values: jnp.ndarray) -> jnp.ndarray:
+def per_example(values: jnp.ndarray) -> jnp.ndarray:
     """Mean over every axis but the batch (tokens of a sequence), so each example weighs the same."""
     return values.reshape(values.shape[0], -1).mean(axis=1)
 
@@ -37,7 +37,7 @@ def masked_sums(logits: jnp.ndarray, labels: jnp.ndarray, mask: jnp.ndarray) -> 
     Works for class logits (B, C) and for per-token logits (B, T, V) with labels (B, T).
     """
     return {
-        "loss": jnp.sum(_per_example(cross_entropy(logits, labels)) * mask),
-        "accuracy": jnp.sum(_per_example(correct(logits, labels)) * mask),
+        "loss": jnp.sum(per_example(cross_entropy(logits, labels)) * mask),
+        "accuracy": jnp.sum(per_example(correct(logits, labels)) * mask),
         "count": jnp.sum(mask),
     }

@@ -33,8 +33,8 @@ class Classification:
     def loss(self, model: Any, variables: dict, batch: Batch, rng: jnp.ndarray, train: bool = True):
         """(mean loss, train metrics, updated mutable collections) of one batch."""
         logits, updates = apply_model(model, variables, batch["x"], rng, train)
-        loss = losses.cross_entropy(logits, batch["y"], self.label_smoothing).mean()
-        return loss, {"loss": loss, "accuracy": losses.correct(logits, batch["y"]).mean()}, updates
+        loss, metrics = losses.classification_loss(logits, batch["y"], self.label_smoothing)
+        return loss, metrics, updates
 
     def eval_sums(self, model: Any, variables: dict, batch: Batch) -> dict[str, jnp.ndarray]:
         """Sums over the real (mask = 1) examples of a batch, and their count."""

@@ -6,6 +6,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from dlfx.losses import per_example  # noqa: F401  (re-exported for tasks)
+
 Batch = dict[str, jnp.ndarray]
 
 
@@ -21,11 +23,6 @@ def apply_model(model: Any, variables: dict, x: Any, rng: jnp.ndarray | None, tr
         return model.apply(variables, x, train=True, rngs={"dropout": rng}), {}
     out, updates = model.apply(variables, x, train=True, rngs={"dropout": rng}, mutable=mutable)
     return out, dict(updates)
-
-
-def per_example(values: jnp.ndarray) -> jnp.ndarray:
-    """Mean over every axis but the batch, so each example weighs the same."""
-    return values.reshape(values.shape[0], -1).mean(axis=1)
 
 
 def means(totals: dict[str, float]) -> dict[str, float]:

@@ -35,8 +35,8 @@ class LanguageModel:
     def loss(self, model: Any, variables: dict, batch: Batch, rng: jnp.ndarray, train: bool = True):
         """(mean loss over every token, train metrics, updated mutable collections) of one batch."""
         logits, updates = apply_model(model, variables, batch["x"], rng, train)
-        loss = losses.cross_entropy(logits, batch["y"], self.label_smoothing).mean()
-        return loss, {"loss": loss, "accuracy": losses.correct(logits, batch["y"]).mean()}, updates
+        loss, metrics = losses.classification_loss(logits, batch["y"], self.label_smoothing)
+        return loss, metrics, updates
 
     def eval_sums(self, model: Any, variables: dict, batch: Batch) -> dict[str, jnp.ndarray]:
         """Sums of per-sequence mean loss/accuracy over real sequences (all have the same length, so this
