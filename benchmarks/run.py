@@ -1,6 +1,7 @@
 """Speed harness: dlfx runner and bare step against a hand-written JAX loop, with FLOP/s and MFU.
 
     python -m benchmarks.run [--models mlp,cnn,resnet18,lstm,gpt] [--out benchmarks/RESULTS.md]
+                             [--peak-tflops 989]   # e.g. an H100/H200's dense bf16 peak; gpt124m on a GPU
 
 Per model, after warm-up, with the median of interleaved repeats:
   compile   first call of the bare dlfx step (trace + compile + run)
@@ -18,7 +19,9 @@ Per model, after warm-up, with the median of interleaved repeats:
   pipeline  the runner's call fed by the real pipeline (grain + device prefetch thread) / the same call
             cycling over device-resident batches (interleaved repeats)
   save ms   one Orbax checkpoint save of the state: how long it blocks the loop / until committed
-  FLOP/s    XLA cost analysis of the compiled step x bare steps/s; MFU against a measured f32 matmul peak
+  FLOP/s    XLA cost analysis of the compiled step x bare steps/s (for GPT models the analytic
+            6N + 12*L*D*T FLOPs per token: XLA does not count library GEMMs on a GPU); MFU against
+            --peak-tflops, or else a measured f32 matmul peak
 """
 
 from __future__ import annotations
@@ -55,7 +58,9 @@ MODELS = {
                                               "model.width=64"], 1),
     "lstm": ("configs/char_lstm.py", [], "seq"),
     "gpt": ("configs/char_gpt.py", [], "seq"),
+    "gpt124m": ("configs/gpt2_124m.py", [], "seq"),  # accelerators only: minutes per step on a laptop CPU
 }
+DEFAULT_MODELS = ("mlp", "cnn", "resnet18", "lstm", "gpt")
 
 
 def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
@@ -119,7 +124,7 @@ def bench_model(name: str, steps_per_repeat: int, repeats: int, runner_steps: in
     host_batches = [next(it) for _ in range(4)]
 
     fresh = jax.device_get(exp.state)  # host copy: the dlfx step donates its input state
-    flops = _step_flops(exp, parallel.shard_batch(host_batches[0], exp.mesh, exp.mode))
+    flops = _step_flops(exp, parallel.shard_batch(host_batches[0], exp.mesh, exp.mode), config)
 
     # bare dlfx step on device-resident batches
     placed = [parallel.shard_batch(b, exp.mesh, exp.mode) for b in host_batches]
@@ -210,8 +215,13 @@ def bench_model(name: str, steps_per_repeat: int, repeats: int, runner_steps: in
     }
 
 
-def _step_flops(exp, batch) -> float:
-    """FLOPs of one train step from XLA's cost analysis (lax.scan bodies are counted once)."""
+def _step_flops(exp, batch, config) -> float:
+    """FLOPs of one train step: analytic for a GPT, else XLA's cost analysis (lax.scan bodies counted once)."""
+    if config.model.name == "gpt":
+        m = exp.model
+        n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(exp.state.params))
+        tokens = batch["x"].size
+        return tokens * (6 * n + 12 * m.num_layers * m.embed_dim * batch["x"].shape[1])
     step = exp.train_step()
     cost = step.lower(exp.state, batch).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
@@ -232,21 +242,23 @@ def table(rows: list[dict], peak: float) -> str:
                      f"{r['step_ratio']:.3f} | {r['pipeline']:.3f} | "
                      f"{r['save_ms'][0]:.0f} / {r['save_ms'][1]:.0f} | {r['per_s']:,.0f} {r['unit']}/s | "
                      f"{r['flops'] / 1e9:.2f} | {r['tflops'] * 1e3:.1f} | {100 * r['mfu']:.1f} % |")
-    lines.append(f"\nPeak: {peak / 1e9:.1f} GFLOP/s (float32 2048^3 matmul, best of 10) on {jax.devices()[0].platform}.")
+    lines.append(f"\nPeak: {peak / 1e9:.1f} GFLOP/s on {jax.devices()[0].device_kind} (given, or else the best "
+                 f"of 10 float32 2048^3 matmuls).")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the selected models and print (and optionally write) the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(MODELS))
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help=f"of {','.join(MODELS)}")
     parser.add_argument("--steps", type=int, default=20, help="steps per timed repeat")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--runner-steps", type=int, default=150)
     parser.add_argument("--runner-repeats", type=int, default=3, help="runner runs, each paired with a baseline timing")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--peak-tflops", type=float, default=0.0, help="the device's peak (0: measure f32 matmul)")
     args = parser.parse_args(argv)
-    peak = matmul_peak()
+    peak = args.peak_tflops * 1e12 or matmul_peak()
     rows = []
     for name in args.models.split(","):
         rows.append(bench_model(name, args.steps, args.repeats, args.runner_steps, peak, args.runner_repeats))

@@ -1,11 +1,14 @@
-"""dlfx vs the same model written in PyTorch eager on this machine (digits CNN and char-GPT).
+"""dlfx vs the same model written in PyTorch on this machine (digits CNN, char-GPT, GPT-2 small).
 
-    python -m benchmarks.torch_peer [--models cnn,gpt] [--steps 20] [--repeats 5] [--threads N]
+    python -m benchmarks.torch_peer [--models cnn,gpt,gpt124m] [--steps 20] [--repeats 5] [--threads N]
+                                    [--device cpu|cuda] [--compile]
 
 Both sides train the same architecture (layer sizes, batch, AdamW, dropout, clipping where the config
-clips) on batches already in memory; the median of interleaved repeats is reported. torch uses
-`torch.set_num_threads(--threads)` (default: the CPU count), dlfx runs on one CPU device with XLA's
-own thread pool. Needs the `[torch]` extra.
+clips) on batches already in memory; the median of interleaved repeats is reported. On the CPU torch
+runs eager with `torch.set_num_threads(--threads)` (default: the CPU count) and dlfx on one CPU device
+with XLA's own thread pool. With `--device cuda` the peer is what a PyTorch user runs on a GPU: bf16
+autocast where the config computes in bfloat16, `scaled_dot_product_attention`, fused AdamW and, with
+`--compile`, `torch.compile`. Needs the `[torch]` extra.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from benchmarks.run import dlfx_stepper
 from dlfx import config as config_lib, data, parallel, runner
 from dlfx.experiment import build
 
-CONFIGS = {"cnn": "configs/digits_cnn.py", "gpt": "configs/char_gpt.py"}
+CONFIGS = {"cnn": "configs/digits_cnn.py", "gpt": "configs/char_gpt.py", "gpt124m": "configs/gpt2_124m.py"}
 
 
 class TorchCNN(nn.Module):
@@ -95,8 +98,9 @@ def torch_model(name: str, config, exp) -> nn.Module:
     return TorchGPT(m.vocab_size, m.max_len, m.num_layers, m.num_heads, m.embed_dim, m.dropout_rate)
 
 
-def bench(name: str, steps_per_repeat: int, repeats: int, runner_steps: int) -> dict:
-    """Interleaved timings of torch eager and the bare dlfx step; then the dlfx runner."""
+def bench(name: str, steps_per_repeat: int, repeats: int, runner_steps: int, device: str = "cpu",
+          compile_torch: bool = False) -> dict:
+    """Interleaved timings of the torch peer and the bare dlfx step; then the dlfx runner."""
     config = config_lib.load(CONFIGS[name], ["train.epochs=0", f"train.steps={runner_steps}", "train.eval_every=0",
                                              "optimizer.warmup_steps=1"])
     exp = build(config)
@@ -106,20 +110,25 @@ def bench(name: str, steps_per_repeat: int, repeats: int, runner_steps: int) -> 
     placed = [parallel.shard_batch(b, exp.mesh, exp.mode) for b in host]
     run_dlfx = dlfx_stepper(exp, placed)
 
-    model = torch_model(name, config, exp).train()
+    model = torch_model(name, config, exp).train().to(device)
     opt = torch.optim.AdamW(model.parameters(), lr=config.optimizer.learning_rate, betas=(config.optimizer.b1,
-                            config.optimizer.b2), eps=config.optimizer.eps, weight_decay=config.optimizer.weight_decay)
+                            config.optimizer.b2), eps=config.optimizer.eps, weight_decay=config.optimizer.weight_decay,
+                            fused=device == "cuda")
+    forward = torch.compile(model) if compile_torch else model
+    autocast = device == "cuda" and config.precision.compute_dtype == "bfloat16"
     if name == "cnn":
         tbatches = [(torch.from_numpy(b["x"].transpose(0, 3, 1, 2).copy()), torch.from_numpy(b["y"]).long())
                     for b in host]
     else:
         tbatches = [(torch.from_numpy(b["x"]).long(), torch.from_numpy(b["y"]).long()) for b in host]
+    tbatches = [(x.to(device), y.to(device)) for x, y in tbatches]
 
     def run_torch(n):
         for i in range(n):
             x, y = tbatches[i % len(tbatches)]
-            logits = model(x)
-            loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=autocast):
+                logits = forward(x)
+                loss = nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if config.optimizer.clip_norm > 0:
@@ -127,7 +136,13 @@ def bench(name: str, steps_per_repeat: int, repeats: int, runner_steps: int) -> 
             opt.step()
         return float(loss)
 
-    run_dlfx(3), run_torch(3)  # compile / warm up
+    start = time.perf_counter()
+    run_dlfx(1)
+    compile_dlfx = time.perf_counter() - start
+    start = time.perf_counter()
+    run_torch(1)
+    compile_torch_s = time.perf_counter() - start
+    run_dlfx(2), run_torch(2)  # warm up
     t_torch, t_dlfx = [], []
     for _ in range(repeats):
         start = time.perf_counter()
@@ -142,6 +157,7 @@ def bench(name: str, steps_per_repeat: int, repeats: int, runner_steps: int) -> 
     bare_rate = steps_per_repeat / statistics.median(t_dlfx)
     runner_rate = summary["steps_per_sec"] or math.nan
     return {"model": name, "batch": config.data.batch_size, "torch": torch_rate, "bare": bare_rate,
+            "compile_dlfx": compile_dlfx, "compile_torch": compile_torch_s,
             "runner": runner_rate, "ratio_runner": runner_rate / torch_rate, "ratio_bare": bare_rate / torch_rate}
 
 
@@ -153,18 +169,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--runner-steps", type=int, default=150)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the PyTorch peer runs")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the peer")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    rows = [bench(name, args.steps, args.repeats, args.runner_steps) for name in args.models.split(",")]
-    lines = ["| model | batch | PyTorch eager steps/s | dlfx bare steps/s | dlfx runner steps/s | runner / PyTorch | "
-             "bare / PyTorch |", "|---|---|---|---|---|---|---|"]
+    rows = [bench(name, args.steps, args.repeats, args.runner_steps, args.device, args.compile)
+            for name in args.models.split(",")]
+    peer = f"PyTorch {'compiled' if args.compile else 'eager'} ({args.device})"
+    lines = [f"| model | batch | {peer} steps/s | dlfx bare steps/s | dlfx runner steps/s | runner / PyTorch | "
+             "bare / PyTorch | compile s (dlfx / torch) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['batch']} | {r['torch']:.1f} | {r['bare']:.1f} | {r['runner']:.1f} | "
-                     f"{r['ratio_runner']:.2f} | {r['ratio_bare']:.2f} |")
+                     f"{r['ratio_runner']:.2f} | {r['ratio_bare']:.2f} | "
+                     f"{r['compile_dlfx']:.1f} / {r['compile_torch']:.1f} |")
     print("\n".join(lines))
-    print(f"torch {torch.__version__} ({args.threads} threads), jax {jax.__version__}, {os.cpu_count()} cores, "
-          f"{time.strftime('%Y-%m-%d')}")
+    print(f"torch {torch.__version__} ({args.threads} threads), jax {jax.__version__} on {jax.devices()[0].device_kind}, "
+          f"{os.cpu_count()} cores, {time.strftime('%Y-%m-%d')}")
     return 0
 
 

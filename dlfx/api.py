@@ -24,8 +24,9 @@ class Run:
     predict: Callable[[Any], jax.Array]  # x -> logits, jit-compiled, eval mode
 
 
-def load_run(workdir: str, step: int | None = None) -> Run:
-    """Restore a run's newest valid (or the given) checkpoint; changes no file in the workdir."""
+def load_run(workdir: str, step: int | str | None = None) -> Run:
+    """Restore a run's newest valid checkpoint (or the given step, or "best": its best eval under
+    train.keep_best); changes no file in the workdir."""
     from dlfx import restore
 
     exp, state, step = restore.restore_run(workdir, step)

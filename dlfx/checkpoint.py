@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import json
 import logging
+import math
 import os
 import time
 from typing import Any
@@ -17,6 +18,7 @@ from etils import epath
 from dlfx.errors import CheckpointError
 
 log = logging.getLogger("dlfx")
+BEST_FOLDER = "best"  # inside the checkpoint folder: the state of the best eval (train.keep_best)
 
 
 def _first_line(error: BaseException) -> str:
@@ -148,6 +150,52 @@ class Checkpointer:
         """Wait for pending saves and release the manager; raise CheckpointError if a save failed."""
         try:
             self.wait()
+        finally:
+            self.manager.close()
+
+
+class BestCheckpoint:
+    """`CHECKPOINT_DIR/best`: the train state at the eval with the best `metric` so far (one step, with its
+    metric value), for `dlfx eval --best` and `load_run(step="best")`; not used to resume."""
+
+    def __init__(self, directory: str, metric: str, mode: str):
+        self.directory = str(epath.Path(directory) / BEST_FOLDER) if "://" in directory else \
+            os.path.join(os.path.abspath(directory), BEST_FOLDER)
+        self.metric, self.mode = metric, mode
+        options = ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: float(m[metric]), best_mode=mode,
+                                               enable_async_checkpointing=True, create=True)
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        step = self.manager.best_step()  # what an earlier (interrupted) attempt of this run kept
+        metrics = self.manager.metrics(step) if step is not None else None
+        self._kept = (step, float(metrics[metric])) if metrics and metric in metrics else None
+
+    def best(self) -> tuple[int, float] | None:
+        """(step, metric value) of the kept state, or None before the first eval."""
+        return self._kept
+
+    def offer(self, step: int, state: Any, metrics: dict[str, float]) -> bool:
+        """Save `state` (async) if `metrics[metric]` beats the kept one; True if it was saved."""
+        value, kept = float(metrics[self.metric]), self.best()
+        if not math.isfinite(value) or step in self.manager.all_steps():  # a resumed run re-evaluating a step
+            return False
+        if kept is not None and not (value > kept[1] if self.mode == "max" else value < kept[1]):
+            return False
+        try:
+            saved = self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
+                                      metrics={self.metric: value})
+            if saved:
+                self._kept = (step, value)
+            return saved
+        except Exception as e:
+            raise CheckpointError(f"cannot save the best checkpoint (step {step}) in {self.directory}: "
+                                  f"{_first_line(e)}") from None
+
+    def close(self) -> None:
+        """Wait for the save in flight and release the manager."""
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:
+            raise CheckpointError(f"best checkpoint save in {self.directory} failed: {_first_line(e)}") from None
         finally:
             self.manager.close()
 

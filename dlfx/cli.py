@@ -70,7 +70,9 @@ def cmd_eval(args: argparse.Namespace, extra: list[str]) -> int:
 
     if extra:
         raise ConfigError(f"unrecognized arguments: {' '.join(extra)}")
-    result = runner.evaluate_workdir(args.workdir, args.step)
+    if args.best and args.step is not None:
+        raise ConfigError("give --step or --best, not both")
+    result = runner.evaluate_workdir(args.workdir, "best" if args.best else args.step)
     print(json.dumps(result))
     return 0
 
@@ -206,6 +208,7 @@ def make_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("eval", help="evaluate a run's checkpoint")
     evaluate.add_argument("--workdir", required=True)
     evaluate.add_argument("--step", type=int_at_least(0), default=None, help="checkpoint step (default: newest valid)")
+    evaluate.add_argument("--best", action="store_true", help="the best-eval checkpoint (runs with train.keep_best)")
     evaluate.set_defaults(func=cmd_eval)
     inspect = sub.add_parser("inspect", help="parameter table of a run, checkpoint, .safetensors or .npz")
     inspect.add_argument("path")

@@ -76,6 +76,8 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.steps_per_call = 1  # >1: one compiled call runs this many steps (lax.scan); for small, fast models
     c.train.checkpoint_every = 500  # also saved at the end; 0: only at the end
     c.train.keep = 3  # newest checkpoints kept
+    c.train.keep_best = ""  # an eval metric (e.g. 'accuracy'): also keep the state of its best eval in checkpoints/best
+    c.train.best_mode = "auto"  # keep_best: 'max' | 'min' | 'auto' (known for the built-in tasks' metrics)
     c.train.checkpoint_dir = ""  # "" = workdir/checkpoints; may be gs://bucket/path (Orbax writes there directly)
     c.train.nan_policy = "error"  # non-finite loss/grad: 'error' stops the run, 'skip' drops that update
     c.train.max_skipped = 10  # 'skip': stop after this many non-finite steps in a row
@@ -349,8 +351,13 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_choice(config, "optimizer.schedule", SCHEDULES)
     _check_choice(config, "parallel.mode", PARALLEL_MODES)
     _check_choice(config, "train.nan_policy", NAN_POLICIES)
+    _check_choice(config, "train.best_mode", ("auto", "max", "min"))
     _check_choice(config, "precision.compute_dtype", DTYPES)
     _check_choice(config, "precision.param_dtype", DTYPES)
+    for key in ("compute_dtype", "param_dtype"):
+        if config.precision[key] == "float16":  # no loss scaling: small gradients flush to zero, large ones overflow
+            raise ConfigError(f"config.precision.{key}='float16' is not supported (dlfx has no loss scaling, "
+                              f"so float16 gradients underflow); use 'bfloat16'")
     _check_choice(config, "init_from.format", INIT_FORMATS)
     for key in ("optimizer.freeze", "init_from.load", "init_from.skip"):
         section, leaf = key.split(".")

@@ -117,6 +117,8 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
     # --- Data ------------------------------------------------------------------------------
     dataset = data.load(config.data)
     task = build_task(config, dataset)
+    if config.train.keep_best:
+        tasks.best_mode(config.train.keep_best, task, config.train.best_mode)
     per_epoch = data.steps_per_epoch(data.num_examples(dataset.train), config.data.batch_size)
     total_steps = config.train.steps or config.train.epochs * per_epoch
     root_key = jax.random.PRNGKey(config.seed)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Any
+from typing import Any, Callable, Mapping
 
 from dlfx.errors import ConfigError
 
@@ -37,4 +37,19 @@ def load(spec: str, key: str, search_dirs: tuple[str, ...] = ()) -> Any:
         if not hasattr(target, part):
             raise ConfigError(f"{key}={spec!r}: {module_name} has no attribute {attribute!r}")
         target = getattr(target, part)
+    return target
+
+
+def resolve(name: str, registry: Mapping[str, Any], key: str, kind: str, accept: Callable[[Any], bool],
+            search_dirs: tuple[str, ...] = ()) -> Any:
+    """A built-in `registry[name]`, or the `package.module:attribute` target `name` names if `accept(target)`;
+    one ConfigError line naming `key` and what it takes (`kind`, e.g. 'a flax.linen.Module class') otherwise."""
+    if name in registry:
+        return registry[name]
+    if not is_import_path(name):
+        raise ConfigError(f"{key}={name!r} is not one of {', '.join(sorted(registry))} "
+                          "(or a 'package.module:attribute' path)")
+    target = load(name, key, search_dirs)
+    if not accept(target):
+        raise ConfigError(f"{key}={name!r} is not {kind} (got {type(target).__name__})")
     return target

@@ -59,6 +59,22 @@ def _check_finite(key: str, value: Any) -> None:
             raise ConfigError(f"config.{key}={value!r} must be a finite number")
 
 
+def _check_attention(config: ml_collections.ConfigDict, value: Any) -> None:
+    """`model.attention`: a known kernel, and cuDNN only where it can run."""
+    import jax
+
+    from dlfx.models.transformer import ATTENTION
+
+    if value not in ATTENTION:
+        raise ConfigError(f"config.model.attention={value!r} is not one of {', '.join(ATTENTION)}")
+    if value == "cudnn" and jax.default_backend() != "gpu":
+        raise ConfigError(f"config.model.attention='cudnn' needs a CUDA GPU, but this run's backend is "
+                          f"{jax.default_backend()}; use 'auto' (cuDNN on a GPU, XLA elsewhere)")
+    if value == "cudnn" and config.precision.compute_dtype != "bfloat16":
+        raise ConfigError(f"config.model.attention='cudnn' needs config.precision.compute_dtype='bfloat16', "
+                          f"got {config.precision.compute_dtype!r}")
+
+
 def _check_model(config: ml_collections.ConfigDict) -> None:
     """Arguments of a built-in model: fractions in [0, 1), sizes >= 1 (a user's model checks its own)."""
     from dlfx import models
@@ -69,6 +85,9 @@ def _check_model(config: ml_collections.ConfigDict) -> None:
         if name not in config.model:
             continue
         value = config.model[name]
+        if name == "attention":
+            _check_attention(config, value)
+            continue
         if name in MODEL_FRACTIONS and not (isinstance(value, (int, float)) and 0 <= value < 1):
             raise ConfigError(f"config.model.{name}={value!r} must be in [0, 1)")
         if name in MODEL_POSITIVE_FLOATS and not (isinstance(value, (int, float)) and value > 0):

@@ -9,7 +9,7 @@ import ml_collections
 from etils import epath
 
 from dlfx import config as config_lib, steps
-from dlfx.checkpoint import Checkpointer, abstract_like, check_owner
+from dlfx.checkpoint import BEST_FOLDER, Checkpointer, abstract_like, check_owner
 from dlfx.errors import CheckpointError
 from dlfx.experiment import Experiment, build, evaluate
 
@@ -19,14 +19,16 @@ def checkpoint_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
     return config.train.checkpoint_dir or os.path.join(workdir, "checkpoints")
 
 
-def restore_run(workdir: str, step: int | None = None) -> tuple[Experiment, steps.TrainState, int]:
-    """A run's experiment and its newest valid (or the given) checkpointed state (the one live copy, on its
-    devices); changes no file. The public, host-side view of a run is `dlfx.load_run`."""
+def restore_run(workdir: str, step: int | str | None = None) -> tuple[Experiment, steps.TrainState, int]:
+    """A run's experiment and its newest valid (or the given, or with step="best" its best-eval) checkpointed
+    state (the one live copy, on its devices); changes no file. The public, host-side view is `dlfx.load_run`."""
     config = config_lib.read_workdir_config(workdir)
     directory = checkpoint_dir(config, workdir)
     if not epath.Path(directory).is_dir():
         raise CheckpointError(f"no checkpoint folder {directory}")
     check_owner(directory, config, workdir)  # another run's checkpoints are not this run's result
+    if step == "best":
+        directory, step = _best_step(config, directory)
     exp = build(config)
     checkpointer = Checkpointer(directory, keep=config.train.keep)
     try:
@@ -45,7 +47,18 @@ def restore_run(workdir: str, step: int | None = None) -> tuple[Experiment, step
     return exp, state, step
 
 
-def evaluate_workdir(workdir: str, step: int | None = None) -> dict[str, Any]:
-    """Restore a run's newest valid (or the given) checkpoint and evaluate it on the test split."""
+def _best_step(config: ml_collections.ConfigDict, directory: str) -> tuple[str, int]:
+    """The folder and step of a run's best-eval checkpoint (train.keep_best)."""
+    best = epath.Path(directory) / BEST_FOLDER
+    saved = sorted(int(p.name) for p in best.iterdir() if p.name.isdigit()) if best.is_dir() else []
+    if not saved:
+        why = ("it was trained without config.train.keep_best" if not config.train.keep_best
+               else f"no eval of {config.train.keep_best!r} has been saved yet")
+        raise CheckpointError(f"no best checkpoint in {best}: {why}")
+    return str(best), saved[-1]
+
+
+def evaluate_workdir(workdir: str, step: int | str | None = None) -> dict[str, Any]:
+    """Restore a run's newest valid (or the given, or "best") checkpoint and evaluate it on the test split."""
     exp, state, step = restore_run(workdir, step)
     return {"step": step, **evaluate(exp, state, exp.eval_step())}

@@ -14,11 +14,13 @@ from typing import Any
 
 import jax
 import ml_collections
+import numpy as np
 
 from dlfx import config as config_lib
 from dlfx import checkpoint, data, feed, log, optim, parallel, plot, runs, steps
 from dlfx import train_metrics as train_metrics_lib
-from dlfx.checkpoint import Checkpointer, abstract_like
+from dlfx import tasks
+from dlfx.checkpoint import BestCheckpoint, Checkpointer, abstract_like
 from dlfx.errors import ConfigError
 from dlfx.experiment import build, evaluate, init_from_pretrained
 from dlfx.restore import checkpoint_dir, evaluate_workdir, restore_run  # noqa: F401  (re-exported)
@@ -81,7 +83,11 @@ def _train(config, workdir, force, preemption, start_time) -> dict[str, Any]:
     if is_main:
         write_status(workdir, "running", pid=os.getpid(), total_steps=exp.total_steps)
     try:
-        summary = _loop(exp, config, workdir, checkpointer, train_iter, restored, start_time, preemption)
+        best = None
+        if config.train.keep_best:  # the state of the best eval so far, beside the newest ones
+            best = BestCheckpoint(ckpt_dir, config.train.keep_best,
+                                  tasks.best_mode(config.train.keep_best, exp.task, config.train.best_mode))
+        summary = _loop(exp, config, workdir, checkpointer, train_iter, restored, start_time, preemption, best)
         if is_main and summary["status"] == "finished":  # plots before the status: a kill here redoes them
             plot.write_run_plots(workdir, exp.model, summary["state"], exp.dataset, exp.task)
     except BaseException as e:
@@ -113,7 +119,22 @@ def _finished_summary(exp, workdir: str, state) -> dict[str, Any]:
             "process_index": jax.process_index()}
 
 
-def _loop(exp, config, workdir, checkpointer, train_iter, restored, start_time, preemption) -> dict[str, Any]:
+def _logged_final_eval(workdir: str, step: int, is_main: bool, metric: str) -> dict[str, float] | None:
+    """The final eval a killed run already logged (None if not): every process gets the same answer, and
+    the keep_best metric's value, since every process takes part in the eval and in the saves, or none."""
+    logged = runs.final_eval(workdir, step) if is_main else None
+    if jax.process_count() == 1:
+        return logged
+    from jax.experimental import multihost_utils
+
+    if not multihost_utils.broadcast_one_to_all(logged is not None):
+        return None
+    value = multihost_utils.broadcast_one_to_all(np.float64(logged.get(metric, np.nan) if is_main else 0.0))
+    return logged if is_main else ({metric: float(value)} if metric else {})
+
+
+def _loop(exp, config, workdir, checkpointer, train_iter, restored, start_time, preemption,
+          best=None) -> dict[str, Any]:
     """Train from the restored (or fresh) state to the last step; see `train`."""
     is_main = jax.process_index() == 0
     state = exp.state if restored is None else restored[0]
@@ -190,6 +211,8 @@ def _loop(exp, config, workdir, checkpointer, train_iter, restored, start_time, 
             if eval_now:
                 eval_metrics = evaluate(exp, state, eval_step)
                 logger.write(step, "eval", eval_metrics)
+                if best:
+                    best.offer(step, state, eval_metrics)
             if save_now or preempted:
                 checkpointer.save(step, state, train_iter)
             if preempted:
@@ -200,23 +223,23 @@ def _loop(exp, config, workdir, checkpointer, train_iter, restored, start_time, 
         if status == "finished":
             if step not in checkpointer.steps():
                 checkpointer.save(step, state, train_iter)  # first: the newest state is safe before the eval
-            logged = runs.final_eval(workdir, step) if is_main else None
-            if jax.process_count() > 1:  # every process takes part in the eval, or none
-                from jax.experimental import multihost_utils
-
-                logged = logged if multihost_utils.broadcast_one_to_all(logged is not None) else None
+            logged = _logged_final_eval(workdir, step, is_main, config.train.keep_best)
             if preemption.requested:  # the eval is left for the rerun
                 status = "preempted"
             elif logged is not None:
-                eval_metrics = logged if is_main else {}
+                eval_metrics = logged
             else:
                 eval_metrics = evaluate(exp, state, eval_step)
                 logger.write(step, "eval", eval_metrics)
+            if best and status == "finished":  # also after a kill between the eval's log line and this save
+                best.offer(step, state, eval_metrics)
         saved = status != "preempted" or step in checkpointer.steps()
     finally:
         train_iter.close()
         try:
             checkpointer.close()  # waits for in-flight saves, so the last good checkpoint is complete
+            if best:
+                best.close()
         finally:
             try:
                 logger.close()

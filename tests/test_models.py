@@ -67,7 +67,7 @@ def test_bfloat16_compute_keeps_float32_params_and_logits():
 
 
 def test_registry_errors_name_the_problem():
-    with pytest.raises(ConfigError, match="unknown model 'vgg'"):
+    with pytest.raises(ConfigError, match="config.model.name='vgg' is not one of"):
         models.build("vgg")
     with pytest.raises(ConfigError, match="config.model.width: model 'mlp' takes no argument 'width'"):
         models.build("mlp", width=3)

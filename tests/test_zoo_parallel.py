@@ -41,7 +41,7 @@ def _digits(rng, n):
 
 
 CASES = {
-    "resnet": (lambda: models.build("resnet18", num_classes=10, width=4, stem="cifar", axis_name="data"),
+    "resnet": (lambda: models.build("resnet10", num_classes=10, width=4, stem="cifar", axis_name="data"),
                lambda rng: _digits(rng, 64)),
     "gpt": (lambda: models.build("gpt", vocab_size=31, max_len=16, num_layers=2, num_heads=2, embed_dim=16),
             lambda rng: {"x": rng.integers(0, 31, (16, 12)).astype(np.int32),

@@ -35,16 +35,8 @@ def names() -> list[str]:
 
 def resolve(name: str) -> Callable[..., Dataset]:
     """The source a built-in name or a `package.module:factory` path names (a callable returning a Dataset)."""
-    if name in SOURCES:
-        return SOURCES[name]
-    if not imports.is_import_path(name):
-        raise ConfigError(f"config.data.name={name!r} is not one of {', '.join(names())} "
-                          "(or a 'package.module:factory' path)")
-    target = imports.load(name, "config.data.name")
-    if not callable(target):
-        raise ConfigError(f"config.data.name={name!r} is not callable (a data factory returns a dlfx.data.Dataset)")
-    return target
-
+    return imports.resolve(name, SOURCES, "config.data.name", "callable (a data factory returns a dlfx.data.Dataset)",
+                           callable)
 
 def _check_dataset(dataset: Any, name: str) -> None:
     """A factory's result: a Dataset whose splits are non-empty dicts of equally long arrays."""

@@ -20,6 +20,7 @@ REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "mlp": (MLP, {}),
     "cnn": (CNN, {}),
     "cnn1d": (CNN1D, {}),
+    "resnet10": (ResNet, {"depth": 10}),
     "resnet18": (ResNet, {"depth": 18}),
     "resnet34": (ResNet, {"depth": 34}),
     "resnet50": (ResNet, {"depth": 50}),
@@ -42,17 +43,9 @@ def names() -> list[str]:
 
 def resolve(name: str) -> tuple[type[nn.Module], dict[str, Any]]:
     """(class, preset arguments) of a registered name or a `package.module:Class` flax Module."""
-    if name in REGISTRY:
-        return REGISTRY[name]
-    if not imports.is_import_path(name):
-        raise ConfigError(f"unknown model {name!r}; registered models: {', '.join(names())} "
-                          "(or a 'package.module:Class' path)")
-    target = imports.load(name, "config.model.name")
-    if not (isinstance(target, type) and issubclass(target, nn.Module)):
-        raise ConfigError(f"config.model.name={name!r} is not a flax.linen.Module class "
-                          f"(got {type(target).__name__})")
-    return target, {}
-
+    target = imports.resolve(name, REGISTRY, "config.model.name", "a flax.linen.Module class",
+                             lambda t: isinstance(t, type) and issubclass(t, nn.Module))
+    return target if name in REGISTRY else (target, {})
 
 def fields(name: str) -> list[str]:
     """Constructor arguments a model accepts (its presets excluded)."""

@@ -10,7 +10,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
-STAGES = {18: ((2, 2, 2, 2), "basic"), 34: ((3, 4, 6, 3), "basic"), 50: ((3, 4, 6, 3), "bottleneck")}
+STAGES = {10: ((1, 1, 1, 1), "basic"), 18: ((2, 2, 2, 2), "basic"), 34: ((3, 4, 6, 3), "basic"), 50: ((3, 4, 6, 3), "bottleneck")}
 
 
 class ResidualBlock(nn.Module):
@@ -48,7 +48,7 @@ class ResidualBlock(nn.Module):
 
 
 class ResNet(nn.Module):
-    """ResNet over 2-D images (N, H, W, C) or 1-D sequences (N, T, C); depth 18, 34 or 50.
+    """ResNet over 2-D images (N, H, W, C) or 1-D sequences (N, T, C); depth 10, 18, 34 or 50.
 
     stem='imagenet': 7x7/2 conv + 3x3/2 max-pool; stem='cifar': one 3x3/1 conv, no pool (tiny inputs).
     """

@@ -15,15 +15,36 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+ATTENTION = ("auto", "xla", "cudnn")  # `attention` field: which kernel jax.nn.dot_product_attention uses
+
+
+def fused_implementation(attention: str, dtype: Any, head_dim: int) -> str:
+    """The `implementation` for jax.nn.dot_product_attention: cuDNN flash attention where it applies, else XLA."""
+    if attention not in ATTENTION:
+        raise ValueError(f"attention={attention!r} is not one of {', '.join(ATTENTION)}")
+    if attention != "auto":
+        return attention
+    cudnn_ok = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) \
+        and head_dim <= 128 and head_dim % 8 == 0
+    return "cudnn" if cudnn_ok else "xla"
+
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention; with `decode=True` keys/values are appended to a 'cache' collection."""
+    """Multi-head self-attention; with `decode=True` keys/values are appended to a 'cache' collection.
+
+    Attention runs fused through `jax.nn.dot_product_attention` (`attention`: auto = cuDNN flash attention on
+    a GPU for bf16/fp16, XLA otherwise). The explicit softmax(QK^T)V path, which materialises the weights, is
+    taken only when the weights are needed: when 'intermediates' is mutable (they are sown there, e.g. for
+    `dlfx interpret --method attention`) or when dropout applies to them (training with `dropout_rate > 0`).
+    Decoding from a filled KV cache always uses the XLA kernel with an explicit position mask.
+    """
 
     num_heads: int
     max_len: int
     causal: bool = False
     decode: bool = False
     dropout_rate: float = 0.0
+    attention: str = "auto"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -38,6 +59,7 @@ class SelfAttention(nn.Module):
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q_pos = jnp.arange(length)
         k_pos = jnp.arange(length)
+        from_cache = False
         if self.decode:
             initialized = self.has_variable("cache", "key")
             cache_shape = (batch, self.max_len, self.num_heads, head_dim)
@@ -52,14 +74,24 @@ class SelfAttention(nn.Module):
                 k, v = cached_k.value, cached_v.value
                 q_pos = start + jnp.arange(length)
                 k_pos = jnp.arange(self.max_len)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(head_dim)
-        if self.causal or self.decode:
-            mask = k_pos[None, :] <= q_pos[:, None]
-            scores = jnp.where(mask[None, None], scores, jnp.finfo(jnp.float32).min)
-        weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-        self.sow("intermediates", "attention_weights", weights)
-        weights = nn.Dropout(self.dropout_rate, deterministic=not train)(weights)
-        out = jnp.einsum("bhqk,bkhd->bqhd", weights, v).reshape(batch, length, embed)
+                from_cache = True
+        causal = self.causal or self.decode
+        mask = (k_pos[None, :] <= q_pos[:, None])[None, None] if causal else None  # (1, 1, q, k)
+        explicit = self.is_mutable_collection("intermediates") or (train and self.dropout_rate > 0)
+        if explicit:
+            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(head_dim)
+            if causal:
+                scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+            weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+            self.sow("intermediates", "attention_weights", weights)
+            weights = nn.Dropout(self.dropout_rate, deterministic=not train)(weights)
+            out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+        elif from_cache:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+        else:
+            out = jax.nn.dot_product_attention(
+                q, k, v, is_causal=causal, implementation=fused_implementation(self.attention, q.dtype, head_dim))
+        out = out.reshape(batch, length, embed)
         return dense(embed, name="proj")(out)
 
 
@@ -75,6 +107,7 @@ class Block(nn.Module):
     drop_path_rate: float = 0.0
     layer_norm_epsilon: float = 1e-5
     gelu_approximate: bool = True  # tanh GELU (GPT-2); False: exact erf GELU (BERT, ViT)
+    attention: str = "auto"
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -88,8 +121,8 @@ class Block(nn.Module):
             y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
             return nn.Dropout(self.drop_path_rate, broadcast_dims=tuple(range(1, y.ndim)), deterministic=not train)(y)
 
-        y = SelfAttention(self.num_heads, self.max_len, self.causal, self.decode, self.dropout_rate, self.dtype,
-                          self.param_dtype, name="attn")(norm(name="ln1")(x), train)
+        y = SelfAttention(self.num_heads, self.max_len, self.causal, self.decode, self.dropout_rate, self.attention,
+                          self.dtype, self.param_dtype, name="attn")(norm(name="ln1")(x), train)
         x = x + branch(y)
         y = norm(name="ln2")(x)
         y = dense(self.mlp_dim, name="fc1")(y)
@@ -135,7 +168,7 @@ class Stack(nn.Module):
 def _block_kwargs(m: nn.Module, causal: bool, decode: bool = False) -> dict:
     return dict(num_heads=m.num_heads, mlp_dim=m.mlp_dim or 4 * m.embed_dim, max_len=m.max_len, causal=causal,
                 decode=decode, dropout_rate=m.dropout_rate, layer_norm_epsilon=m.layer_norm_epsilon,
-                gelu_approximate=m.gelu_approximate, dtype=m.dtype, param_dtype=m.param_dtype)
+                gelu_approximate=m.gelu_approximate, attention=m.attention, dtype=m.dtype, param_dtype=m.param_dtype)
 
 
 class TransformerEncoder(nn.Module):
@@ -154,6 +187,7 @@ class TransformerEncoder(nn.Module):
     scan_layers: bool = False
     layer_norm_epsilon: float = 1e-5
     gelu_approximate: bool = True
+    attention: str = "auto"  # auto | xla | cudnn (see SelfAttention)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -193,6 +227,7 @@ class GPT(nn.Module):
     decode: bool = False  # autoregressive decoding with a KV cache (see `generate`)
     layer_norm_epsilon: float = 1e-5
     gelu_approximate: bool = True  # GPT-2's tanh GELU
+    attention: str = "auto"  # auto | xla | cudnn (see SelfAttention)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 

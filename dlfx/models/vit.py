@@ -24,6 +24,7 @@ class ViT(nn.Module):
     scan_layers: bool = False
     layer_norm_epsilon: float = 1e-6
     gelu_approximate: bool = False  # ViT uses the exact erf GELU
+    attention: str = "auto"  # auto | xla | cudnn (see transformer.SelfAttention)
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
 
@@ -48,8 +49,7 @@ class ViT(nn.Module):
         block_kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim or 4 * self.embed_dim,
                             max_len=x.shape[1], dropout_rate=self.dropout_rate,
                             layer_norm_epsilon=self.layer_norm_epsilon, gelu_approximate=self.gelu_approximate,
-                            dtype=self.dtype,
-                            param_dtype=self.param_dtype)
+                            attention=self.attention, dtype=self.dtype, param_dtype=self.param_dtype)
         x = Stack(self.num_layers, block_kwargs, self.drop_path_rate, self.remat, self.scan_layers, name="h")(x, train)
         x = nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype, param_dtype=self.param_dtype, name="ln_f")(x)
         x = x[:, 0] if self.pool == "cls" else x.mean(axis=1)

@@ -31,8 +31,29 @@ TASKS: dict[str, type] = {"autoencoder": Autoencoder, "classification": Classifi
                           "regression": Regression}
 REQUIRED = ("train_metrics", "eval_metrics", "loss", "eval_sums", "finalize")
 
-__all__ = ["Autoencoder", "Classification", "LanguageModel", "Regression", "TASKS", "apply_model", "build", "default_name",
+__all__ = ["Autoencoder", "Classification", "LanguageModel", "Regression", "TASKS", "apply_model", "best_mode", "build",
+           "default_name",
            "check", "means", "per_example", "resolve"]
+
+
+LOWER_IS_BETTER = ("loss", "perplexity", "bits_per_char", "bits_per_token", "mse", "mae", "huber", "kl",
+                   "reconstruction", "error")
+HIGHER_IS_BETTER = ("accuracy", "top5_accuracy", "r2", "elbo")
+
+
+def best_mode(metric: str, task: Any, mode: str = "auto") -> str:
+    """`max` or `min` for `config.train.keep_best=metric`: an eval metric of the task; `auto` knows the built-ins'."""
+    if metric not in task.eval_metrics:
+        raise ConfigError(f"config.train.keep_best={metric!r} is not an eval metric of this task "
+                          f"(one of {', '.join(task.eval_metrics)})")
+    if mode != "auto":
+        return mode
+    if metric in LOWER_IS_BETTER or metric.endswith("loss"):
+        return "min"
+    if metric in HIGHER_IS_BETTER or metric.endswith("accuracy"):
+        return "max"
+    raise ConfigError(f"config.train.keep_best={metric!r}: set config.train.best_mode to 'max' or 'min' "
+                      "(dlfx cannot tell which way is better for this metric)")
 
 
 def default_name(dataset: Any) -> str:
@@ -42,13 +63,7 @@ def default_name(dataset: Any) -> str:
 
 def resolve(name: str, search_dirs: tuple[str, ...] = ()) -> Any:
     """The class (or object) `config.task.name` names: a built-in or a `package.module:attr` target."""
-    if name in TASKS:
-        return TASKS[name]
-    if imports.is_import_path(name):
-        return imports.load(name, "config.task.name", search_dirs)
-    raise ConfigError(f"config.task.name={name!r} is not one of {', '.join(sorted(TASKS))} "
-                      "or a 'package.module:attribute' path")
-
+    return imports.resolve(name, TASKS, "config.task.name", "a task class or object", lambda t: True, search_dirs)
 
 def arguments(target: Any) -> dict[str, Any]:
     """Constructor arguments of a task class and their defaults (inspect.Parameter.empty if required)."""

@@ -8,7 +8,7 @@ from typing import Any, ClassVar
 import jax.numpy as jnp
 
 from dlfx import losses
-from dlfx.tasks.common import Batch, apply_model, means, per_example
+from dlfx.tasks.common import Batch, apply_model, cross_entropy, means, per_example
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,9 +32,7 @@ class Classification:
 
     def loss(self, model: Any, variables: dict, batch: Batch, rng: jnp.ndarray, train: bool = True):
         """(mean loss, train metrics, updated mutable collections) of one batch."""
-        logits, updates = apply_model(model, variables, batch["x"], rng, train)
-        loss, metrics = losses.classification_loss(logits, batch["y"], self.label_smoothing)
-        return loss, metrics, updates
+        return cross_entropy(model, variables, batch, rng, train, self.label_smoothing)
 
     def eval_sums(self, model: Any, variables: dict, batch: Batch) -> dict[str, jnp.ndarray]:
         """Sums over the real (mask = 1) examples of a batch, and their count."""

@@ -6,6 +6,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from dlfx import losses
 from dlfx.losses import per_example  # noqa: F401  (re-exported for tasks)
 
 Batch = dict[str, jnp.ndarray]
@@ -23,6 +24,14 @@ def apply_model(model: Any, variables: dict, x: Any, rng: jnp.ndarray | None, tr
         return model.apply(variables, x, train=True, rngs={"dropout": rng}), {}
     out, updates = model.apply(variables, x, train=True, rngs={"dropout": rng}, mutable=mutable)
     return out, dict(updates)
+
+
+def cross_entropy(model: Any, variables: dict, batch: Batch, rng: jnp.ndarray, train: bool,
+                  label_smoothing: float) -> tuple[jnp.ndarray, dict, dict]:
+    """(mean softmax cross-entropy of `y` under the logits of `x`, {loss, accuracy}, updated collections)."""
+    logits, updates = apply_model(model, variables, batch["x"], rng, train)
+    loss, metrics = losses.classification_loss(logits, batch["y"], label_smoothing)
+    return loss, metrics, updates
 
 
 def means(totals: dict[str, float]) -> dict[str, float]:

@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import jax.numpy as jnp
 
 from dlfx import losses
-from dlfx.tasks.common import Batch, apply_model, means
+from dlfx.tasks.common import Batch, apply_model, cross_entropy, means
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,9 +34,7 @@ class LanguageModel:
 
     def loss(self, model: Any, variables: dict, batch: Batch, rng: jnp.ndarray, train: bool = True):
         """(mean loss over every token, train metrics, updated mutable collections) of one batch."""
-        logits, updates = apply_model(model, variables, batch["x"], rng, train)
-        loss, metrics = losses.classification_loss(logits, batch["y"], self.label_smoothing)
-        return loss, metrics, updates
+        return cross_entropy(model, variables, batch, rng, train, self.label_smoothing)
 
     def eval_sums(self, model: Any, variables: dict, batch: Batch) -> dict[str, jnp.ndarray]:
         """Sums of per-sequence mean loss/accuracy over real sequences (all have the same length, so this

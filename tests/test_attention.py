@@ -1,0 +1,107 @@
+"""Fused attention (jax.nn.dot_product_attention) against the explicit softmax(QK^T)V path."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import pytest
+
+from dlfx import config as dlfx_config
+from dlfx import models
+from dlfx.errors import ConfigError
+from dlfx.models import transformer
+
+
+def _both_paths(model, variables, x):
+    """Logits from the fused path and from the explicit one (asking for the weights forces it)."""
+    fused = model.apply(variables, x)
+    explicit, recorded = model.apply(variables, x, mutable=["intermediates"])
+    assert recorded["intermediates"], "the explicit path records the attention weights"
+    return fused, explicit
+
+
+def _count_fused_calls(monkeypatch):
+    calls = []
+    real = jax.nn.dot_product_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("implementation"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+    return calls
+
+
+@pytest.mark.parametrize("name, x, kwargs", [
+    ("gpt", jnp.arange(24).reshape(2, 12) % 11, dict(vocab_size=11, max_len=16)),  # causal
+    ("transformer", jnp.linspace(-1, 1, 2 * 12 * 3).reshape(2, 12, 3), dict(num_classes=5, max_len=16)),
+    ("vit", jnp.linspace(0, 1, 2 * 8 * 8).reshape(2, 8, 8, 1), dict(num_classes=5, patch_size=4)),
+])
+def test_fused_equals_explicit_attention(name, x, kwargs, monkeypatch):
+    model = models.build(name, num_layers=2, num_heads=2, embed_dim=16, **kwargs)
+    variables = {"params": model.init(jax.random.PRNGKey(0), x)["params"]}
+    calls = _count_fused_calls(monkeypatch)
+    fused, explicit = _both_paths(model, variables, x)
+    assert calls == ["xla", "xla"], "one fused call per layer, XLA on a CPU"
+    chex.assert_trees_all_close(fused, explicit, rtol=1e-5, atol=1e-5)
+
+
+def test_fused_equals_explicit_in_bfloat16():
+    model = models.build("gpt", vocab_size=11, max_len=16, num_layers=2, num_heads=2, embed_dim=16,
+                         dtype=jnp.bfloat16)
+    tokens = jnp.arange(24).reshape(2, 12) % 11
+    fused, explicit = _both_paths(model, {"params": model.init(jax.random.PRNGKey(0), tokens)["params"]}, tokens)
+    chex.assert_trees_all_close(fused, explicit, rtol=0.05, atol=0.05)
+
+
+def test_cached_decoding_equals_full_fused_forward():
+    model = models.build("gpt", vocab_size=13, max_len=16, num_layers=2, num_heads=2, embed_dim=16)
+    prompt = jnp.array([[1, 2, 3], [4, 5, 6]], jnp.int32)
+    params = model.init(jax.random.PRNGKey(1), prompt)["params"]
+    tokens, step_logits = transformer.generate(model, params, prompt, 6, jax.random.PRNGKey(0), temperature=0.0)
+    full = model.apply({"params": params}, jnp.concatenate([prompt, tokens], axis=1))  # fused, one pass
+    chex.assert_trees_all_close(step_logits, full[:, 2:-1], rtol=1e-5, atol=1e-5)
+
+
+def test_attention_dropout_takes_the_explicit_path(monkeypatch):
+    model = models.build("gpt", vocab_size=11, max_len=16, num_layers=1, num_heads=2, embed_dim=16, dropout_rate=0.1)
+    tokens = jnp.arange(12).reshape(1, 12) % 11
+    variables = {"params": model.init(jax.random.PRNGKey(0), tokens)["params"]}
+    calls = _count_fused_calls(monkeypatch)
+    model.apply(variables, tokens, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
+    assert calls == []  # dropout on the weights needs them
+    model.apply(variables, tokens, train=False)
+    assert calls == ["xla"]
+
+
+def test_auto_picks_cudnn_only_on_a_gpu_for_half_precision(monkeypatch):
+    assert transformer.fused_implementation("auto", jnp.bfloat16, 64) == "xla"  # this is a CPU
+    assert transformer.fused_implementation("xla", jnp.bfloat16, 64) == "xla"
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert transformer.fused_implementation("auto", jnp.bfloat16, 64) == "cudnn"
+    assert transformer.fused_implementation("auto", jnp.float32, 64) == "xla"
+    assert transformer.fused_implementation("auto", jnp.bfloat16, 160) == "xla"  # head too wide for the kernel
+    with pytest.raises(ValueError, match="flash"):
+        transformer.fused_implementation("flash", jnp.bfloat16, 64)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.attention=flash", "config.model.attention='flash' is not one of auto, xla, cudnn"),
+    ("model.attention=cudnn", "needs a CUDA GPU"),
+    ("precision.compute_dtype=float16", "use 'bfloat16'"),
+])
+def test_attention_and_precision_refused_up_front(repo_root, override, message):
+    with pytest.raises(ConfigError, match=message):
+        dlfx_config.load(f"{repo_root}/configs/char_gpt.py", [override])
+
+
+def test_attention_choice_is_a_model_key(repo_root):
+    config = dlfx_config.load(f"{repo_root}/configs/char_gpt.py", ["model.attention=xla"])
+    assert config.model.attention == "xla"
+
+
+def test_gpt2_124m_config_has_gpt2_small_shape(repo_root):
+    config = dlfx_config.load(f"{repo_root}/configs/gpt2_124m.py")
+    kwargs = {k: v for k, v in config.model.items() if k != "name"}
+    model = models.build("gpt", vocab_size=50257, dtype=jnp.bfloat16, **kwargs)  # GPT-2's own vocabulary
+    shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
+    assert sum(x.size for x in jax.tree.leaves(shapes)) == 124_439_808  # GPT-2 small, tied head
