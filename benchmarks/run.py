@@ -76,10 +76,10 @@ def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
     return 2 * size**3 / best
 
 
-def dlfx_stepper(exp, placed: list, num_steps: int = 1) -> Callable[[int], None]:
+def dlfx_stepper(exp, placed: list, num_steps: int = 1, state=None) -> Callable[[int], None]:
     """`run(n)`: n calls of the experiment's compiled train step (`num_steps` steps each) over `placed`,
-    a list of device-resident batches or an iterator of them."""
-    step, state = exp.train_step(num_steps), exp.state
+    a list of device-resident batches or an iterator of them, from `state` (default: a fresh one)."""
+    step, state = exp.train_step(num_steps), (exp.init() if state is None else state)
 
     def run(n: int) -> None:
         nonlocal state
@@ -123,7 +123,7 @@ def bench_model(name: str, steps_per_repeat: int, repeats: int, runner_steps: in
     it = data.train_iterator(exp.dataset.train, config.data.batch_size, exp.data_seed)
     host_batches = [next(it) for _ in range(4)]
 
-    fresh = jax.device_get(exp.state)  # host copy: the dlfx step donates its input state
+    fresh = jax.device_get(exp.init())  # host copy: the dlfx step donates its input state
     flops = _step_flops(exp, parallel.shard_batch(host_batches[0], exp.mesh, exp.mode), config)
 
     # bare dlfx step on device-resident batches
@@ -189,10 +189,8 @@ def bench_model(name: str, steps_per_repeat: int, repeats: int, runner_steps: in
         group = [next(it) for _ in range(k)]
         placed = [parallel.shard_batch({key: np.stack([b[key] for b in group]) for key in group[0]}, mesh, mode,
                                        stacked=True)]
-    exp.state = jax.device_put(fresh, exp.state_sharding)
-    fed = dlfx_stepper(exp, prefetcher, k)
-    exp.state = jax.device_put(fresh, exp.state_sharding)
-    on_device = dlfx_stepper(exp, placed, k)
+    fed = dlfx_stepper(exp, prefetcher, k, jax.device_put(fresh, exp.state_sharding))
+    on_device = dlfx_stepper(exp, placed, k, jax.device_put(fresh, exp.state_sharding))
     calls = max(1, steps_per_repeat // k)
     fed(1), on_device(1)
     fed_times, resident_times = [], []
@@ -204,7 +202,7 @@ def bench_model(name: str, steps_per_repeat: int, repeats: int, runner_steps: in
     save_ms = save_cost(jax.device_put(fresh, exp.state_sharding))
     examples = config.data.batch_size * per_example
     return {
-        "model": name, "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(exp.state.params)),
+        "model": name, "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(exp.abstract_state.params)),
         "batch": config.data.batch_size, "unit": "tokens" if unit == "seq" else "examples",
         "compile_s": compile_s, "runner": runner_rate, "bare": bare_rate, "baseline": base_rate,
         "overhead": statistics.median(paired), "step_ratio": bare_rate / base_rate, "pipeline": pipeline,
@@ -219,11 +217,11 @@ def _step_flops(exp, batch, config) -> float:
     """FLOPs of one train step: analytic for a GPT, else XLA's cost analysis (lax.scan bodies counted once)."""
     if config.model.name == "gpt":
         m = exp.model
-        n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(exp.state.params))
+        n = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(exp.abstract_state.params))
         tokens = batch["x"].size
         return tokens * (6 * n + 12 * m.num_layers * m.embed_dim * batch["x"].shape[1])
     step = exp.train_step()
-    cost = step.lower(exp.state, batch).compile().cost_analysis()
+    cost = step.lower(exp.abstract_state, batch).compile().cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return float(cost.get("flops", float("nan")))
 

@@ -22,6 +22,7 @@ class Run:
     variables: dict
     dataset: data.Dataset
     predict: Callable[[Any], jax.Array]  # x -> logits, jit-compiled, eval mode
+    task: Any = None  # the objective it was trained with (dlfx.tasks)
 
 
 def load_run(workdir: str, step: int | str | None = None) -> Run:
@@ -35,4 +36,4 @@ def load_run(workdir: str, step: int | str | None = None) -> Run:
         variables["batch_stats"] = jax.device_get(state.batch_stats)
     model = exp.model
     predict = jax.jit(lambda x: model.apply(variables, x, train=False))
-    return Run(workdir, step, exp.config, model, variables, exp.dataset, predict)
+    return Run(workdir, step, exp.config, model, variables, exp.dataset, predict, exp.task)

@@ -20,6 +20,7 @@ from dlfx.errors import ConfigError
 
 PARALLEL_MODES = ("auto", "pmap", "shard_map", "fsdp")
 DTYPES = ("float32", "bfloat16", "float16")
+IMPORTS_FILE = "imports.json"  # in a workdir: folders the run's `package.module:attr` names were imported from
 OPTIMIZERS = ("sgd", "adam", "adamw", "lion")
 SCHEDULES = ("constant", "cosine", "warmup_cosine", "linear", "step")
 LOSSES = ("softmax_xent",)
@@ -438,6 +439,7 @@ def read_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     if not os.path.lexists(path):
         raise ConfigError(f"no run in {workdir}: {path} does not exist")
     saved = read_json(path)
+    _add_recorded_import_roots(workdir)
     try:
         config = from_dict(_with_defaults(to_dict(base_config()), saved))
         validate(config)
@@ -514,10 +516,32 @@ def describe_changes(changes: list[str]) -> str:
 
 
 def write_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Write the resolved config to `workdir/config.json` atomically."""
-    path = os.path.join(workdir, "config.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(to_dict(config), f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Write the resolved config to `workdir/config.json` atomically, and, for `package.module:attr` names,
+    the folders their modules were imported from to `workdir/imports.json`."""
+    from dlfx import imports
+    from dlfx.workdir import write_json
+
+    roots = imports.import_roots(_import_names(config))
+    files = [("config.json", to_dict(config))] + ([(IMPORTS_FILE, {"search_dirs": roots})] if roots else [])
+    for name, value in files:
+        write_json(os.path.join(workdir, name), value)
+
+
+def _import_names(config: ml_collections.ConfigDict) -> list[str]:
+    return [str(config[section].get("name", "")) for section in ("model", "data", "task") if section in config]
+
+
+def _add_recorded_import_roots(workdir: str) -> None:
+    """Put the folders a run's import paths came from (imports.json) at the end of `sys.path`."""
+    from dlfx.workdir import read_json
+
+    path = os.path.join(workdir, IMPORTS_FILE)
+    if not os.path.isfile(path):
+        return
+    recorded = read_json(path)
+    folders = recorded.get("search_dirs") if isinstance(recorded, dict) else None
+    if not (isinstance(folders, list) and all(isinstance(f, str) for f in folders)):
+        raise ConfigError(f"{path} must hold {{\"search_dirs\": [folder, ...]}}")
+    for folder in folders:
+        if os.path.isdir(folder) and folder not in sys.path:
+            sys.path.append(folder)

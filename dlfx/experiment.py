@@ -19,7 +19,9 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 
 @dataclasses.dataclass
 class Experiment:
-    """Everything `build` makes from a config; the state is at step 0 until restored."""
+    """Everything `build` makes from a config. It holds the train state's shapes and layout, not the state:
+    `init()` makes the fresh one, a checkpoint restores into `abstract_state`, and the runner owns the one
+    live copy (so a resumed run never holds a fresh state beside the restored one)."""
 
     config: ml_collections.ConfigDict
     mode: str
@@ -30,9 +32,14 @@ class Experiment:
     schedule: optax.Schedule
     total_steps: int
     data_seed: int
-    state: steps.TrainState
+    abstract_state: steps.TrainState  # jax.ShapeDtypeStruct leaves carrying their shardings: a restore target
     state_sharding: Any  # NamedShardings of the state (replicated, or split over `fsdp` in fsdp mode)
     task: Any = dataclasses.field(default_factory=tasks.Classification)  # objective and metrics (dlfx.tasks)
+    init_fn: Any = None  # () -> the fresh state at step 0, placed with `state_sharding`
+
+    def init(self) -> steps.TrainState:
+        """The fresh train state at step 0 (seeded by `config.seed`), on this experiment's devices."""
+        return self.init_fn()
 
     @property
     def metric_names(self) -> list[str]:
@@ -97,8 +104,9 @@ def build_model(config: ml_collections.ConfigDict, dataset: data.Dataset, mode: 
     return models.build(config.model.name, **kwargs)
 
 
-def build(config: ml_collections.ConfigDict) -> Experiment:
-    """Make mesh, data, model, optimizer and a fresh replicated train state; touches no files."""
+def build(config: ml_collections.ConfigDict, dataset: data.Dataset | None = None) -> Experiment:
+    """Make mesh, data (unless `dataset` is given), model, optimizer and the train state's layout; touches no
+    files and allocates no state (`Experiment.init` does)."""
     # --- Devices ---------------------------------------------------------------------------
     devices = jax.devices()
     if config.parallel.num_devices:
@@ -115,7 +123,7 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
                           f"{mesh.devices.size} devices x {accum} microbatches (config.optimizer.grad_accum_steps)")
 
     # --- Data ------------------------------------------------------------------------------
-    dataset = data.load(config.data)
+    dataset = data.load(config.data) if dataset is None else dataset
     task = build_task(config, dataset)
     if config.train.keep_best:
         tasks.best_mode(config.train.keep_best, task, config.train.best_mode)
@@ -134,30 +142,33 @@ def build(config: ml_collections.ConfigDict) -> Experiment:
         return steps.create_train_state(steps.init_variables(model, example_x, init_key), tx, state_key)
 
     try:
-        if mode == "fsdp":
-            state_sharding = sharding.state_shardings(jax.eval_shape(init_state), mesh, config.parallel.fsdp_rules,
-                                                      config.parallel.fsdp_min_size)
-        else:
-            state_sharding = parallel.replicated(mesh)
-        state = jax.jit(init_state, out_shardings=state_sharding)()
+        shapes = jax.eval_shape(init_state)  # traces the model on the data's example: no memory, no compute
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config.model ({config.model.name}) does not fit data {config.data.name!r} "
                           f"with example shape {dataset.example_shape}: {str(e).splitlines()[0]}") from None
-    optim.check_freeze(state.params, config.optimizer.freeze)
-    tasks.check(task, model, state, {k: v[:2] for k, v in dataset.train.items()}, config.task.get("name", ""))
-    return Experiment(config, mode, mesh, dataset, model, tx, schedule, total_steps, data_seed, state, state_sharding,
-                      task)
+    if mode == "fsdp":
+        state_sharding = sharding.state_shardings(shapes, mesh, config.parallel.fsdp_rules,
+                                                  config.parallel.fsdp_min_size)
+        shardings = state_sharding
+    else:
+        state_sharding = parallel.replicated(mesh)
+        shardings = jax.tree.map(lambda _: state_sharding, shapes)
+    abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+    optim.check_freeze(abstract_state.params, config.optimizer.freeze)
+    tasks.check(task, model, abstract_state, {k: v[:2] for k, v in dataset.train.items()}, config.task.get("name", ""))
+    return Experiment(config, mode, mesh, dataset, model, tx, schedule, total_steps, data_seed, abstract_state,
+                      state_sharding, task, jax.jit(init_state, out_shardings=state_sharding))
 
 
-def init_from_pretrained(exp: Experiment) -> steps.TrainState:
-    """The fresh state with `config.init_from`'s parameters and batch stats merged in (optimizer state kept)."""
-    fresh = jax.device_get({"params": exp.state.params, "batch_stats": exp.state.batch_stats})
+def init_from_pretrained(exp: Experiment, state: steps.TrainState) -> steps.TrainState:
+    """The fresh `state` with `config.init_from`'s parameters and batch stats merged in (optimizer state kept)."""
+    fresh = jax.device_get({"params": state.params, "batch_stats": state.batch_stats})
     if not fresh["batch_stats"]:
         del fresh["batch_stats"]
     merged = transfer.load_pretrained(fresh, exp.config.init_from)
-    layout = {"params": exp.state.params, "batch_stats": exp.state.batch_stats}
+    layout = {"params": state.params, "batch_stats": state.batch_stats}
     placed = jax.device_put(merged, {k: jax.tree.map(lambda a: a.sharding, layout[k]) for k in merged})
-    return exp.state.replace(params=placed["params"], batch_stats=placed.get("batch_stats", exp.state.batch_stats))
+    return state.replace(params=placed["params"], batch_stats=placed.get("batch_stats", state.batch_stats))
 
 
 def evaluate(exp: Experiment, state: steps.TrainState, eval_step: Any) -> dict[str, float]:

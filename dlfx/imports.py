@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 from dlfx.errors import ConfigError
 
@@ -53,3 +54,20 @@ def resolve(name: str, registry: Mapping[str, Any], key: str, kind: str, accept:
     if not accept(target):
         raise ConfigError(f"{key}={name!r} is not {kind} (got {type(target).__name__})")
     return target
+
+
+def import_roots(names: Iterable[str]) -> list[str]:
+    """The `sys.path` folders that the already-imported `package.module:attribute` names came from: what
+    `dlfx eval`/`sample`/`load_run` add to find them again from any working directory."""
+    roots: list[str] = []
+    for name in names:
+        module = sys.modules.get(name.partition(":")[0]) if is_import_path(name) else None
+        file = getattr(module, "__file__", None)
+        if not file:
+            continue
+        root = os.path.dirname(os.path.abspath(file))
+        for _ in range(module.__name__.count(".") + (os.path.basename(file) == "__init__.py")):
+            root = os.path.dirname(root)
+        if root not in roots:
+            roots.append(root)
+    return roots

@@ -143,7 +143,7 @@ def interpret_workdir(workdir: str, out: str, split: str = "test", index: str = 
                       methods: tuple[str, ...] = ("saliency", "smoothgrad", "integrated_gradients"),
                       step: int | None = None, ig_steps: int = 64, seed: int = 0) -> dict:
     """Attribution (or attention-rollout) figure for examples of a run's split; returns what was measured."""
-    from dlfx import load_run, plot
+    from dlfx import load_run, plot, tasks
     from dlfx.errors import ConfigError
 
     if not methods:
@@ -157,8 +157,8 @@ def interpret_workdir(workdir: str, out: str, split: str = "test", index: str = 
         raise ConfigError(f"--ig-steps must be >= 1, got {ig_steps}")
     out = plot.output_path(out, "interpret.png")
     run = load_run(workdir, step)
-    if "vocab" in run.dataset.metadata:
-        raise ConfigError(f"{workdir} is a language model run; interpret works on classifiers")
+    if type(run.task) is not tasks.Classification:  # attributions explain a class score
+        raise ConfigError(f"{workdir} is a {type(run.task).__name__} run; interpret works on classifiers")
     arrays = {"train": run.dataset.train, "test": run.dataset.test}.get(split)
     if arrays is None:
         raise ConfigError(f"--split {split!r} is not one of train, test")

@@ -8,10 +8,11 @@ from typing import Any
 import ml_collections
 from etils import epath
 
-from dlfx import config as config_lib, steps
-from dlfx.checkpoint import BEST_FOLDER, Checkpointer, abstract_like, check_owner
-from dlfx.errors import CheckpointError
+from dlfx import config as config_lib, data, steps
+from dlfx.checkpoint import BEST_FOLDER, Checkpointer, check_owner
+from dlfx.errors import CheckpointError, DataError
 from dlfx.experiment import Experiment, build, evaluate
+from dlfx.workdir import DATA_FILE, read_json
 
 
 def checkpoint_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
@@ -19,9 +20,13 @@ def checkpoint_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
     return config.train.checkpoint_dir or os.path.join(workdir, "checkpoints")
 
 
-def restore_run(workdir: str, step: int | str | None = None) -> tuple[Experiment, steps.TrainState, int]:
+def restore_run(workdir: str, step: int | str | None = None,
+                load_data: bool = True) -> tuple[Experiment, steps.TrainState, int]:
     """A run's experiment and its newest valid (or the given, or with step="best" its best-eval) checkpointed
-    state (the one live copy, on its devices); changes no file. The public, host-side view is `dlfx.load_run`."""
+    state (the one live copy, on its devices); changes no file. The public, host-side view is `dlfx.load_run`.
+
+    `load_data=False` builds the model from the run's `data.json` instead of loading the data set (the
+    experiment's dataset is then a two-example stand-in of zeros)."""
     config = config_lib.read_workdir_config(workdir)
     directory = checkpoint_dir(config, workdir)
     if not epath.Path(directory).is_dir():
@@ -29,11 +34,19 @@ def restore_run(workdir: str, step: int | str | None = None) -> tuple[Experiment
     check_owner(directory, config, workdir)  # another run's checkpoints are not this run's result
     if step == "best":
         directory, step = _best_step(config, directory)
-    exp = build(config)
+    description = os.path.join(workdir, DATA_FILE)
+    if load_data or not os.path.isfile(description):  # runs from before data.json load their data
+        exp = build(config)
+    else:
+        try:
+            stand_in = data.stand_in(read_json(description))
+        except DataError as e:
+            raise DataError(f"{description} is damaged: {e}") from None
+        exp = build(config, stand_in)
     checkpointer = Checkpointer(directory, keep=config.train.keep)
     try:
         if step is None:
-            restored = checkpointer.restore_latest(abstract_like(exp.state), quarantine=False)
+            restored = checkpointer.restore_latest(exp.abstract_state, quarantine=False)
             if restored is None:
                 raise CheckpointError(f"no checkpoint in {directory}")
             state, step = restored
@@ -41,7 +54,7 @@ def restore_run(workdir: str, step: int | str | None = None) -> tuple[Experiment
             if step not in checkpointer.steps():
                 raise CheckpointError(f"no checkpoint at step {step} in {directory} "
                                       f"(saved: {checkpointer.steps()})")
-            state = checkpointer.restore(step, abstract_like(exp.state))
+            state = checkpointer.restore(step, exp.abstract_state)
     finally:
         checkpointer.close()
     return exp, state, step

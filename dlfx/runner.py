@@ -5,7 +5,6 @@ Read `train` top to bottom; `dlfx.experiment.build` makes every piece it uses fr
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -20,12 +19,12 @@ from dlfx import config as config_lib
 from dlfx import checkpoint, data, feed, log, optim, parallel, plot, runs, steps
 from dlfx import train_metrics as train_metrics_lib
 from dlfx import tasks
-from dlfx.checkpoint import BestCheckpoint, Checkpointer, abstract_like
+from dlfx.checkpoint import BestCheckpoint, Checkpointer
 from dlfx.errors import ConfigError
 from dlfx.experiment import build, evaluate, init_from_pretrained
 from dlfx.restore import checkpoint_dir, evaluate_workdir, restore_run  # noqa: F401  (re-exported)
 from dlfx.preemption import Preemption
-from dlfx.workdir import WorkdirLock, read_status, write_status
+from dlfx.workdir import DATA_FILE, WorkdirLock, read_status, write_json, write_status
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, force: bool = False) -> dict[str, Any]:
@@ -57,17 +56,18 @@ def _train(config, workdir, force, preemption, start_time) -> dict[str, Any]:
                                         crop_padding=config.data.crop_padding, random_flip=config.data.random_flip)
         train_iter = feed.device_prefetcher(exp, host_iter, feed.call_sizes(exp))
         checkpointer = Checkpointer(ckpt_dir, keep=config.train.keep)
-        restored = checkpointer.restore_latest(abstract_like(exp.state), train_iter)
-        if restored is None and config.init_from.path:  # a fresh run starts from pretrained weights
-            exp.state = init_from_pretrained(exp)
+        restored = checkpointer.restore_latest(exp.abstract_state, train_iter)
+        if restored is None:  # a fresh run (from pretrained weights, if asked): the one live state
+            state = exp.init()
+            restored_or_fresh = (init_from_pretrained(exp, state) if config.init_from.path else state), None
+        else:
+            restored_or_fresh = restored
         done = (restored is not None and restored[1] == exp.total_steps
                 and runs.is_finished(workdir, exp.total_steps))
         if is_main and not done:
-            config_lib.write_workdir(config, workdir)
+            config_lib.write_workdir(config, workdir)  # with imports.json: where its import paths were found
             checkpoint.claim(ckpt_dir, config, workdir)
-            if "vocab" in exp.dataset.metadata:  # lets `dlfx sample` decode tokens
-                with open(os.path.join(workdir, "vocab.json"), "w") as f:
-                    json.dump(exp.dataset.metadata["vocab"], f)
+            write_json(os.path.join(workdir, DATA_FILE), data.describe(exp.dataset))  # model and vocabulary
     except BaseException as e:  # Ctrl-C included: a failed start leaves no half-made workdir and no lock
         lock.release()
         if created and is_main:
@@ -87,7 +87,8 @@ def _train(config, workdir, force, preemption, start_time) -> dict[str, Any]:
         if config.train.keep_best:  # the state of the best eval so far, beside the newest ones
             best = BestCheckpoint(ckpt_dir, config.train.keep_best,
                                   tasks.best_mode(config.train.keep_best, exp.task, config.train.best_mode))
-        summary = _loop(exp, config, workdir, checkpointer, train_iter, restored, start_time, preemption, best)
+        summary = _loop(exp, config, workdir, checkpointer, train_iter, restored_or_fresh, start_time, preemption,
+                        best)
         if is_main and summary["status"] == "finished":  # plots before the status: a kill here redoes them
             plot.write_run_plots(workdir, exp.model, summary["state"], exp.dataset, exp.task)
     except BaseException as e:
@@ -133,28 +134,28 @@ def _logged_final_eval(workdir: str, step: int, is_main: bool, metric: str) -> d
     return logged if is_main else ({metric: float(value)} if metric else {})
 
 
-def _loop(exp, config, workdir, checkpointer, train_iter, restored, start_time, preemption,
+def _loop(exp, config, workdir, checkpointer, train_iter, start, start_time, preemption,
           best=None) -> dict[str, Any]:
-    """Train from the restored (or fresh) state to the last step; see `train`."""
+    """Train from `start` = (state, restored step or None for a fresh state) to the last step; see `train`."""
     is_main = jax.process_index() == 0
-    state = exp.state if restored is None else restored[0]
+    state, restored_step = start
     step = int(jax.device_get(state.step))
     if is_main:
         log.truncate_metrics(workdir, step)
     logger = log.RunLogger(workdir, exp.total_steps, step, enabled=is_main)
-    if restored is not None:
+    if restored_step is not None:
         logger.message(f"resumed from step {step} in {workdir}")
     elif config.init_from.path:
         logger.message(f"initialized from {config.init_from.path} ({config.init_from.format})")
     if config.optimizer.freeze:
-        trainable, frozen = optim.count_frozen(exp.state.params, config.optimizer.freeze)
+        trainable, frozen = optim.count_frozen(exp.abstract_state.params, config.optimizer.freeze)
         logger.message(f"parameters: {trainable:,} trainable, {frozen:,} frozen")
 
     # --- Compiled steps ---------------------------------------------------------------------
     train_step, eval_step = exp.train_step(), exp.eval_step()
     multi_step = exp.train_step(config.train.steps_per_call) if config.train.steps_per_call > 1 else None
     call_sizes = feed.call_sizes(exp) or (lambda position: 1)
-    groups = steps.param_groups(exp.state.params)
+    groups = steps.param_groups(exp.abstract_state.params)
 
     # --- Loop -------------------------------------------------------------------------------
     pending: list[dict] = []

@@ -13,7 +13,7 @@ from dlfx.errors import ConfigError, DataError
 from dlfx.models import GPT, RNN
 from dlfx.models import rnn, transformer
 from dlfx.restore import restore_run
-from dlfx.workdir import read_json
+from dlfx.workdir import DATA_FILE, read_json
 
 
 def encode(text: str, vocab: list[str]) -> np.ndarray:
@@ -41,15 +41,27 @@ def _generate_windowed(model: GPT, params, prompt: jnp.ndarray, length: int, rng
     return jnp.concatenate(pieces, axis=1)
 
 
+def _vocabulary(workdir: str) -> list[str]:
+    """The run's characters: `data.json`'s metadata (or `vocab.json`, written by runs before data.json)."""
+    described, legacy = os.path.join(workdir, DATA_FILE), os.path.join(workdir, "vocab.json")
+    if os.path.isfile(described):
+        metadata = read_json(described).get("metadata")
+        path, vocab = described, (metadata.get("vocab") if isinstance(metadata, dict) else None)
+    elif os.path.isfile(legacy):
+        path, vocab = legacy, read_json(legacy, "any")
+    else:
+        raise ConfigError(f"{workdir} is not a language-model run: it has no {DATA_FILE}")
+    if vocab is None:
+        raise ConfigError(f"{workdir} is not a language-model run: {path} records no vocabulary")
+    if not (isinstance(vocab, list) and vocab and all(isinstance(c, str) and len(c) == 1 for c in vocab)):
+        raise ConfigError(f"{path}: the vocabulary must be a JSON list of single characters")
+    return vocab
+
+
 def sample_workdir(workdir: str, prompt: str, length: int, temperature: float = 1.0, seed: int = 0,
                    num_samples: int = 1) -> list[str]:
     """Restore a run's newest valid checkpoint and continue `prompt` by `length` characters."""
-    vocab_path = os.path.join(workdir, "vocab.json")
-    if not os.path.isfile(vocab_path):
-        raise ConfigError(f"{workdir} is not a language-model run: {vocab_path} does not exist")
-    vocab = read_json(vocab_path, "any")
-    if not (isinstance(vocab, list) and vocab and all(isinstance(c, str) and len(c) == 1 for c in vocab)):
-        raise ConfigError(f"{vocab_path} must hold a JSON list of single characters (the run's vocabulary)")
+    vocab = _vocabulary(workdir)
     if not prompt:
         raise DataError("the prompt is empty; give at least one character")
     if length < 1:
@@ -60,7 +72,7 @@ def sample_workdir(workdir: str, prompt: str, length: int, temperature: float = 
         raise ConfigError(f"--temperature must be a finite number >= 0 (0 is greedy), got {temperature}")
     if not 0 <= seed < 2**32:
         raise ConfigError(f"--seed must be in [0, 2**32), got {seed}")
-    exp, state, _ = restore_run(workdir)
+    exp, state, _ = restore_run(workdir, load_data=False)  # the model and vocabulary come from data.json
     params = jax.device_get(state.params)
     prompt_ids = jnp.asarray(np.tile(encode(prompt, vocab), (num_samples, 1)))
     rng = jax.random.PRNGKey(seed)

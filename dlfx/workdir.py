@@ -191,6 +191,18 @@ def read_jsonl(path: str, required: tuple[str, ...] = ()) -> list[dict]:
     return records
 
 
+DATA_FILE = "data.json"  # what the model needs of the data set (dlfx.data.describe): lets sample run without it
+
+
+def write_json(path: str, value: Any) -> None:
+    """Write `value` as JSON to `path` atomically (a kill leaves the old file or the new one)."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
 def write_status(workdir: str, status: str, **fields) -> None:
     """Atomically record the run's state in `workdir/status.json` (running/finished/preempted/failed)."""
     path = os.path.join(workdir, "status.json")

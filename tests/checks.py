@@ -11,7 +11,7 @@ def restore_newest(config, directory):
     """(state, step) of the newest valid checkpoint in `directory`, read without quarantining anything."""
     checkpointer = Checkpointer(str(directory))
     try:
-        return checkpointer.restore_latest(abstract_like(experiment.build(config).state), quarantine=False)
+        return checkpointer.restore_latest(experiment.build(config).abstract_state, quarantine=False)
     finally:
         checkpointer.close()
 

@@ -39,7 +39,7 @@ def test_sigterm_saves_and_resume_is_bit_identical(repo_root, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed from step {saved[0]}" in resumed.stderr and "finished: step 300/300" in resumed.stdout
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
-    state, step = checkpointer.restore_latest(abstract_like(experiment.build(config).state))
+    state, step = checkpointer.restore_latest(experiment.build(config).abstract_state)
     checkpointer.close()
     assert step == 300
     for a, b in zip(jax.tree.leaves(reference), jax.tree.leaves(state)):

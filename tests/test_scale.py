@@ -52,12 +52,13 @@ def test_fsdp_on_eight_devices_matches_one(case):
 
 def test_fsdp_cuts_per_device_parameter_bytes(repo_root):
     spec = os.path.join(repo_root, "configs/char_gpt.py")
-    replicated = experiment.build(config_lib.load(spec, ["data.seq_len=32"]))
-    fsdp = experiment.build(config_lib.load(spec, ["data.seq_len=32", "parallel.mode=fsdp"]))
-    full, split = sharding.bytes_per_device(replicated.state.params), sharding.bytes_per_device(fsdp.state.params)
-    assert fsdp.mesh.shape == {"data": 1, "fsdp": 8}
+    replicated = experiment.build(config_lib.load(spec, ["data.seq_len=32"])).init()
+    fsdp_exp = experiment.build(config_lib.load(spec, ["data.seq_len=32", "parallel.mode=fsdp"]))
+    fsdp = fsdp_exp.init()
+    full, split = sharding.bytes_per_device(replicated.params), sharding.bytes_per_device(fsdp.params)
+    assert fsdp_exp.mesh.shape == {"data": 1, "fsdp": 8}
     assert split < full / 6  # 8-way split of the big kernels; small vectors stay replicated
-    assert sharding.bytes_per_device(fsdp.state.opt_state) < sharding.bytes_per_device(replicated.state.opt_state) / 6
+    assert sharding.bytes_per_device(fsdp.opt_state) < sharding.bytes_per_device(replicated.opt_state) / 6
 
 
 def test_fsdp_rules_and_mesh_errors():

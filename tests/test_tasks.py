@@ -1,5 +1,6 @@
 """Tasks (classification, lm, regression, a user's) and import paths for models, data and tasks."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -89,6 +90,12 @@ def test_user_model_data_and_task_train_through_the_cli_and_resume_bit_identical
                             cwd=repo_root, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "gain_db=" in result.stdout
+    with open(os.path.join(full, "imports.json")) as f:  # where nets/data/tasks were imported from
+        assert json.load(f) == {"search_dirs": [os.path.join(repo_root, "experiments", "custom_research")]}
+    evaluated = subprocess.run([sys.executable, "-m", "dlfx", "eval", "--workdir", full], cwd=str(tmp_path),
+                               capture_output=True, text=True, timeout=300)  # another folder: no config file near
+    assert evaluated.returncode == 0, evaluated.stderr[-2000:]
+    assert json.loads(evaluated.stdout)["step"] == 12 and "gain_db" in json.loads(evaluated.stdout)
     shutil.copytree(full, resumed)
     shutil.rmtree(os.path.join(resumed, "checkpoints", "12"))  # as if killed after step 6
     config = _config(repo_root, CUSTOM, CUSTOM_TINY, "parallel.num_devices=1")

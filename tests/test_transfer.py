@@ -32,8 +32,9 @@ def test_fine_tune_takes_backbone_and_keeps_fresh_head(repo_root, pretrained):
     workdir, source = pretrained
     config = cnn_config(repo_root, f"init_from.path={workdir}", "init_from.skip=('head/.*',)")
     exp = experiment.build(config)  # 10 classes: the head shape differs from the source's 5
-    fresh = jax.device_get(exp.state.params)
-    state = experiment.init_from_pretrained(exp)
+    fresh_state = exp.init()
+    fresh = jax.device_get(fresh_state.params)
+    state = experiment.init_from_pretrained(exp, fresh_state)
     params, stats = jax.device_get(state.params), jax.device_get(state.batch_stats)
     assert params["head"]["kernel"].shape == (32, 10)
     chex.assert_trees_all_equal(params["head"], fresh["head"])
@@ -45,14 +46,15 @@ def test_fine_tune_takes_backbone_and_keeps_fresh_head(repo_root, pretrained):
 def test_mismatch_lists_every_path_and_changes_nothing(repo_root, pretrained):
     workdir, _ = pretrained
     exp = experiment.build(cnn_config(repo_root, "model.hidden_dim=48", f"init_from.path={workdir}"))
-    before = jax.device_get(exp.state.params)
+    fresh_state = exp.init()
+    before = jax.device_get(fresh_state.params)
     with pytest.raises(TransferError) as e:
-        experiment.init_from_pretrained(exp)
+        experiment.init_from_pretrained(exp, fresh_state)
     message = str(e.value)
     for path in ("params/dense/kernel", "params/dense/bias", "params/head/kernel", "params/head/bias"):
         assert path in message
     assert "4 shape mismatches" in message and "\n" not in message
-    chex.assert_trees_all_equal(jax.device_get(exp.state.params), before)
+    chex.assert_trees_all_equal(jax.device_get(fresh_state.params), before)
 
 
 def test_merge_reports_missing_and_unused():
@@ -78,7 +80,7 @@ def test_linear_probe_freezes_backbone_bit_exactly(repo_root, pretrained, tmp_pa
     for name in ("conv1", "conv2", "dense"):
         chex.assert_trees_all_equal(params[name], source["params"][name])
     chex.assert_trees_all_equal(stats, source["batch_stats"])
-    fresh = jax.device_get(experiment.build(config).state.params)
+    fresh = jax.device_get(experiment.build(config).init().params)
     assert not np.allclose(params["head"]["kernel"], fresh["head"]["kernel"])  # the head trained
     trainable, frozen_count = optim.count_frozen(params, config.optimizer.freeze)
     assert trainable == 32 * 10 + 10 and frozen_count > trainable
@@ -172,7 +174,8 @@ def test_hf_vit_import_gives_same_logits_and_fine_tunes_at_another_size(repo_roo
                  "train.epochs=0", "train.steps=3", "optimizer.warmup_steps=1", "data.batch_size=64",
                  f"init_from.path={folder}", "init_from.format=hf_vit", "init_from.skip=('head/.*',)"]
     cfg = config_lib.load(os.path.join(repo_root, "configs/digits_vit.py"), overrides)
-    state = experiment.init_from_pretrained(experiment.build(cfg))
+    built = experiment.build(cfg)
+    state = experiment.init_from_pretrained(built, built.init())
     pos = np.asarray(jax.device_get(state.params["pos_embed"]))
     assert pos.shape == (1, 17, 32)
     np.testing.assert_allclose(pos[0, 0], variables["params"]["pos_embed"][0, 0])

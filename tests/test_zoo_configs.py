@@ -31,7 +31,7 @@ TINY = {
 
 
 @pytest.mark.parametrize("spec", sorted(TINY))
-def test_config_trains_end_to_end(repo_root, tmp_path, spec):
+def test_config_trains_end_to_end(repo_root, tmp_path, monkeypatch, spec):
     path, _, arg = spec.partition(":")
     config = config_lib.load(os.path.join(repo_root, path) + (f":{arg}" if arg else ""), FEW_STEPS + TINY[spec])
     workdir = str(tmp_path / "run")
@@ -46,8 +46,13 @@ def test_config_trains_end_to_end(repo_root, tmp_path, spec):
         assert 0.0 <= summary["eval"]["accuracy"] <= 1.0
     if config.data.name == "text":
         assert summary["eval"]["bits_per_char"] > 0
-        with open(os.path.join(workdir, "vocab.json")) as f:
-            vocab = json.load(f)
+        with open(os.path.join(workdir, "data.json")) as f:
+            vocab = json.load(f)["metadata"]["vocab"]
+
+        def no_data(*args, **kwargs):
+            raise AssertionError("sampling must not load the data set")
+
+        monkeypatch.setattr(data, "load", no_data)  # the model is built from data.json
         texts = sampling.sample_workdir(workdir, "def ", length=70, temperature=0.8, num_samples=2)
         assert len(texts) == 2 and all(t.startswith("def ") and len(t) == 74 for t in texts)  # > seq_len 32
         assert all(c in vocab for c in texts[0])

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import json
 from typing import Any, Callable, Mapping
+
+import numpy as np
 
 from dlfx import imports
 from dlfx.data import sources
@@ -24,8 +27,8 @@ SOURCES: dict[str, Callable[..., Dataset]] = {
 # `config.data` keys used by the pipeline rather than passed to the source
 PIPELINE_KEYS = ("name", "batch_size", "crop_padding", "random_flip", "classes", "train_fraction")
 
-__all__ = ["ArraySource", "Dataset", "DevicePrefetcher", "PIPELINE_KEYS", "augment_images", "SOURCES", "eval_batches", "load", "names", "resolve", "num_examples", "steps_per_epoch",
-           "train_iterator"]
+__all__ = ["ArraySource", "Dataset", "DevicePrefetcher", "PIPELINE_KEYS", "augment_images", "SOURCES", "describe",
+           "eval_batches", "load", "names", "resolve", "num_examples", "stand_in", "steps_per_epoch", "train_iterator"]
 
 
 def names() -> list[str]:
@@ -80,3 +83,29 @@ def load(data_config: Mapping[str, Any]) -> Dataset:
     if num_examples(dataset.test) == 0:
         raise DataError(f"data set {name!r}: eval split is empty")
     return dataset
+
+
+def describe(dataset: Dataset) -> dict[str, Any]:
+    """What a model needs to know of a data set, as JSON (a run's `data.json`): name, classes (or vocabulary
+    size), one example's arrays (shape, dtype) and the JSON-able metadata (e.g. the vocabulary)."""
+    metadata = {}
+    for key, value in dataset.metadata.items():
+        try:
+            json.dumps(value)
+        except (TypeError, ValueError):
+            continue  # e.g. arrays: not needed to rebuild the model
+        metadata[key] = value
+    return {"name": dataset.name, "num_classes": dataset.num_classes, "metadata": metadata,
+            "example": {k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype)} for k, v in dataset.train.items()}}
+
+
+def stand_in(description: Mapping[str, Any]) -> Dataset:
+    """A two-example Dataset of zeros shaped like `describe`'s: enough to build a run's model and restore its
+    state without the data (e.g. `dlfx sample` on another machine)."""
+    try:
+        arrays = {k: np.zeros((2, *spec["shape"]), np.dtype(spec["dtype"]))
+                  for k, spec in description["example"].items()}
+        return Dataset(train=arrays, test=dict(arrays), name=str(description["name"]),
+                       num_classes=description.get("num_classes"), metadata=dict(description.get("metadata", {})))
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise DataError(f"a data description needs 'name' and 'example' {{key: {{shape, dtype}}}}: {e!r}") from None

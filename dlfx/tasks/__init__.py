@@ -121,15 +121,17 @@ def check(task: Any, model: Any, state: Any, batch: dict, name: str = "", axis_n
     variables = {"params": state.params, **({"batch_stats": state.batch_stats} if state.batch_stats else {})}
     stacked = jax.tree.map(lambda a: jnp.asarray(a)[None], batch)  # a mapped axis binds the device-axis name
 
-    def train_loss(b):
-        return task.loss(model, variables, b, jax.random.PRNGKey(0), True)
+    def train_loss(v, b):
+        return jax.vmap(lambda x: task.loss(model, v, x, jax.random.PRNGKey(0), True), axis_name=axis_name)(b)
 
-    def eval_sums(b):
-        return task.eval_sums(model, variables, {**b, "mask": jnp.ones(len(next(iter(b.values()))), jnp.float32)})
+    def eval_sums(v, b):
+        return jax.vmap(lambda x: task.eval_sums(model, v, {**x, "mask": jnp.ones(len(next(iter(x.values()))),
+                                                                                  jnp.float32)}),
+                        axis_name=axis_name)(b)
 
-    try:
-        loss, metrics, _ = jax.eval_shape(jax.vmap(train_loss, axis_name=axis_name), stacked)
-        sums = jax.eval_shape(jax.vmap(eval_sums, axis_name=axis_name), stacked)
+    try:  # the state may be abstract (shapes only): it goes in as an argument, never as a constant
+        loss, metrics, _ = jax.eval_shape(train_loss, variables, stacked)
+        sums = jax.eval_shape(eval_sums, variables, stacked)
     except ConfigError:
         raise
     except Exception as e:
