@@ -158,63 +158,39 @@ def _loop(exp, config, workdir, checkpointer, train_iter, start, start_time, pre
     groups = steps.param_groups(exp.abstract_state.params)
 
     # --- Loop -------------------------------------------------------------------------------
-    pending: list[dict] = []
+    def on_read(at: int, metrics: dict) -> None:
+        logger.write(at, "train", metrics)
+        logger.advance(at)
+
+    window = train_metrics_lib.Window(exp.metric_names, config, groups, step, on_read)
     dispatch = parallel.DispatchLimit()  # bounded run-ahead: unbounded, XLA:CPU collectives could deadlock
-    train_metrics: dict[str, float] = {}
     eval_metrics: dict[str, float] = {}
     status = "finished"
-    window_start, window_step, skipped_in_row = time.time(), step, 0
-    first_log: tuple[float, int] | None = None  # steady-state speed excludes compilation and eval
     first_step_s: float | None = None  # time to first step, from process start (compilation included)
-    last_log: tuple[float, int] | None = None
-    deferred: tuple | None = None  # a closed log window whose metrics are on their way to the host
-
-    def log_window(window: tuple) -> None:
-        nonlocal train_metrics, skipped_in_row
-        train_metrics, skipped_in_row = train_metrics_lib.read_window(window, exp.metric_names, config,
-                                                                      skipped_in_row, groups)
-        logger.write(window[2], "train", train_metrics)
-        logger.advance(window[2])
-
     try:
         if preemption.requested:  # SIGTERM during start-up: no step run, nothing new to save
             status = "preempted"
         while status == "finished" and step < exp.total_steps:
             count = call_sizes(step)  # steps in this call (the prefetcher stacked that many batches)
-            batch = next(train_iter)
-            state, metrics = (multi_step if count > 1 else train_step)(state, batch)
+            state, metrics = (multi_step if count > 1 else train_step)(state, next(train_iter))
             step += count
             if first_step_s is None:  # one host sync, on the first step only
                 jax.block_until_ready(metrics)
                 first_step_s = time.time() - log.process_start_time()
                 logger.message(f"first step done {first_step_s:.1f} s after process start")
-            pending.append(metrics)  # stays on device until the next log point
+            window.add(metrics)
             dispatch.add(metrics)
-            if deferred:  # read only now that the next call is queued: the device never waits on logging
-                log_window(deferred)
-                deferred = None
-            every = config.train.checkpoint_every
-            save_now = bool(every) and step % every == 0 and step < exp.total_steps
+            window.read_deferred()  # the next call is queued: the device never waits on logging
             preempted = preemption.requested or (jax.process_count() > 1 and checkpointer.reached_preemption(step))
-            eval_now = config.train.eval_every and step % config.train.eval_every == 0 and step < exp.total_steps
-            # read at once before every eval and save: a non-finite step is caught before either sees it
-            must_read = step == exp.total_steps or save_now or preempted or eval_now
-            if step % config.train.log_every == 0 or must_read:
-                now = time.time()
-                window = (train_metrics_lib.stack(pending), window_step, step, window_start, now)
-                first_log, last_log = first_log or (now, step), (now, step)
-                window_start, window_step, pending = now, step, []
-                if must_read:
-                    log_window(window)
-                else:
-                    window[0].copy_to_host_async()
-                    deferred = window
-            if eval_now:
+            due = train_metrics_lib.due(step, exp.total_steps, config.train, preempted)
+            if due.log:
+                window.close(step, read_now=due.read)
+            if due.eval:
                 eval_metrics = evaluate(exp, state, eval_step)
                 logger.write(step, "eval", eval_metrics)
                 if best:
                     best.offer(step, state, eval_metrics)
-            if save_now or preempted:
+            if due.save or preempted:
                 checkpointer.save(step, state, train_iter)
             if preempted:
                 status = "preempted"
@@ -250,11 +226,8 @@ def _loop(exp, config, workdir, checkpointer, train_iter, start, start_time, pre
         what = f"saved step {step} to {checkpointer.directory}" if saved else f"at step {step}, nothing new to save"
         print(f"dlfx: preempted: {what}; rerun the same command to resume", file=sys.stderr)
     end_time = time.time()
-    steady = None
-    if first_log and last_log[1] > first_log[1]:
-        steady = (last_log[1] - first_log[1]) / (last_log[0] - first_log[0])
-    return {"status": status, "step": step, "total_steps": exp.total_steps, "train": train_metrics,
-            "eval": eval_metrics, "wall_time": end_time - start_time, "steps_per_sec": steady,
+    return {"status": status, "step": step, "total_steps": exp.total_steps, "train": window.latest,
+            "eval": eval_metrics, "wall_time": end_time - start_time, "steps_per_sec": window.steady_rate(),
             "workdir": workdir, "mode": exp.mode, "devices": exp.mesh.devices.size, "state": state,
             "step_traces": train_step.traces[0] + (multi_step.traces[0] if multi_step else 0),
             "time_to_first_step": first_step_s, "process_index": jax.process_index()}

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+import time
+from typing import Any, Callable
+
 import jax
 import ml_collections
 import numpy as np
@@ -49,3 +53,73 @@ def mean(records: list[dict]) -> dict[str, float]:
     finite = [r for r in records if not r["nonfinite"]] or records
     return {k: float(np.mean([r[k] for r in finite])) for k in records[0]
             if k not in ("nonfinite", "first_nonfinite_group")}
+
+
+@dataclasses.dataclass(frozen=True)
+class Due:
+    """What the loop does after the call that reached a step."""
+
+    log: bool  # close the metrics window
+    read: bool  # ... and read it now (before an eval or save, and at the end), not one call later
+    eval: bool
+    save: bool
+
+
+def due(step: int, total_steps: int, train: ml_collections.ConfigDict, preempted: bool) -> Due:
+    """The loop's schedule at `step`: log every `log_every`, eval every `eval_every`, save every
+    `checkpoint_every` (the final eval and save are the runner's), and on preemption save and read."""
+    def every(n: int) -> bool:
+        return bool(n) and step % n == 0 and step < total_steps
+
+    eval_now, save_now = every(train.eval_every), every(train.checkpoint_every)
+    read = step == total_steps or save_now or preempted or eval_now  # a non-finite step is caught first
+    return Due(log=step % train.log_every == 0 or read, read=read, eval=eval_now, save=save_now)
+
+
+class Window:
+    """Train metrics since the last log point: kept on the device, closed at a log point and read on the
+    host either at once or one call later (so logging never makes the device wait), under `nan_policy`."""
+
+    def __init__(self, names: list[str], config: ml_collections.ConfigDict, groups: list[str], step: int,
+                 on_read: Callable[[int, dict[str, float]], None]):
+        self.names, self.config, self.groups, self.on_read = names, config, groups, on_read
+        self.pending: list = []
+        self.start_time, self.start_step = time.time(), step
+        self.deferred: tuple | None = None  # a closed window whose metrics are on their way to the host
+        self.skipped_in_row = 0
+        self.latest: dict[str, float] = {}  # the train metrics of the newest window read
+        self.first_log: tuple[float, int] | None = None  # steady-state speed excludes compilation and eval
+        self.last_log: tuple[float, int] | None = None
+
+    def add(self, metrics: Any) -> None:
+        """One call's metric vector(s), left on the device."""
+        self.pending.append(metrics)
+
+    def close(self, step: int, read_now: bool) -> None:
+        """End the window at `step`: read it now, or start its copy to the host and read it next call."""
+        now = time.time()
+        window = (stack(self.pending), self.start_step, step, self.start_time, now)
+        self.first_log, self.last_log = self.first_log or (now, step), (now, step)
+        self.start_time, self.start_step, self.pending = now, step, []
+        if read_now:
+            self._read(window)
+        else:
+            window[0].copy_to_host_async()
+            self.deferred = window
+
+    def read_deferred(self) -> None:
+        """Read the window closed one call ago (call this once the next call is queued)."""
+        if self.deferred:
+            window, self.deferred = self.deferred, None
+            self._read(window)
+
+    def steady_rate(self) -> float | None:
+        """Steps per second between the first and the last log point (None with fewer than two)."""
+        if self.first_log and self.last_log[1] > self.first_log[1]:
+            return (self.last_log[1] - self.first_log[1]) / (self.last_log[0] - self.first_log[0])
+        return None
+
+    def _read(self, window: tuple) -> None:
+        self.latest, self.skipped_in_row = read_window(window, self.names, self.config, self.skipped_in_row,
+                                                       self.groups)
+        self.on_read(window[2], self.latest)

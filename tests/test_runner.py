@@ -29,7 +29,8 @@ def test_run_writes_all_artifacts(repo_root, tmp_path):
     summary = runner.train(tiny_config(repo_root, "train.keep=1"), workdir)
     assert summary["status"] == "finished" and summary["step"] == 20
     assert summary["step_traces"] == 1  # the train step compiled once: no retracing across steps or evals
-    assert sorted(os.listdir(workdir)) == ["checkpoints", "config.json", "events", "metrics.jsonl", "plots", "status.json"]
+    assert sorted(os.listdir(workdir)) == ["checkpoints", "config.json", "data.json", "events", "metrics.jsonl", "plots",
+                                       "status.json"]
     assert os.path.getsize(os.path.join(workdir, "plots", "curves.png")) > 10_000
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["20", "dlfx_run.json"]  # keep=1, owner
     assert any(f.startswith("events.out.tfevents") for f in os.listdir(os.path.join(workdir, "events")))
@@ -161,3 +162,18 @@ def test_failed_start_leaves_no_workdir(repo_root, tmp_path):
 def _with_num_classes(repo_root, n):
     path = os.path.join(os.path.dirname(__file__), "data", "mlp_num_classes.py")
     return config_lib.load(path + f":{n}")
+
+
+def test_loop_schedule_reads_metrics_before_every_eval_and_save():
+    import ml_collections
+
+    from dlfx.train_metrics import Due, due
+
+    train = ml_collections.ConfigDict({"log_every": 10, "eval_every": 25, "checkpoint_every": 20})
+    assert due(10, 100, train, False) == Due(log=True, read=False, eval=False, save=False)  # read one call later
+    assert due(20, 100, train, False) == Due(log=True, read=True, eval=False, save=True)
+    assert due(25, 100, train, False) == Due(log=True, read=True, eval=True, save=False)  # off the log grid
+    assert due(7, 100, train, True) == Due(log=True, read=True, eval=False, save=False)  # preempted: the runner saves
+    assert due(100, 100, train, False) == Due(log=True, read=True, eval=False, save=False)  # final eval/save: runner's
+    assert due(3, 100, ml_collections.ConfigDict({"log_every": 10, "eval_every": 0, "checkpoint_every": 0}),
+               False) == Due(log=False, read=False, eval=False, save=False)

@@ -84,27 +84,35 @@ def test_label_smoothing_moves_from_loss_to_task_and_old_key_still_works(repo_ro
 
 
 def test_user_model_data_and_task_train_through_the_cli_and_resume_bit_identically(repo_root, tmp_path):
-    args = [f"--config.{o}" for o in CUSTOM_TINY] + ["--config.parallel.num_devices=1"]
-    full, resumed = str(tmp_path / "full"), str(tmp_path / "resumed")
-    result = subprocess.run([sys.executable, "-m", "dlfx", "train", "--config", CUSTOM, "--workdir", full, *args],
-                            cwd=repo_root, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert "gain_db=" in result.stdout
-    with open(os.path.join(full, "imports.json")) as f:  # where nets/data/tasks were imported from
-        assert json.load(f) == {"search_dirs": [os.path.join(repo_root, "experiments", "custom_research")]}
-    evaluated = subprocess.run([sys.executable, "-m", "dlfx", "eval", "--workdir", full], cwd=str(tmp_path),
-                               capture_output=True, text=True, timeout=300)  # another folder: no config file near
+    folder = tmp_path / "research"  # a research repo of its own: config, nets, data and task side by side
+    shutil.copytree(os.path.join(repo_root, "experiments/custom_research"), folder)
+    workdir, elsewhere = str(tmp_path / "run"), tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    train = ["train", "--config", str(folder / "config.py"), "--workdir", workdir,
+             *[f"--config.{o}" for o in CUSTOM_TINY], "--config.parallel.num_devices=1"]
+    preempted = subprocess.run([sys.executable, os.path.join(repo_root, "tests", "data", "sigterm_at.py"), "mid_run",
+                                *train], cwd=str(tmp_path), capture_output=True, text=True, timeout=300,
+                               env={**os.environ, "DLFX_TEST_SIGTERM_STEP": "3"})
+    assert preempted.returncode == 0, preempted.stderr[-2000:]
+    assert "preempted: saved step 4" in preempted.stderr
+    resumed = subprocess.run([sys.executable, "-m", "dlfx", *train], cwd=str(tmp_path), capture_output=True,
+                             text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "resumed from step 4" in resumed.stderr and "gain_db=" in resumed.stdout
+    with open(os.path.join(workdir, "imports.json")) as f:  # where nets/data/tasks were imported from
+        assert json.load(f) == {"search_dirs": [str(folder)]}
+    evaluated = subprocess.run([sys.executable, "-m", "dlfx", "eval", "--workdir", workdir], cwd=str(elsewhere),
+                               capture_output=True, text=True, timeout=300)  # no config file near
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     assert json.loads(evaluated.stdout)["step"] == 12 and "gain_db" in json.loads(evaluated.stdout)
-    shutil.copytree(full, resumed)
-    shutil.rmtree(os.path.join(resumed, "checkpoints", "12"))  # as if killed after step 6
+
     config = _config(repo_root, CUSTOM, CUSTOM_TINY, "parallel.num_devices=1")
-    summary = runner.train(config, resumed)
-    assert summary["step"] == 12 and np.isfinite(summary["eval"]["gain_db"])
+    reference = runner.train(config, str(tmp_path / "uninterrupted"))
     from checks import restore_newest
 
-    reference, _ = restore_newest(config, os.path.join(full, "checkpoints"))
-    assert_bit_identical(reference, summary["state"])
+    state, step = restore_newest(config, os.path.join(workdir, "checkpoints"))
+    assert step == 12
+    assert_bit_identical(reference["state"], state)
 
 
 BAD = [
