@@ -100,6 +100,16 @@ def cmd_sample(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+def cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
+    """Write a data folder: `dlfx data tokens --input TEXT --out DIR` (a token folder for data.name=tokens)."""
+    from dlfx.data import files
+
+    _no_extra(extra)
+    meta = files.write_tokens(args.input, args.out, args.vocab, args.val_fraction)
+    print(json.dumps({"out": args.out, **{k: v for k, v in meta.items() if k != "vocab"}}))
+    return 0
+
+
 def _no_extra(extra: list[str]) -> None:
     if extra:
         raise ConfigError(f"unrecognized arguments: {' '.join(extra)}")
@@ -221,6 +231,15 @@ def make_parser() -> argparse.ArgumentParser:
     sample.add_argument("--seed", type=int_at_least(0), default=0)
     sample.add_argument("--num-samples", type=int_at_least(1), default=1)
     sample.set_defaults(func=cmd_sample)
+    data_cmd = sub.add_parser("data", help="write data folders: `data tokens` (text -> token folder)")
+    data_sub = data_cmd.add_subparsers(dest="what", required=True, parser_class=_Parser)
+    tokens = data_sub.add_parser("tokens", help="a text file or folder -> train.bin, val.bin, meta.json")
+    tokens.add_argument("--input", required=True, help="a UTF-8 text file or a folder of them")
+    tokens.add_argument("--out", required=True, help="a new (or empty) folder")
+    tokens.add_argument("--vocab", choices=("bytes", "chars"), default="chars",
+                        help="chars: the corpus's characters (default); bytes: UTF-8 bytes, 256 ids")
+    tokens.add_argument("--val-fraction", type=finite_float(0.0, 1.0), default=0.1, help="the last part, for validation")
+    tokens.set_defaults(func=cmd_data)
     plot = sub.add_parser("plot", help="PNG of train/eval curves of one or more runs")
     plot.add_argument("runs", nargs="+", metavar="RUN")
     plot.add_argument("-o", "--output", help="PNG path (default: RUN/plots/curves.png of the first run)")

@@ -136,7 +136,7 @@ def build(config: ml_collections.ConfigDict, dataset: data.Dataset | None = None
     model = build_model(config, dataset, mode, task)
     tx, schedule = optim.build(config.optimizer, total_steps)
     init_key, state_key = jax.random.split(jax.random.fold_in(root_key, 0))
-    example_x = jnp.zeros((1, *dataset.example_shape), dataset.train["x"].dtype)
+    example_x = jnp.zeros((1, *dataset.example_shape), data.access.element_spec(dataset.train)["x"][1])
 
     def init_state():
         return steps.create_train_state(steps.init_variables(model, example_x, init_key), tx, state_key)
@@ -155,7 +155,7 @@ def build(config: ml_collections.ConfigDict, dataset: data.Dataset | None = None
         shardings = jax.tree.map(lambda _: state_sharding, shapes)
     abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
     optim.check_freeze(abstract_state.params, config.optimizer.freeze)
-    tasks.check(task, model, abstract_state, {k: v[:2] for k, v in dataset.train.items()}, config.task.get("name", ""))
+    tasks.check(task, model, abstract_state, data.access.read(dataset.train, range(min(2, data.num_examples(dataset.train)))), config.task.get("name", ""))
     return Experiment(config, mode, mesh, dataset, model, tx, schedule, total_steps, data_seed, abstract_state,
                       state_sharding, task, jax.jit(init_state, out_shardings=state_sharding))
 

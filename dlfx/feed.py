@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import numpy as np
 
 from dlfx import data, parallel, steps
 
@@ -30,7 +31,9 @@ def transfer_chunk(exp) -> int:
     if (exp.config.train.steps_per_call > 1 or exp.mesh.devices.size > 1 or jax.process_count() > 1
             or exp.mode == "pmap"):
         return 1
-    batch_bytes = exp.config.data.batch_size * sum(v[0].nbytes for v in exp.dataset.train.values())
+    spec = data.access.element_spec(exp.dataset.train)
+    batch_bytes = exp.config.data.batch_size * sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
+                                                   for shape, dtype in spec.values())
     return int(max(1, min(MAX_TRANSFER_CHUNK, MAX_TRANSFER_BYTES // max(batch_bytes, 1))))
 
 

@@ -144,6 +144,7 @@ def interpret_workdir(workdir: str, out: str, split: str = "test", index: str = 
                       step: int | None = None, ig_steps: int = 64, seed: int = 0) -> dict:
     """Attribution (or attention-rollout) figure for examples of a run's split; returns what was measured."""
     from dlfx import load_run, plot, tasks
+    from dlfx.data import access
     from dlfx.errors import ConfigError
 
     if not methods:
@@ -159,11 +160,12 @@ def interpret_workdir(workdir: str, out: str, split: str = "test", index: str = 
     run = load_run(workdir, step)
     if type(run.task) is not tasks.Classification:  # attributions explain a class score
         raise ConfigError(f"{workdir} is a {type(run.task).__name__} run; interpret works on classifiers")
-    arrays = {"train": run.dataset.train, "test": run.dataset.test}.get(split)
-    if arrays is None:
+    held = {"train": run.dataset.train, "test": run.dataset.test}.get(split)
+    if held is None:
         raise ConfigError(f"--split {split!r} is not one of train, test")
-    indices = parse_indices(index, len(arrays["y"]))
-    x, y = jnp.asarray(arrays["x"][indices]), np.asarray(arrays["y"][indices])
+    indices = parse_indices(index, access.length(held))
+    examples = access.read(held, indices)
+    x, y = jnp.asarray(examples["x"]), np.asarray(examples["y"])
     predicted = np.asarray(jnp.argmax(run.predict(x), axis=-1))
     titles = [f"#{i} y={t} p={p}" for i, t, p in zip(indices, y, predicted)]
     target = jnp.asarray(predicted)

@@ -121,6 +121,7 @@ def write_run_plots(workdir: str, model, state, dataset, task=None) -> None:
     """`plots/curves.png`; `plots/confusion.png` for classifiers, `plots/reconstructions.png` for
     autoencoders of images. A failure is a warning, never an error."""
     from dlfx import tasks
+    from dlfx.data import access
 
     try:
         plot_curves([workdir], os.path.join(workdir, "plots", "curves.png"))
@@ -132,11 +133,14 @@ def write_run_plots(workdir: str, model, state, dataset, task=None) -> None:
         if isinstance(task, tasks.Classification) and dataset.num_classes <= 50:
             from dlfx import interpret
 
-            predicted = interpret.predictions(model, variables, dataset.test["x"])
-            counts = interpret.confusion_matrix(dataset.test["y"], predicted, dataset.num_classes)
+            counts = np.zeros((dataset.num_classes, dataset.num_classes), np.int64)
+            for batch in access.batches(dataset.test, 256):  # streamed: a file-backed split is never held whole
+                counts += interpret.confusion_matrix(batch["y"], interpret.predictions(model, variables, batch["x"]),
+                                                     dataset.num_classes)
             plot_confusion(counts, os.path.join(workdir, "plots", "confusion.png"))
         if isinstance(task, tasks.Autoencoder) and len(dataset.example_shape) == 3:
-            plot_reconstructions(model, variables, dataset.test["x"][:8], task,
+            test = dataset.test
+            plot_reconstructions(model, variables, access.read(test, range(min(8, access.length(test))))["x"], task,
                                  os.path.join(workdir, "plots", "reconstructions.png"))
     except Exception as e:
         print(f"dlfx: warning: could not write plots in {workdir}: {e}", file=sys.stderr)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -41,12 +42,17 @@ def _generate_windowed(model: GPT, params, prompt: jnp.ndarray, length: int, rng
     return jnp.concatenate(pieces, axis=1)
 
 
-def _vocabulary(workdir: str) -> list[str]:
-    """The run's characters: `data.json`'s metadata (or `vocab.json`, written by runs before data.json)."""
+def _codec(workdir: str) -> tuple[Callable[[str], list[int]], Callable[[list[int]], str]]:
+    """(encode, decode) between text and the run's token ids: its characters (`data.json`'s vocabulary, or
+    `vocab.json` of runs from before data.json) or, for `bytes` token folders, UTF-8 bytes."""
     described, legacy = os.path.join(workdir, DATA_FILE), os.path.join(workdir, "vocab.json")
     if os.path.isfile(described):
         metadata = read_json(described).get("metadata")
-        path, vocab = described, (metadata.get("vocab") if isinstance(metadata, dict) else None)
+        metadata = metadata if isinstance(metadata, dict) else {}
+        path, vocab = described, metadata.get("vocab")
+        if vocab is None and metadata.get("encoding") == "bytes":
+            return (lambda text: list(text.encode("utf-8")),
+                    lambda ids: bytes(i for i in ids if i < 256).decode("utf-8", errors="replace"))
     elif os.path.isfile(legacy):
         path, vocab = legacy, read_json(legacy, "any")
     else:
@@ -55,13 +61,13 @@ def _vocabulary(workdir: str) -> list[str]:
         raise ConfigError(f"{workdir} is not a language-model run: {path} records no vocabulary")
     if not (isinstance(vocab, list) and vocab and all(isinstance(c, str) and len(c) == 1 for c in vocab)):
         raise ConfigError(f"{path}: the vocabulary must be a JSON list of single characters")
-    return vocab
+    return (lambda text: list(encode(text, vocab))), (lambda ids: "".join(vocab[i] for i in ids))
 
 
 def sample_workdir(workdir: str, prompt: str, length: int, temperature: float = 1.0, seed: int = 0,
                    num_samples: int = 1) -> list[str]:
     """Restore a run's newest valid checkpoint and continue `prompt` by `length` characters."""
-    vocab = _vocabulary(workdir)
+    to_ids, to_text = _codec(workdir)
     if not prompt:
         raise DataError("the prompt is empty; give at least one character")
     if length < 1:
@@ -74,7 +80,7 @@ def sample_workdir(workdir: str, prompt: str, length: int, temperature: float = 
         raise ConfigError(f"--seed must be in [0, 2**32), got {seed}")
     exp, state, _ = restore_run(workdir, load_data=False)  # the model and vocabulary come from data.json
     params = jax.device_get(state.params)
-    prompt_ids = jnp.asarray(np.tile(encode(prompt, vocab), (num_samples, 1)))
+    prompt_ids = jnp.asarray(np.tile(np.asarray(to_ids(prompt), np.int32), (num_samples, 1)))
     rng = jax.random.PRNGKey(seed)
     if isinstance(exp.model, GPT):
         window = min(exp.model.max_len, int(exp.dataset.example_shape[0]))  # the context it was trained on
@@ -83,4 +89,4 @@ def sample_workdir(workdir: str, prompt: str, length: int, temperature: float = 
         tokens, _ = rnn.generate(exp.model, params, prompt_ids, length, rng, temperature)
     else:
         raise ConfigError(f"model {exp.config.model.name!r} cannot generate text")
-    return [prompt + "".join(vocab[int(t)] for t in row) for row in np.asarray(tokens)]
+    return [prompt + to_text([int(t) for t in row]) for row in np.asarray(tokens)]

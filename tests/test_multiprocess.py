@@ -58,7 +58,8 @@ def test_two_processes_equal_one_and_restore_in_one(reference, two_process_run):
     assert step == 30
     chex.assert_trees_all_close(state.params, ref_state.params, rtol=1e-5, atol=1e-6)
     chex.assert_trees_all_close(state.batch_stats, ref_state.batch_stats, rtol=1e-5, atol=1e-6)
-    assert sorted(os.listdir(two_process_run)) == ["checkpoints", "config.json", "events", "metrics.jsonl", "plots",
+    assert sorted(os.listdir(two_process_run)) == ["checkpoints", "config.json", "data.json", "events", "metrics.jsonl",
+                                                   "plots",
                                                    "status.json"]  # one set of logs (process 0)
 
 

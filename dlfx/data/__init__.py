@@ -9,7 +9,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from dlfx import imports
-from dlfx.data import sources
+from dlfx.data import access, files, sources
 from dlfx.data.pipeline import (ArraySource, augment_images, eval_batches, num_examples, steps_per_epoch,
                                  train_iterator)
 from dlfx.data.prefetch import DevicePrefetcher
@@ -22,6 +22,8 @@ SOURCES: dict[str, Callable[..., Dataset]] = {
     "synthetic": sources.synthetic,
     "sines": sources.sines,
     "text": sources.text,
+    "tokens": files.tokens,
+    "arrays": files.arrays,
 }
 
 # `config.data` keys used by the pipeline rather than passed to the source
@@ -46,10 +48,22 @@ def _check_dataset(dataset: Any, name: str) -> None:
     if not isinstance(dataset, Dataset):
         raise DataError(f"data set {name!r} returned a {type(dataset).__name__}, not a dlfx.data.Dataset")
     for split in ("train", "test"):
-        arrays = getattr(dataset, split)
-        if not isinstance(arrays, dict) or not arrays:
-            raise DataError(f"data set {name!r}: its {split} split must be a non-empty dict of arrays")
-        lengths = {key: len(value) for key, value in arrays.items()}
+        held = getattr(dataset, split)
+        if access.is_source(held):  # random access: its first example must be a dict of arrays
+            if len(held) == 0:
+                raise DataError(f"data set {name!r}: its {split} source is empty")
+            try:
+                access.element_spec(held)
+            except DataError as e:
+                raise DataError(f"data set {name!r}: {split} source: {e}") from None
+            except Exception as e:
+                raise DataError(f"data set {name!r}: reading example 0 of its {split} source failed: "
+                                f"{type(e).__name__}: {e}") from None
+            continue
+        if not isinstance(held, dict) or not held:
+            raise DataError(f"data set {name!r}: its {split} split must be a non-empty dict of arrays or a "
+                            "random-access source (__len__, __getitem__)")
+        lengths = {key: len(value) for key, value in held.items()}
         if len(set(lengths.values())) > 1:
             raise DataError(f"data set {name!r}: the {split} arrays have unequal lengths {lengths}")
 
@@ -96,7 +110,8 @@ def describe(dataset: Dataset) -> dict[str, Any]:
             continue  # e.g. arrays: not needed to rebuild the model
         metadata[key] = value
     return {"name": dataset.name, "num_classes": dataset.num_classes, "metadata": metadata,
-            "example": {k: {"shape": list(v.shape[1:]), "dtype": str(v.dtype)} for k, v in dataset.train.items()}}
+            "example": {k: {"shape": list(shape), "dtype": str(dtype)}
+                        for k, (shape, dtype) in access.element_spec(dataset.train).items()}}
 
 
 def stand_in(description: Mapping[str, Any]) -> Dataset:

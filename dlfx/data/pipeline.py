@@ -3,37 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import Iterator
+from typing import Any, Iterator
 
 import grain
 import numpy as np
 
+from dlfx.data.access import ArraySource, as_source, element_spec, length, read  # noqa: F401  (re-exported)
 from dlfx.errors import DataError
 
-
-class ArraySource:
-    """Random-access grain source over a dict of equally long numpy arrays."""
-
-    def __init__(self, arrays: dict[str, np.ndarray]):
-        lengths = {k: len(v) for k, v in arrays.items()}
-        if len(set(lengths.values())) != 1:
-            raise DataError(f"arrays of a split differ in length: {lengths}")
-        self._arrays = arrays
-        self._len = next(iter(lengths.values()))
-
-    def __len__(self) -> int:
-        return self._len
-
-    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        return {k: v[index] for k, v in self._arrays.items()}
-
-    def gather(self, indices: np.ndarray) -> dict[str, np.ndarray]:
-        """The examples at `indices`, stacked into one batch."""
-        return {k: v[indices] for k, v in self._arrays.items()}
-
-    def __repr__(self) -> str:  # grain compares reprs when it restores a checkpointed iterator
-        shapes = {k: v.shape for k, v in self._arrays.items()}
-        return f"ArraySource({shapes})"
+PERMUTATION_LIMIT = 1 << 24  # up to this many examples an epoch's order is one array; above, a Feistel index shuffle
 
 
 def augment_images(batch: dict[str, np.ndarray], rng: np.random.Generator, crop_padding: int,
@@ -72,18 +50,23 @@ class _EpochBatches:
         self.batches_per_epoch = num_examples // global_batch_size
         local = global_batch_size // process_count
         self.part = slice(process_index * local, (process_index + 1) * local)
-        self._epoch, self._order = -1, np.arange(num_examples)
+        self._epoch, self._order = -1, None
 
     def __call__(self, batch_number: int) -> np.ndarray:
         epoch, position = divmod(int(batch_number), self.batches_per_epoch)
+        start = position * self.global_batch_size
+        rows = np.arange(start, start + self.global_batch_size)[self.part]
+        if self.num_examples > PERMUTATION_LIMIT:  # O(1) memory for any size: grain's keyed permutation
+            seed = int(np.random.default_rng([self.seed, epoch]).integers(0, 2**31 - 1))
+            return np.array([grain.experimental.index_shuffle(int(r), self.num_examples - 1, seed, 4) for r in rows],
+                            np.int64)
         if epoch != self._epoch:  # the permutation depends only on (seed, epoch): resume-exact
             self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
             self._epoch = epoch
-        start = position * self.global_batch_size
-        return self._order[start:start + self.global_batch_size][self.part]
+        return self._order[rows]
 
 
-def train_iterator(arrays: dict[str, np.ndarray], global_batch_size: int, seed: int,
+def train_iterator(split: Any, global_batch_size: int, seed: int,
                    process_index: int = 0, process_count: int = 1, crop_padding: int = 0,
                    random_flip: bool = False, num_threads: int = 0) -> grain.DatasetIterator:
     """Endless iterator of this process's rows of each global batch, reshuffled every epoch.
@@ -96,12 +79,12 @@ def train_iterator(arrays: dict[str, np.ndarray], global_batch_size: int, seed: 
     if global_batch_size % process_count:
         raise DataError(f"config.data.batch_size={global_batch_size} is not divisible by the "
                         f"{process_count} processes")
-    source = ArraySource(arrays)
+    source = as_source(split)
     if len(source) < global_batch_size:
         raise DataError(f"train split has {len(source)} examples, fewer than one batch of "
                         f"config.data.batch_size={global_batch_size}")
     indices = _EpochBatches(len(source), global_batch_size, seed, process_index, process_count)
-    dataset = grain.MapDataset.range(2**62).map(lambda b: source.gather(indices(b)))
+    dataset = grain.MapDataset.range(2**62).map(lambda b: read(source, indices(b)))
     if crop_padding or random_flip:  # seeded per batch number, so a resumed stream is augmented identically
         dataset = dataset.random_map(
             lambda batch, rng: augment_images(batch, rng, crop_padding, random_flip, indices.part, global_batch_size),
@@ -110,9 +93,9 @@ def train_iterator(arrays: dict[str, np.ndarray], global_batch_size: int, seed: 
     return iter(dataset.to_iter_dataset(options))
 
 
-def num_examples(arrays: dict[str, np.ndarray]) -> int:
-    """The length of a split (every array has it)."""
-    return len(next(iter(arrays.values())))
+def num_examples(split: Any) -> int:
+    """The length of a split (a dict of arrays or a random-access source)."""
+    return length(split)
 
 
 def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
@@ -120,29 +103,29 @@ def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
     return max(num_examples // global_batch_size, 1)
 
 
-def eval_batches(arrays: dict[str, np.ndarray], global_batch_size: int, process_index: int = 0,
+def eval_batches(split: Any, global_batch_size: int, process_index: int = 0,
                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-    """This process's part of every eval batch over the whole split, padded, with a 0/1 'mask'.
+    """This process's part of every eval batch over the whole split, padded, with a 0/1 'mask'; read batch
+    by batch (a file-backed split is never held whole).
 
-    Every example is seen exactly once; all processes yield the same number of batches.
+    Process p takes examples p, p + P, p + 2P, ...; every example is seen exactly once and all processes
+    yield the same number of batches.
     """
-    num_examples = len(next(iter(arrays.values())))
-    if num_examples == 0:
+    total = length(split)
+    if total == 0:
         raise DataError("eval split is empty")
     local_batch_size = global_batch_size // process_count
-    num_batches = math.ceil(num_examples / global_batch_size)
-    local = {k: v[process_index::process_count] for k, v in arrays.items()}
-    num_local = len(local["y"]) if "y" in local else len(next(iter(local.values())))
-    padded_len = num_batches * local_batch_size
-    mask = np.zeros(padded_len, np.float32)
-    mask[:num_local] = 1.0
-    padded = {}
-    for k, v in local.items():
-        out = np.zeros((padded_len, *v.shape[1:]), v.dtype)
-        out[:num_local] = v
-        padded[k] = out
+    num_batches = math.ceil(total / global_batch_size)
+    num_local = len(range(process_index, total, process_count))
     for b in range(num_batches):
-        window = slice(b * local_batch_size, (b + 1) * local_batch_size)
-        batch = {k: v[window] for k, v in padded.items()}
-        batch["mask"] = mask[window]
-        yield batch
+        positions = np.arange(b * local_batch_size, min((b + 1) * local_batch_size, num_local))
+        batch = read(split, process_index + positions * process_count) if len(positions) else \
+            {k: np.zeros((0, *shape), dtype) for k, (shape, dtype) in element_spec(split).items()}
+        real = len(positions)
+        padded = {k: np.concatenate([v, np.zeros((local_batch_size - real, *v.shape[1:]), v.dtype)])
+                  if real < local_batch_size else v for k, v in batch.items()}
+        mask = np.zeros(local_batch_size, np.float32)
+        mask[:real] = 1.0
+        padded["mask"] = mask
+        yield padded
+

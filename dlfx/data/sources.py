@@ -6,18 +6,22 @@ import dataclasses
 import importlib.util
 import os
 
+from typing import Any
+
 import numpy as np
 
+from dlfx.data import access
 from dlfx.errors import DataError
 
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """Train and test splits as dicts of equally long numpy arrays (any keys; the built-in tasks read 'x'
-    and 'y'), built by the data sources and by users' data factories alike."""
+    """Train and test splits, each a dict of equally long numpy arrays or a random-access source
+    (`__len__`, `__getitem__(i) -> dict of arrays`; see dlfx.data.access), with any keys (the built-in tasks
+    read 'x' and 'y'); built by the data sources and by users' data factories alike."""
 
-    train: dict[str, np.ndarray]
-    test: dict[str, np.ndarray]
+    train: Any
+    test: Any
     name: str = "data"
     num_classes: int | None = None  # classes, or the vocabulary size for language modelling; None otherwise
     metadata: dict = dataclasses.field(default_factory=dict)  # e.g. {'vocab': [...]} for text
@@ -25,7 +29,7 @@ class Dataset:
     @property
     def example_shape(self) -> tuple[int, ...]:
         """Shape of one input example (no batch dimension)."""
-        return tuple(self.train["x"].shape[1:])
+        return access.element_spec(self.train)["x"][0]
 
 
 def _split(x: np.ndarray, y: np.ndarray, test_fraction: float, split_seed: int) -> tuple[dict, dict]:
@@ -41,6 +45,9 @@ def subset(dataset: Dataset, classes: tuple[int, ...] = (), train_fraction: floa
     """Keep only `classes` (relabelled 0..k-1 in the given order) and a stratified fraction of the train split."""
     if "vocab" in dataset.metadata:
         raise DataError("config.data.classes / train_fraction apply to classification data, not text")
+    if access.is_source(dataset.train) or access.is_source(dataset.test):
+        raise DataError("config.data.classes / train_fraction need a data set held in memory (dicts of arrays); "
+                        f"{dataset.name!r} streams from a source")
     if not 0 < train_fraction <= 1:
         raise DataError(f"config.data.train_fraction must be in (0, 1], got {train_fraction}")
     bad = [c for c in classes if not 0 <= c < dataset.num_classes]
@@ -169,4 +176,5 @@ def text(path: str = "", seq_len: int = 128, val_fraction: float = 0.1) -> Datas
                 "y": part[1:count * seq_len + 1].reshape(count, seq_len)}
 
     return Dataset(train=windows(ids[:split], "train"), test=windows(ids[split:], "validation"),
-                   num_classes=len(vocab), name="text", metadata={"vocab": [str(c) for c in vocab]})
+                   num_classes=len(vocab), name="text",
+                   metadata={"kind": "tokens", "encoding": "chars", "vocab": [str(c) for c in vocab]})

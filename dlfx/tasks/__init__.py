@@ -57,8 +57,9 @@ def best_mode(metric: str, task: Any, mode: str = "auto") -> str:
 
 
 def default_name(dataset: Any) -> str:
-    """The task of a config that names none: `lm` for text (a vocabulary), else `classification`."""
-    return "lm" if "vocab" in getattr(dataset, "metadata", {}) else "classification"
+    """The task of a config that names none: `lm` for token data (text, token folders), else `classification`."""
+    metadata = getattr(dataset, "metadata", {})
+    return "lm" if metadata.get("kind") == "tokens" or "vocab" in metadata else "classification"
 
 
 def resolve(name: str, search_dirs: tuple[str, ...] = ()) -> Any:

@@ -34,7 +34,9 @@ class Regression:
 
     def model_defaults(self, dataset: Any) -> dict[str, Any]:
         """Model arguments the data decides: one output per target value."""
-        return {"num_classes": math.prod(dataset.train["y"].shape[1:])}
+        from dlfx.data import access
+
+        return {"num_classes": math.prod(access.element_spec(dataset.train)["y"][0])}
 
     def _errors(self, out: jnp.ndarray, y: jnp.ndarray) -> dict[str, jnp.ndarray]:
         diff = out.astype(jnp.float32).reshape(y.shape) - y.astype(jnp.float32)

@@ -1,0 +1,164 @@
+"""File-backed data: token folders (`dlfx data tokens`), memory-mapped arrays, streamed eval, big shuffles."""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from dlfx import config as config_lib, data, runner, sampling
+from dlfx.data import access, files, pipeline
+from dlfx.errors import DataError
+
+TEXT = "the quick brown fox jumps over the lazy dog. " * 40 + "caf\u00e9 na\u00efve \u2603\n"
+GPT_TINY = ["data.name=tokens", "data.seq_len=16", "data.batch_size=8", "model.embed_dim=16", "model.num_layers=1",
+            "model.num_heads=2", "model.max_len=64", "train.steps=4", "train.log_every=2", "train.eval_every=0",
+            "train.checkpoint_every=4", "optimizer.warmup_steps=1", "parallel.num_devices=1"]
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    path = tmp_path / "corpus.txt"
+    path.write_text(TEXT, encoding="utf-8")
+    return path
+
+
+def test_token_folder_from_chars_reads_windows_by_memory_map(corpus, tmp_path, monkeypatch):
+    monkeypatch.setattr(files, "READ_CHUNK", 97)  # several chunks, one split boundary inside a chunk
+    out = tmp_path / "tok"
+    meta = files.write_tokens(str(corpus), str(out), "chars", val_fraction=0.25)
+    vocab = sorted(set(TEXT))
+    assert meta["vocab"] == vocab and meta["vocab_size"] == len(vocab) and meta["dtype"] == "uint16"
+    ids = np.array([vocab.index(c) for c in TEXT], np.uint16)
+    num_val = int(len(TEXT) * 0.25)
+    np.testing.assert_array_equal(np.fromfile(out / "train.bin", np.uint16), ids[:-num_val])
+    np.testing.assert_array_equal(np.fromfile(out / "val.bin", np.uint16), ids[-num_val:])
+
+    dataset = files.tokens(str(out), seq_len=16)
+    assert isinstance(dataset.train.tokens, np.memmap) and dataset.num_classes == len(vocab)
+    assert len(dataset.train) == len(TEXT) - num_val - 16 and len(dataset.test) == (num_val - 1) // 16
+    window = dataset.train[5]
+    np.testing.assert_array_equal(window["x"], ids[5:21])
+    np.testing.assert_array_equal(window["y"], ids[6:22])
+    gathered = access.read(dataset.test, [0, 2])  # consecutive validation windows
+    np.testing.assert_array_equal(gathered["x"][1], ids[-num_val:][32:48])
+    assert dataset.metadata["char_level"] and dataset.metadata["vocab"] == vocab
+
+
+def test_byte_tokens_from_a_folder_and_refusals(tmp_path):
+    folder = tmp_path / "texts"
+    folder.mkdir()
+    (folder / "a.txt").write_text("hello \u2603 " * 50, encoding="utf-8")
+    (folder / "b.bin").write_bytes(bytes(range(256)) * 2)  # not UTF-8: fine as bytes
+    meta = files.write_tokens(str(folder), str(tmp_path / "tok"), "bytes")
+    assert meta["vocab_size"] == 256 and meta["encoding"] == "bytes" and "vocab" not in meta
+    everything = (folder / "a.txt").read_bytes() + (folder / "b.bin").read_bytes()
+    stored = np.concatenate([np.fromfile(tmp_path / "tok" / n, np.uint16) for n in ("train.bin", "val.bin")])
+    np.testing.assert_array_equal(stored, np.frombuffer(everything, np.uint8))
+    with pytest.raises(DataError, match="exists and is not an empty folder"):
+        files.write_tokens(str(folder), str(tmp_path / "tok"), "bytes")
+    with pytest.raises(DataError, match="is not UTF-8 text"):
+        files.write_tokens(str(folder), str(tmp_path / "chars"), "chars")
+    assert not (tmp_path / "chars").exists() and not (tmp_path / "chars.tmp").exists()
+    with pytest.raises(DataError, match="uint32"):  # read with the wrong width
+        files.tokens(str(tmp_path / "tok"), seq_len=8, dtype="uint32")
+
+
+def test_gpt_trains_on_a_token_folder_and_samples_without_it(repo_root, corpus, tmp_path):
+    out = tmp_path / "tok"
+    result = subprocess.run([sys.executable, "-m", "dlfx", "data", "tokens", "--input", str(corpus), "--out", str(out)],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "vocab_size" in result.stdout
+    workdir = str(tmp_path / "run")
+    config = config_lib.load(os.path.join(repo_root, "configs/char_gpt.py"), GPT_TINY + [f"data.path={out}"])
+    summary = runner.train(config, workdir)
+    assert summary["status"] == "finished" and summary["eval"]["bits_per_char"] > 0
+    for name in os.listdir(out):
+        os.remove(out / name)  # sampling needs the run, not the data
+    texts = sampling.sample_workdir(workdir, "the ", length=20, temperature=0.5)
+    assert texts[0].startswith("the ") and len(texts[0]) == 24 and set(texts[0]) <= set(TEXT)
+
+
+def test_memory_mapped_arrays_from_npz_and_npy_folder(tmp_path):
+    rng = np.random.default_rng(0)
+    images, labels = rng.normal(size=(50, 4, 4, 1)).astype(np.float32), rng.integers(0, 3, 50).astype(np.int32)
+    np.savez(tmp_path / "d.npz", images=images, labels=labels)
+    dataset = files.arrays(str(tmp_path / "d.npz"), test_fraction=0.2, keys=("x=images", "y=labels"))
+    assert isinstance(dataset.train.arrays["x"], np.memmap) and dataset.num_classes == 3
+    assert len(dataset.train) == 40 and len(dataset.test) == 10
+    both = np.sort(np.concatenate([dataset.train.indices, dataset.test.indices]))
+    np.testing.assert_array_equal(both, np.arange(50))
+    picked = access.read(dataset.train, [7, 2])
+    np.testing.assert_array_equal(picked["x"], images[dataset.train.indices[[7, 2]]])
+
+    folder = tmp_path / "npy"
+    folder.mkdir()
+    np.save(folder / "images.npy", images)
+    np.save(folder / "labels.npy", labels)
+    from_folder = files.arrays(str(folder), test_path=str(tmp_path / "d.npz"), keys=("x=images", "y=labels"))
+    assert isinstance(from_folder.train.arrays["x"], np.memmap) and len(from_folder.test) == 50
+
+    np.savez_compressed(tmp_path / "c.npz", x=images, y=labels)
+    with pytest.raises(DataError, match="compressed"):
+        files.arrays(str(tmp_path / "c.npz"), test_fraction=0.2)
+    with pytest.raises(DataError, match="has no array 'x'"):
+        files.arrays(str(tmp_path / "d.npz"), test_fraction=0.2)
+
+
+def test_streamed_eval_batches_equal_the_in_memory_ones():
+    arrays = {"x": np.arange(23 * 2, dtype=np.float32).reshape(23, 2), "y": np.arange(23, dtype=np.int32)}
+
+    class Records:  # a source with __getitem__ only: no gather
+        def __len__(self):
+            return 23
+
+        def __getitem__(self, i):
+            return {"x": arrays["x"][i], "y": arrays["y"][i]}
+
+    for process_index, process_count in ((0, 1), (1, 2)):
+        expected = list(pipeline.eval_batches(arrays, 8, process_index, process_count))
+        for got, want in zip(pipeline.eval_batches(Records(), 8, process_index, process_count), expected):
+            for key in ("x", "y", "mask"):
+                np.testing.assert_array_equal(got[key], want[key])
+    seen = [y for b in pipeline.eval_batches(Records(), 8) for y, m in zip(b["y"], b["mask"]) if m]
+    assert seen == list(range(23))
+
+
+def test_large_sources_shuffle_without_a_permutation_array(monkeypatch):
+    monkeypatch.setattr(pipeline, "PERMUTATION_LIMIT", 10)
+    batches = pipeline._EpochBatches(100, 20, seed=3, process_index=0, process_count=1)
+    epoch0 = np.concatenate([batches(b) for b in range(5)])
+    epoch1 = np.concatenate([batches(b) for b in range(5, 10)])
+    assert sorted(epoch0) == list(range(100)) and sorted(epoch1) == list(range(100))
+    assert not np.array_equal(epoch0, epoch1) and not np.array_equal(epoch0, np.arange(100))
+    again = pipeline._EpochBatches(100, 20, seed=3, process_index=0, process_count=1)
+    np.testing.assert_array_equal(again(7), batches(7))  # resume-exact
+    halves = [pipeline._EpochBatches(100, 20, 3, p, 2)(7) for p in (0, 1)]
+    np.testing.assert_array_equal(np.concatenate(halves), batches(7))  # processes split the global batch
+
+
+def test_a_data_factory_may_return_sources(repo_root, tmp_path):
+    source = data.access.ArraySource({"x": np.zeros((64, 8, 8, 1), np.float32), "y": np.zeros(64, np.int32)})
+    dataset = data.Dataset(train=source, test=source, name="src", num_classes=10)
+    data._check_dataset(dataset, "src")
+    assert dataset.example_shape == (8, 8, 1)
+    assert data.describe(dataset)["example"]["x"] == {"shape": [8, 8, 1], "dtype": "float32"}
+    with pytest.raises(DataError, match="need a data set held in memory"):
+        data.sources.subset(dataset, classes=(0, 1))
+
+
+def test_mlp_trains_on_memory_mapped_arrays_and_plots_stream(repo_root, tmp_path):
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(96, 8, 8, 1)).astype(np.float32)
+    y = (x.mean(axis=(1, 2, 3)) > 0).astype(np.int32)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    config = config_lib.load(os.path.join(repo_root, "configs/digits_mlp.py"), [
+        "data.name=arrays", f"data.path={tmp_path / 'd.npz'}", "data.test_fraction=0.25", "data.batch_size=16",
+        "model.hidden_dims=(16,)", "train.epochs=0", "train.steps=6", "train.log_every=2", "train.eval_every=0",
+        "optimizer.warmup_steps=1", "parallel.num_devices=1"])
+    workdir = str(tmp_path / "run")
+    summary = runner.train(config, workdir)
+    assert summary["status"] == "finished" and 0 <= summary["eval"]["accuracy"] <= 1
+    assert os.path.getsize(os.path.join(workdir, "plots", "confusion.png")) > 0
