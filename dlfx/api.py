@@ -21,7 +21,7 @@ class Run:
     model: Any
     variables: dict
     dataset: data.Dataset
-    predict: Callable[[Any], jax.Array]  # x -> logits, jit-compiled, eval mode
+    predict: Callable[[Any], jax.Array]  # x (as the data gives it) -> logits, jit-compiled, eval mode
     task: Any = None  # the objective it was trained with (dlfx.tasks)
 
 
@@ -35,5 +35,6 @@ def load_run(workdir: str, step: int | str | None = None) -> Run:
     if state.batch_stats:
         variables["batch_stats"] = jax.device_get(state.batch_stats)
     model = exp.model
-    predict = jax.jit(lambda x: model.apply(variables, x, train=False))
+    transform = exp.preprocess or (lambda x: x)  # e.g. uint8 images are normalised as in training
+    predict = jax.jit(lambda x: model.apply(variables, transform(x), train=False))
     return Run(workdir, step, exp.config, model, variables, exp.dataset, predict, exp.task)

@@ -8,6 +8,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from jax.sharding import Mesh
 
@@ -62,15 +63,20 @@ class Experiment:
         c = self.config
         packed = steps.pack_metrics(steps.make_train_step(
             self.model, self.tx, self.schedule, self.task, parallel.step_axis(self.mode),
-            c.optimizer.freeze, c.optimizer.grad_accum_steps, guard_nonfinite=c.train.nan_policy == "skip"),
-            self.metric_names)
+            c.optimizer.freeze, c.optimizer.grad_accum_steps, guard_nonfinite=c.train.nan_policy == "skip",
+            preprocess=self.preprocess), self.metric_names)
         if num_steps > 1:
             return self.compile(steps.scan_steps(packed), donate_state=True, stacked=True)
         return self.compile(packed, donate_state=True)
 
     def eval_step(self) -> Any:
         """The compiled eval step (the task's sums over the whole batch)."""
-        return self.compile(steps.make_eval_step(self.model, parallel.step_axis(self.mode), self.task))
+        return self.compile(steps.make_eval_step(self.model, parallel.step_axis(self.mode), self.task, self.preprocess))
+
+    @property
+    def preprocess(self) -> Any:
+        """On-device input transform the data asks for (`dlfx.data.input_transform`), or None."""
+        return data.input_transform(self.dataset.metadata)
 
 
 SIZE_WORDS = {"num_classes": "classes", "vocab_size": "distinct tokens"}
@@ -136,7 +142,9 @@ def build(config: ml_collections.ConfigDict, dataset: data.Dataset | None = None
     model = build_model(config, dataset, mode, task)
     tx, schedule = optim.build(config.optimizer, total_steps)
     init_key, state_key = jax.random.split(jax.random.fold_in(root_key, 0))
-    example_x = jnp.zeros((1, *dataset.example_shape), data.access.element_spec(dataset.train)["x"][1])
+    transform = data.input_transform(dataset.metadata)  # e.g. uint8 images -> normalised float32, on the device
+    x_dtype = jnp.float32 if transform else data.access.element_spec(dataset.train)["x"][1]
+    example_x = jnp.zeros((1, *dataset.example_shape), x_dtype)
 
     def init_state():
         return steps.create_train_state(steps.init_variables(model, example_x, init_key), tx, state_key)
@@ -155,7 +163,10 @@ def build(config: ml_collections.ConfigDict, dataset: data.Dataset | None = None
         shardings = jax.tree.map(lambda _: state_sharding, shapes)
     abstract_state = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
     optim.check_freeze(abstract_state.params, config.optimizer.freeze)
-    tasks.check(task, model, abstract_state, data.access.read(dataset.train, range(min(2, data.num_examples(dataset.train)))), config.task.get("name", ""))
+    head = data.access.read(dataset.train, range(min(2, data.num_examples(dataset.train))))
+    if transform:
+        head = {**head, "x": np.asarray(transform(head["x"]))}
+    tasks.check(task, model, abstract_state, head, config.task.get("name", ""))
     return Experiment(config, mode, mesh, dataset, model, tx, schedule, total_steps, data_seed, abstract_state,
                       state_sharding, task, jax.jit(init_state, out_shardings=state_sharding))
 

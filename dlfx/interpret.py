@@ -144,6 +144,7 @@ def interpret_workdir(workdir: str, out: str, split: str = "test", index: str = 
                       step: int | None = None, ig_steps: int = 64, seed: int = 0) -> dict:
     """Attribution (or attention-rollout) figure for examples of a run's split; returns what was measured."""
     from dlfx import load_run, plot, tasks
+    from dlfx import data
     from dlfx.data import access
     from dlfx.errors import ConfigError
 
@@ -165,8 +166,10 @@ def interpret_workdir(workdir: str, out: str, split: str = "test", index: str = 
         raise ConfigError(f"--split {split!r} is not one of train, test")
     indices = parse_indices(index, access.length(held))
     examples = access.read(held, indices)
-    x, y = jnp.asarray(examples["x"]), np.asarray(examples["y"])
-    predicted = np.asarray(jnp.argmax(run.predict(x), axis=-1))
+    transform = data.input_transform(run.dataset.metadata)  # attributions are over the model's own input
+    x = jnp.asarray(transform(examples["x"]) if transform else examples["x"])
+    y = np.asarray(examples["y"])
+    predicted = np.asarray(jnp.argmax(run.model.apply(run.variables, x, train=False), axis=-1))
     titles = [f"#{i} y={t} p={p}" for i, t, p in zip(indices, y, predicted)]
     target = jnp.asarray(predicted)
     result: dict = {"indices": indices, "labels": y.tolist(), "predicted": predicted.tolist(), "out": out}

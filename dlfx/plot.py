@@ -121,6 +121,7 @@ def write_run_plots(workdir: str, model, state, dataset, task=None) -> None:
     """`plots/curves.png`; `plots/confusion.png` for classifiers, `plots/reconstructions.png` for
     autoencoders of images. A failure is a warning, never an error."""
     from dlfx import tasks
+    from dlfx import data
     from dlfx.data import access
 
     try:
@@ -134,9 +135,10 @@ def write_run_plots(workdir: str, model, state, dataset, task=None) -> None:
             from dlfx import interpret
 
             counts = np.zeros((dataset.num_classes, dataset.num_classes), np.int64)
+            transform = data.input_transform(dataset.metadata) or np.asarray
             for batch in access.batches(dataset.test, 256):  # streamed: a file-backed split is never held whole
-                counts += interpret.confusion_matrix(batch["y"], interpret.predictions(model, variables, batch["x"]),
-                                                     dataset.num_classes)
+                predicted = interpret.predictions(model, variables, transform(batch["x"]))
+                counts += interpret.confusion_matrix(batch["y"], predicted, dataset.num_classes)
             plot_confusion(counts, os.path.join(workdir, "plots", "confusion.png"))
         if isinstance(task, tasks.Autoencoder) and len(dataset.example_shape) == 3:
             test = dataset.test

@@ -69,8 +69,8 @@ def train_metric_names(task: Any) -> list[str]:
 
 def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule: optax.Schedule,
                     task: Any = None, axis_name: str | None = DATA_AXIS, freeze: Sequence[str] = (),
-                    grad_accum_steps: int = 1, guard_nonfinite: bool = True
-                    ) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
+                    grad_accum_steps: int = 1, guard_nonfinite: bool = True,
+                    preprocess: Callable | None = None) -> Callable[[TrainState, Batch], tuple[TrainState, Metrics]]:
     """One per-device SGD step: the task's loss, local grads, `pmean` over `axis_name`, optax update,
     synced BN stats. `task` defaults to classification (see `dlfx.tasks`).
 
@@ -80,6 +80,7 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
     statistics of layers matching a `freeze` regex keep their values (the optimizer freezes the
     parameters themselves). With `guard_nonfinite` a step whose loss or gradient is not finite returns
     the old state (flagged in the metrics); without it the caller must discard that state itself.
+    `preprocess` maps the batch's `x` on the device first (e.g. uint8 images -> normalised floats).
     """
 
     def mean(tree):  # over the devices of the data axis
@@ -89,6 +90,8 @@ def make_train_step(model: nn.Module, tx: optax.GradientTransformation, schedule
 
     def loss_fn(params, batch_stats, batch, rng):
         variables = {"params": params, "batch_stats": batch_stats} if batch_stats else {"params": params}
+        if preprocess is not None:
+            batch = {**batch, "x": preprocess(batch["x"])}
         loss, metrics, updates = task.loss(model, variables, batch, rng, True)
         return loss, (dict(metrics), updates.get("batch_stats", batch_stats))
 
@@ -179,12 +182,14 @@ def steps_in_call(position: int, steps_per_call: int, total_steps: int, every: S
 
 
 def make_eval_step(model: nn.Module, axis_name: str | None = DATA_AXIS,
-                   task: Any = None) -> Callable[[TrainState, Batch], Metrics]:
+                   task: Any = None, preprocess: Callable | None = None) -> Callable[[TrainState, Batch], Metrics]:
     """Per-device eval: the task's masked sums (with their count), `psum`-ed over `axis_name` (None: global
     step); `task.finalize` turns the split's totals into metrics."""
     task = tasks.Classification() if task is None else task
 
     def eval_step(state: TrainState, batch: Batch) -> Metrics:
+        if preprocess is not None:
+            batch = {**batch, "x": preprocess(batch["x"])}
         sums = task.eval_sums(model, _variables(state, state.params), batch)
         return lax.psum(sums, axis_name) if axis_name else sums
 

@@ -9,7 +9,8 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from dlfx import imports
-from dlfx.data import access, files, sources
+from dlfx.data import access, files, images, sources
+from dlfx.data.images import input_transform
 from dlfx.data.pipeline import (ArraySource, augment_images, eval_batches, num_examples, steps_per_epoch,
                                  train_iterator)
 from dlfx.data.prefetch import DevicePrefetcher
@@ -24,13 +25,14 @@ SOURCES: dict[str, Callable[..., Dataset]] = {
     "text": sources.text,
     "tokens": files.tokens,
     "arrays": files.arrays,
+    "image_folder": images.image_folder,
 }
 
 # `config.data` keys used by the pipeline rather than passed to the source
 PIPELINE_KEYS = ("name", "batch_size", "crop_padding", "random_flip", "classes", "train_fraction")
 
 __all__ = ["ArraySource", "Dataset", "DevicePrefetcher", "PIPELINE_KEYS", "augment_images", "SOURCES", "describe",
-           "eval_batches", "load", "names", "resolve", "num_examples", "stand_in", "steps_per_epoch", "train_iterator"]
+           "eval_batches", "input_transform", "load", "names", "resolve", "num_examples", "stand_in", "steps_per_epoch", "train_iterator"]
 
 
 def names() -> list[str]:

@@ -84,7 +84,12 @@ def train_iterator(split: Any, global_batch_size: int, seed: int,
         raise DataError(f"train split has {len(source)} examples, fewer than one batch of "
                         f"config.data.batch_size={global_batch_size}")
     indices = _EpochBatches(len(source), global_batch_size, seed, process_index, process_count)
-    dataset = grain.MapDataset.range(2**62).map(lambda b: read(source, indices(b)))
+    if hasattr(source, "gather_augmented"):  # decode-time augmentation: one seed per (batch number, global row)
+        rows = range(indices.part.start, indices.part.stop)
+        dataset = grain.MapDataset.range(2**62).map(
+            lambda b: source.gather_augmented(indices(b), [[seed + 2, int(b), r] for r in rows]))
+    else:
+        dataset = grain.MapDataset.range(2**62).map(lambda b: read(source, indices(b)))
     if crop_padding or random_flip:  # seeded per batch number, so a resumed stream is augmented identically
         dataset = dataset.random_map(
             lambda batch, rng: augment_images(batch, rng, crop_padding, random_flip, indices.part, global_batch_size),
