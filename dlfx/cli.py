@@ -101,10 +101,15 @@ def cmd_sample(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
-    """Write a data folder: `dlfx data tokens --input TEXT --out DIR` (a token folder for data.name=tokens)."""
-    from dlfx.data import files
+    """Write a data folder: `dlfx data tokens` (text -> token folder) or `dlfx data convert` (-> ArrayRecord)."""
+    from dlfx.data import files, records
 
     _no_extra(extra)
+    if args.what == "convert":
+        options = {"test_fraction": args.test_fraction} if args.source_kind == "arrays" else {}
+        meta = records.convert(args.source_kind, args.path, args.out, args.shards, **options)
+        print(json.dumps({"out": args.out, **{k: v for k, v in meta.items() if k != "classes"}}))
+        return 0
     meta = files.write_tokens(args.input, args.out, args.vocab, args.val_fraction)
     print(json.dumps({"out": args.out, **{k: v for k, v in meta.items() if k != "vocab"}}))
     return 0
@@ -240,6 +245,14 @@ def make_parser() -> argparse.ArgumentParser:
                         help="chars: the corpus's characters (default); bytes: UTF-8 bytes, 256 ids")
     tokens.add_argument("--val-fraction", type=finite_float(0.0, 1.0), default=0.1, help="the last part, for validation")
     tokens.set_defaults(func=cmd_data)
+    convert = data_sub.add_parser("convert", help="an image folder or arrays -> ArrayRecord shards (data.name=array_record)")
+    convert.add_argument("--from", dest="source_kind", required=True, choices=("image_folder", "arrays"))
+    convert.add_argument("path", help="the image folder (train/, val/) or the .npz / .npy folder")
+    convert.add_argument("--out", required=True, help="a new (or empty) folder")
+    convert.add_argument("--shards", type=int_at_least(1), default=1, help="train shards")
+    convert.add_argument("--test-fraction", type=finite_float(0.0, 1.0), default=0.1,
+                         help="arrays: the seeded eval fraction")
+    convert.set_defaults(func=cmd_data)
     plot = sub.add_parser("plot", help="PNG of train/eval curves of one or more runs")
     plot.add_argument("runs", nargs="+", metavar="RUN")
     plot.add_argument("-o", "--output", help="PNG path (default: RUN/plots/curves.png of the first run)")

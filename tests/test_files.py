@@ -217,3 +217,34 @@ def test_image_folder_refusals(tmp_path):
         data.load({"name": "image_folder", "path": str(root)})
     with pytest.raises(DataError, match="config.data.normalize='imagenet2'"):
         data.load({"name": "image_folder", "path": str(root), "normalize": "imagenet2"})
+
+
+def test_array_record_shards_from_images_and_arrays(repo_root, tmp_path):
+    root = tmp_path / "images"
+    _image_folder(root)
+    out = tmp_path / "records"
+    result = subprocess.run([sys.executable, "-m", "dlfx", "data", "convert", "--from", "image_folder", str(root),
+                             "--out", str(out), "--shards", "3"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert sorted(os.listdir(out)) == ["meta.json", "train-00000-of-00003.array_record",
+                                       "train-00001-of-00003.array_record", "train-00002-of-00003.array_record",
+                                       "val-00000-of-00001.array_record"]
+    streamed = data.load({"name": "array_record", "path": str(out), "image_size": 8})
+    folder = data.load({"name": "image_folder", "path": str(root), "image_size": 8})
+    assert streamed.metadata["classes"] == ["cat", "dog"] and len(streamed.train) == 12
+    np.testing.assert_array_equal(access.read(streamed.test, range(4))["x"], access.read(folder.test, range(4))["x"])
+    keys = [[5, 0, r] for r in range(3)]  # the same augmentation from the same keys
+    np.testing.assert_array_equal(streamed.train.gather_augmented([0, 4, 9], keys)["x"],
+                                  folder.train.gather_augmented([0, 4, 9], keys)["x"])
+
+    x, y = np.arange(40 * 3, dtype=np.float32).reshape(40, 3), np.arange(40, dtype=np.int32) % 4
+    np.savez(tmp_path / "a.npz", x=x, y=y)
+    from dlfx.data import records
+
+    records.convert("arrays", str(tmp_path / "a.npz"), str(tmp_path / "arr"), shards=2, test_fraction=0.25)
+    arrays = data.load({"name": "array_record", "path": str(tmp_path / "arr")})
+    direct = files.arrays(str(tmp_path / "a.npz"), test_fraction=0.25)
+    assert len(arrays.train) == 30 and arrays.num_classes == 4
+    np.testing.assert_array_equal(access.read(arrays.train, range(30))["x"], access.read(direct.train, range(30))["x"])
+    with pytest.raises(DataError, match="exists and is not an empty folder"):
+        records.convert("arrays", str(tmp_path / "a.npz"), str(tmp_path / "arr"))

@@ -9,7 +9,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from dlfx import imports
-from dlfx.data import access, files, images, sources
+from dlfx.data import access, files, images, records, sources
 from dlfx.data.images import input_transform
 from dlfx.data.pipeline import (ArraySource, augment_images, eval_batches, num_examples, steps_per_epoch,
                                  train_iterator)
@@ -26,6 +26,7 @@ SOURCES: dict[str, Callable[..., Dataset]] = {
     "tokens": files.tokens,
     "arrays": files.arrays,
     "image_folder": images.image_folder,
+    "array_record": records.array_record,
 }
 
 # `config.data` keys used by the pipeline rather than passed to the source

@@ -9,6 +9,7 @@ normalised on the device (`input_transform`).
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from typing import Any, Callable
@@ -46,14 +47,15 @@ def _scan(folder: str, classes: list[str] | None) -> tuple[list[str], np.ndarray
     return paths, np.asarray(labels, np.int32), classes
 
 
-def _decode(path: str):
+def decode(image: str | bytes, what: str = ""):
+    """A file path or encoded bytes (PNG, JPEG) as an RGB Pillow image; DataError naming `what` otherwise."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            return image.convert("RGB")
+        with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as opened:
+            return opened.convert("RGB")
     except (OSError, UnidentifiedImageError) as e:
-        raise DataError(f"cannot decode image {path}: {e}") from None
+        raise DataError(f"cannot decode image {what or image}: {e}") from None
 
 
 def _center(image, size: int) -> np.ndarray:
@@ -89,47 +91,70 @@ def _random_resized(image, size: int, rng: np.random.Generator) -> np.ndarray:
     return pixels[:, ::-1] if rng.random() < 0.5 else pixels
 
 
-class ImageFiles:
-    """Random-access source of decoded images: {'x': (size, size, 3) uint8, 'y': int32}. `gather` gives the
-    eval view; `gather_augmented(indices, keys)` the training view, one seed key per example."""
+class ImageSource:
+    """Random-access source of decoded images: {'x': (size, size, 3) uint8, 'y': int32}. `fetch(i)` gives
+    example i's encoded image (a path or bytes) and label. `gather` gives the eval view,
+    `gather_augmented(indices, keys)` the training view, one seed key per example."""
 
-    def __init__(self, paths: list[str], labels: np.ndarray, size: int, name: str):
-        self.paths, self.labels, self.size, self.name = paths, labels, size, name
+    def __init__(self, fetch: Callable[[int], tuple[str | bytes, int]], length: int, size: int, name: str):
+        self.fetch, self.length, self.size, self.name = fetch, length, size, name
+
+    def _image(self, index: int):
+        image, label = self.fetch(int(index))
+        return decode(image, f"#{index} of {self.name}" if isinstance(image, bytes) else ""), label
 
     def __len__(self) -> int:
-        return len(self.paths)
+        return self.length
 
     def __getitem__(self, index: int) -> dict[str, np.ndarray]:
-        return {"x": _center(_decode(self.paths[index]), self.size), "y": self.labels[index]}
+        image, label = self._image(index)
+        return {"x": _center(image, self.size), "y": np.int32(label)}
 
     def gather(self, indices: np.ndarray) -> dict[str, np.ndarray]:
         """Resized, center-cropped images at `indices`."""
-        return {"x": np.stack([_center(_decode(self.paths[i]), self.size) for i in indices]),
-                "y": self.labels[np.asarray(indices)]}
+        pairs = [self._image(i) for i in indices]
+        return {"x": np.stack([_center(image, self.size) for image, _ in pairs]),
+                "y": np.asarray([label for _, label in pairs], np.int32)}
 
     def gather_augmented(self, indices: np.ndarray, keys: list[list[int]]) -> dict[str, np.ndarray]:
         """Random-resized-cropped, randomly mirrored images; example j draws from `default_rng(keys[j])`."""
-        images = [_random_resized(_decode(self.paths[i]), self.size, np.random.default_rng(key))
-                  for i, key in zip(indices, keys)]
-        return {"x": np.stack(images), "y": self.labels[np.asarray(indices)]}
+        pairs = [self._image(i) for i in indices]
+        return {"x": np.stack([_random_resized(image, self.size, np.random.default_rng(key))
+                               for (image, _), key in zip(pairs, keys)]),
+                "y": np.asarray([label for _, label in pairs], np.int32)}
 
     def __repr__(self) -> str:
-        return f"ImageFiles({self.name}, {len(self.paths)} images, size={self.size})"
+        return f"ImageSource({self.name}, {self.length} images, size={self.size})"
 
 
-def image_folder(path: str = "", image_size: int = 224, normalize: str = "imagenet") -> Dataset:
-    """ImageFolder-layout data set: `train/` for training, `val/` for evaluation (see module docstring)."""
-    if not path:
-        raise DataError("config.data.path must name a folder with train/<class>/ and val/<class>/ images")
+def _files(paths: list[str], labels: np.ndarray, size: int, name: str) -> ImageSource:
+    return ImageSource(lambda i: (paths[i], int(labels[i])), len(paths), size, name)
+
+
+def check_normalize(normalize: str, image_size: int) -> None:
+    """`data.normalize` and `data.image_size` of the image sources."""
     if normalize not in NORMALIZE:
         raise DataError(f"config.data.normalize={normalize!r} is not one of {', '.join(NORMALIZE)}")
     if image_size < 1:
         raise DataError(f"config.data.image_size must be >= 1, got {image_size}")
+
+
+def scan_folder(path: str) -> tuple[tuple[list[str], np.ndarray], tuple[list[str], np.ndarray], list[str]]:
+    """((train paths, labels), (val paths, labels), classes) of an ImageFolder-layout folder."""
+    if not path:
+        raise DataError("config.data.path must name a folder with train/<class>/ and val/<class>/ images")
     train_paths, train_labels, classes = _scan(os.path.join(path, "train"), None)
     val_paths, val_labels, _ = _scan(os.path.join(path, "val"), classes)
-    _decode(train_paths[0])  # a folder of undecodable files fails here, before a run starts
-    return Dataset(train=ImageFiles(train_paths, train_labels, image_size, "train"),
-                   test=ImageFiles(val_paths, val_labels, image_size, "val"), name="image_folder",
+    return (train_paths, train_labels), (val_paths, val_labels), classes
+
+
+def image_folder(path: str = "", image_size: int = 224, normalize: str = "imagenet") -> Dataset:
+    """ImageFolder-layout data set: `train/` for training, `val/` for evaluation (see module docstring)."""
+    check_normalize(normalize, image_size)
+    (train_paths, train_labels), (val_paths, val_labels), classes = scan_folder(path)
+    decode(train_paths[0])  # a folder of undecodable files fails here, before a run starts
+    return Dataset(train=_files(train_paths, train_labels, image_size, "train"),
+                   test=_files(val_paths, val_labels, image_size, "val"), name="image_folder",
                    num_classes=len(classes),
                    metadata={"classes": classes, "normalize": NORMALIZE[normalize], "kind": "images"})
 

@@ -1,0 +1,160 @@
+"""`array_record`: shards of serialised examples that grain reads by random access (what a TPU pod streams).
+
+A folder written by `dlfx data convert` (`convert`): `train-00000-of-00004.array_record`, ...,
+`val-00000-of-00001.array_record` and `meta.json`. Each record is one example serialised with
+safetensors (a documented, pickle-free format: a JSON header and raw little-endian buffers), one tensor
+per key; image examples keep their encoded file bytes (`image`, uint8) and `label`, decoded and
+augmented per record like `image_folder`. `meta.json`: `kind` (`images` or `arrays`), `num_classes`,
+`classes`, and per split the shard names and example count.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Any
+
+import numpy as np
+
+from dlfx.data import images
+from dlfx.data.access import as_source, length, read
+from dlfx.data.sources import Dataset
+from dlfx.errors import DataError
+
+SPLITS = (("train", "train"), ("val", "test"))  # file prefix, Dataset field
+
+
+def serialize(example: dict[str, np.ndarray]) -> bytes:
+    """One example as safetensors bytes (no pickle)."""
+    from safetensors.numpy import save
+
+    return save({k: np.require(np.asarray(v), requirements="C") for k, v in example.items()})  # keeps 0-d
+
+
+def deserialize(record: bytes) -> dict[str, np.ndarray]:
+    """The arrays of one record."""
+    from safetensors.numpy import load
+
+    return load(record)
+
+
+class RecordSource:
+    """Random access to the examples of one split's shards (grain's ArrayRecordDataSource underneath)."""
+
+    def __init__(self, paths: list[str]):
+        import grain
+
+        self.paths = paths
+        self.records = grain.sources.ArrayRecordDataSource(paths)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, np.ndarray]:
+        return deserialize(self.records[int(index)])
+
+    def __repr__(self) -> str:
+        return f"RecordSource({len(self.paths)} shards)"
+
+
+def _image_source(records: RecordSource, size: int, name: str) -> images.ImageSource:
+    def fetch(i: int) -> tuple[bytes, int]:
+        example = records[i]
+        return example["image"].tobytes(), int(example["label"])
+
+    return images.ImageSource(fetch, len(records), size, name)
+
+
+def array_record(path: str = "", image_size: int = 224, normalize: str = "imagenet") -> Dataset:
+    """A folder of ArrayRecord shards written by `dlfx data convert` (see the module docstring)."""
+    if not path:
+        raise DataError("config.data.path must name a folder written by `dlfx data convert`")
+    meta_path = os.path.join(path, "meta.json")
+    try:
+        with open(meta_path) as f:
+            meta = json.load(f)
+        splits = {prefix: [os.path.join(path, shard) for shard in meta["splits"][prefix]["shards"]]
+                  for prefix, _ in SPLITS}
+        kind = meta["kind"]
+    except FileNotFoundError:
+        raise DataError(f"config.data.path: {meta_path} does not exist (write the folder with `dlfx data convert`)") from None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DataError(f"{meta_path} is not a dlfx ArrayRecord description: {type(e).__name__}: {e}") from None
+    missing = [p for shards in splits.values() for p in shards if not os.path.isfile(p)]
+    if missing:
+        raise DataError(f"{missing[0]} (listed in {meta_path}) does not exist")
+    sources = {prefix: RecordSource(shards) for prefix, shards in splits.items()}
+    metadata: dict[str, Any] = {"kind": kind}
+    if meta.get("classes"):
+        metadata["classes"] = meta["classes"]
+    if kind == "images":
+        images.check_normalize(normalize, image_size)
+        metadata["normalize"] = images.NORMALIZE[normalize]
+        train, test = (_image_source(sources[p], image_size, p) for p, _ in SPLITS)
+    else:
+        train, test = sources["train"], sources["val"]
+    return Dataset(train=train, test=test, name=os.path.basename(path.rstrip("/")) or "array_record",
+                   num_classes=meta.get("num_classes"), metadata=metadata)
+
+
+def _examples(kind: str, split: Any) -> Any:
+    """(index, example dict) of a split in order: encoded bytes for images, arrays otherwise."""
+    if kind == "images":
+        paths, labels = split
+        for path, label in zip(paths, labels):
+            with open(path, "rb") as f:
+                yield {"image": np.frombuffer(f.read(), np.uint8), "label": np.int32(label)}
+    else:
+        for start in range(0, length(split), 1024):
+            batch = read(split, np.arange(start, min(start + 1024, length(split))))
+            for i in range(len(next(iter(batch.values())))):
+                yield {k: v[i] for k, v in batch.items()}
+
+
+def convert(kind: str, source: str, out: str, shards: int = 1, **options: Any) -> dict:
+    """Write `dlfx data convert`'s folder from an `image_folder` (encoded files, no re-encoding) or an `arrays`
+    source (`options`: its arguments, e.g. test_fraction); streamed, written to OUT.tmp then renamed."""
+    from array_record.python.array_record_module import ArrayRecordWriter
+
+    from dlfx.data import files
+
+    if shards < 1:
+        raise DataError(f"--shards must be >= 1, got {shards}")
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise DataError(f"--out {out} exists and is not an empty folder")
+    if kind == "image_folder":
+        train, val, classes = images.scan_folder(source)
+        splits, meta = {"train": train, "val": val}, {"kind": "images", "num_classes": len(classes), "classes": classes}
+        counts = {"train": len(train[0]), "val": len(val[0])}
+    elif kind == "arrays":
+        dataset = files.arrays(source, **options)
+        splits = {"train": as_source(dataset.train), "val": as_source(dataset.test)}
+        meta = {"kind": "arrays", "num_classes": dataset.num_classes, "classes": []}
+        counts = {prefix: length(split) for prefix, split in splits.items()}
+    else:
+        raise DataError(f"--from {kind!r} is not one of image_folder, arrays")
+    tmp = out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    try:
+        meta["splits"] = {}
+        for prefix, split in splits.items():
+            count = min(shards, max(counts[prefix], 1)) if prefix == "train" else 1
+            names = [f"{prefix}-{i:05d}-of-{count:05d}.array_record" for i in range(count)]
+            writers = [ArrayRecordWriter(os.path.join(tmp, n), "group_size:1") for n in names]
+            per_shard = -(-counts[prefix] // count)  # contiguous blocks keep the split's order
+            for index, example in enumerate(_examples(meta["kind"], split)):
+                writers[index // per_shard].write(serialize(example))
+            for writer in writers:
+                writer.close()
+            meta["splits"][prefix] = {"shards": names, "num_examples": counts[prefix]}
+        with open(os.path.join(tmp, "meta.json"), "w") as f:
+            json.dump(meta, f, indent=1)
+        if os.path.isdir(out):
+            os.rmdir(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
