@@ -43,6 +43,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.random_flip = False  # images: random horizontal flip
     c.data.classes = ()  # classification: keep only these labels, relabelled 0..k-1 (empty: all)
     c.data.train_fraction = 1.0  # classification: stratified fraction of the train split to keep
+    c.data.workers = 0  # grain worker processes that read, decode and augment batches (0: the prefetch thread)
 
     c.task = ml_collections.ConfigDict()  # the objective and eval metrics, see dlfx.tasks
     c.task.name = ""  # classification | lm | regression | 'package.module:attr' ("": lm for text, else classification)
@@ -381,6 +382,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(f"config.optimizer.grad_accum_steps must be >= 1, got {config.optimizer.grad_accum_steps}")
     if config.train.steps_per_call < 1:
         raise ConfigError(f"config.train.steps_per_call must be >= 1, got {config.train.steps_per_call}")
+    if config.data.workers and config.train.steps_per_call > 1:
+        raise ConfigError("config.data.workers > 0 needs config.train.steps_per_call=1 (workers suit decode-bound "
+                          "data; several steps per call suit small in-memory data)")
     if config.train.steps_per_call > 1 and config.parallel.mode == "pmap":
         raise ConfigError("config.train.steps_per_call > 1 needs parallel.mode auto, shard_map or fsdp (not pmap)")
     if config.train.keep < 1:

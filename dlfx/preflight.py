@@ -14,6 +14,7 @@ RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
     "seed": (0, 2**32 - 1, True, True),  # jax.random.PRNGKey keeps 32 bits: larger seeds collide with small ones
     "data.crop_padding": (0, None, True, False),
     "data.train_fraction": (0, 1, False, True),
+    "data.workers": (0, 64, True, True),
     "loss.label_smoothing": (0, 1, True, False),
     "optimizer.learning_rate": (0, None, True, False),
     "optimizer.end_learning_rate": (0, None, True, False),

@@ -47,13 +47,15 @@ def _train(config, workdir, force, preemption, start_time) -> dict[str, Any]:
     # --- Workdir: lock it, restore the newest valid checkpoint, record the config ---------------
     created = not os.path.exists(workdir)
     lock = WorkdirLock(workdir)
+    train_iter = None
     try:
         os.makedirs(workdir, exist_ok=True)
         if is_main:
             lock.acquire()
         host_iter = data.train_iterator(exp.dataset.train, config.data.batch_size, exp.data_seed,
                                         jax.process_index(), jax.process_count(),
-                                        crop_padding=config.data.crop_padding, random_flip=config.data.random_flip)
+                                        crop_padding=config.data.crop_padding, random_flip=config.data.random_flip,
+                                        workers=config.data.workers)
         train_iter = feed.device_prefetcher(exp, host_iter, feed.call_sizes(exp))
         checkpointer = Checkpointer(ckpt_dir, keep=config.train.keep)
         restored = checkpointer.restore_latest(exp.abstract_state, train_iter)
@@ -69,6 +71,8 @@ def _train(config, workdir, force, preemption, start_time) -> dict[str, Any]:
             checkpoint.claim(ckpt_dir, config, workdir)
             write_json(os.path.join(workdir, DATA_FILE), data.describe(exp.dataset))  # model and vocabulary
     except BaseException as e:  # Ctrl-C included: a failed start leaves no half-made workdir and no lock
+        if train_iter is not None:
+            train_iter.release()
         lock.release()
         if created and is_main:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -76,7 +80,7 @@ def _train(config, workdir, force, preemption, start_time) -> dict[str, Any]:
             raise ConfigError(f"cannot use workdir {workdir}: {e.strerror or e}") from None
         raise
     if done:  # rerunning a finished run changes nothing
-        train_iter.close()
+        train_iter.release()
         checkpointer.close()
         lock.release()
         return _finished_summary(exp, workdir, restored[0])
@@ -212,7 +216,7 @@ def _loop(exp, config, workdir, checkpointer, train_iter, start, start_time, pre
                 best.offer(step, state, eval_metrics)
         saved = status != "preempted" or step in checkpointer.steps()
     finally:
-        train_iter.close()
+        train_iter.release()
         try:
             checkpointer.close()  # waits for in-flight saves, so the last good checkpoint is complete
             if best:

@@ -248,3 +248,39 @@ def test_array_record_shards_from_images_and_arrays(repo_root, tmp_path):
     np.testing.assert_array_equal(access.read(arrays.train, range(30))["x"], access.read(direct.train, range(30))["x"])
     with pytest.raises(DataError, match="exists and is not an empty folder"):
         records.convert("arrays", str(tmp_path / "a.npz"), str(tmp_path / "arr"))
+
+
+def test_worker_processes_give_the_same_batches_and_resume_exactly(repo_root, tmp_path):
+    arrays = {"x": np.arange(64 * 4, dtype=np.float32).reshape(64, 4), "y": np.arange(64, dtype=np.int32)}
+    plain = pipeline.train_iterator(arrays, 8, seed=2)
+    expected = [next(plain)["y"] for _ in range(12)]
+    workers = pipeline.train_iterator(arrays, 8, seed=2, workers=2)
+    try:
+        got = [next(workers)["y"] for _ in range(5)]
+        state = workers.get_state()
+        got += [next(workers)["y"] for _ in range(7)]
+    finally:
+        workers.close()
+    np.testing.assert_array_equal(np.stack(got), np.stack(expected))
+    resumed = pipeline.train_iterator(arrays, 8, seed=2, workers=2)
+    try:
+        resumed.set_state(state)
+        np.testing.assert_array_equal(next(resumed)["y"], expected[5])
+    finally:
+        resumed.close()
+
+    overrides = ["train.epochs=0", "train.steps=6", "train.log_every=2", "train.eval_every=0",
+                 "train.checkpoint_every=3", "optimizer.warmup_steps=1", "model.hidden_dims=(8,)",
+                 "parallel.num_devices=1", "train.steps_per_call=1"]
+    spec = os.path.join(repo_root, "configs/digits_mlp.py")
+    with_workers = runner.train(config_lib.load(spec, overrides + ["data.workers=1"]), str(tmp_path / "w"))
+    without = runner.train(config_lib.load(spec, overrides), str(tmp_path / "plain"))
+    from checks import assert_bit_identical
+
+    assert_bit_identical(without["state"], with_workers["state"])
+    import shutil
+
+    shutil.rmtree(tmp_path / "w" / "checkpoints" / "6")  # resume from step 3, the workers' saved position
+    resumed_run = runner.train(config_lib.load(spec, overrides + ["data.workers=1"]), str(tmp_path / "w"))
+    assert resumed_run["step"] == 6
+    assert_bit_identical(without["state"], resumed_run["state"])

@@ -30,7 +30,7 @@ SOURCES: dict[str, Callable[..., Dataset]] = {
 }
 
 # `config.data` keys used by the pipeline rather than passed to the source
-PIPELINE_KEYS = ("name", "batch_size", "crop_padding", "random_flip", "classes", "train_fraction")
+PIPELINE_KEYS = ("name", "batch_size", "crop_padding", "random_flip", "classes", "train_fraction", "workers")
 
 __all__ = ["ArraySource", "Dataset", "DevicePrefetcher", "PIPELINE_KEYS", "augment_images", "SOURCES", "describe",
            "eval_batches", "input_transform", "load", "names", "resolve", "num_examples", "stand_in", "steps_per_epoch", "train_iterator"]

@@ -90,6 +90,12 @@ class DevicePrefetcher:
             self._thread.join()
             self._thread = None
 
+    def release(self) -> None:
+        """Stop for good: the reader thread and the host iterator's worker processes, if it has any."""
+        self.close()
+        if hasattr(self._iterator, "close"):
+            self._iterator.close()
+
     # grain's Orbax CheckpointHandler calls these on iterators that are not grain DatasetIterators.
     def get_state(self) -> bytes:
         """The consumer position as grain's JSON iterator state."""
