@@ -284,3 +284,23 @@ def test_worker_processes_give_the_same_batches_and_resume_exactly(repo_root, tm
     resumed_run = runner.train(config_lib.load(spec, overrides + ["data.workers=1"]), str(tmp_path / "w"))
     assert resumed_run["step"] == 6
     assert_bit_identical(without["state"], resumed_run["state"])
+
+
+def test_resnet_folder_finetune_config_starts_from_torchvision_weights(repo_root, tmp_path):
+    torch = pytest.importorskip("torch")
+    torchvision = pytest.importorskip("torchvision")
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    save_file(torchvision.models.resnet18().state_dict(), str(tmp_path / "r18.safetensors"))  # random init
+    root = tmp_path / "images"
+    _image_folder(root)
+    config = config_lib.load(os.path.join(repo_root, "configs/finetune_resnet_folder.py"), [
+        f"data.path={root}", f"init_from.path={tmp_path / 'r18.safetensors'}", "data.image_size=32",
+        "data.batch_size=4", "data.workers=0", "train.epochs=0", "train.steps=2", "train.log_every=1",
+        "optimizer.warmup_steps=1", "parallel.num_devices=1"])
+    workdir = str(tmp_path / "run")
+    summary = runner.train(config, workdir)
+    assert summary["status"] == "finished" and os.listdir(os.path.join(workdir, "checkpoints", "best"))
+    run = dlfx.load_run(workdir)
+    assert run.variables["params"]["head"]["kernel"].shape == (512, 2)
