@@ -165,8 +165,12 @@ class BestCheckpoint:
         options = ocp.CheckpointManagerOptions(max_to_keep=1, best_fn=lambda m: float(m[metric]), best_mode=mode,
                                                enable_async_checkpointing=True, create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=options)
-        step = self.manager.best_step()  # what an earlier (interrupted) attempt of this run kept
-        metrics = self.manager.metrics(step) if step is not None else None
+        try:  # what an earlier (interrupted) attempt of this run kept
+            step = self.manager.best_step()
+            metrics = self.manager.metrics(step) if step is not None else None
+        except Exception as e:
+            raise CheckpointError(f"the best checkpoint in {self.directory} is damaged ({_first_line(e)}); move "
+                                  "the folder aside to start a new best") from None
         self._kept = (step, float(metrics[metric])) if metrics and metric in metrics else None
 
     def best(self) -> tuple[int, float] | None:

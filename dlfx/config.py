@@ -540,12 +540,15 @@ def _add_recorded_import_roots(workdir: str) -> None:
     from dlfx.workdir import read_json
 
     path = os.path.join(workdir, IMPORTS_FILE)
-    if not os.path.isfile(path):
+    if not os.path.lexists(path):
         return
     recorded = read_json(path)
     folders = recorded.get("search_dirs") if isinstance(recorded, dict) else None
     if not (isinstance(folders, list) and all(isinstance(f, str) for f in folders)):
         raise ConfigError(f"{path} must hold {{\"search_dirs\": [folder, ...]}}")
-    for folder in folders:
-        if os.path.isdir(folder) and folder not in sys.path:
-            sys.path.append(folder)
+    for folder in reversed(folders):  # first: the run's modules, not same-named ones in the current folder
+        if not os.path.isdir(folder):
+            raise ConfigError(f"{path} records {folder}, where this run's modules came from, but it does not exist")
+        if folder in sys.path:
+            sys.path.remove(folder)
+        sys.path.insert(0, folder)

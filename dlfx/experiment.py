@@ -98,6 +98,10 @@ def build_model(config: ml_collections.ConfigDict, dataset: data.Dataset, mode: 
     for key, needed in defaults.items():
         if key not in accepted:
             continue
+        if needed is None and key not in kwargs:
+            raise ConfigError(f"config.model.{key}: the data set {dataset.name!r} does not say how many "
+                              f"{SIZE_WORDS.get(key, key)} it has (e.g. float labels); set it, or pick the task "
+                              "that fits the data (config.task.name)")
         kwargs.setdefault(key, needed)
         if key in SIZE_WORDS and kwargs[key] < needed:
             raise ConfigError(f"config.model.{key}={kwargs[key]} but the data has {needed} {SIZE_WORDS[key]}")

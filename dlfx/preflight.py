@@ -61,19 +61,23 @@ def _check_finite(key: str, value: Any) -> None:
 
 
 def _check_attention(config: ml_collections.ConfigDict, value: Any) -> None:
-    """`model.attention`: a known kernel, and cuDNN only where it can run."""
-    import jax
-
+    """`model.attention`: a known kernel; cuDNN with bfloat16 (where it can run: `check_training_devices`)."""
     from dlfx.models.transformer import ATTENTION
 
     if value not in ATTENTION:
         raise ConfigError(f"config.model.attention={value!r} is not one of {', '.join(ATTENTION)}")
-    if value == "cudnn" and jax.default_backend() != "gpu":
-        raise ConfigError(f"config.model.attention='cudnn' needs a CUDA GPU, but this run's backend is "
-                          f"{jax.default_backend()}; use 'auto' (cuDNN on a GPU, XLA elsewhere)")
     if value == "cudnn" and config.precision.compute_dtype != "bfloat16":
         raise ConfigError(f"config.model.attention='cudnn' needs config.precision.compute_dtype='bfloat16', "
                           f"got {config.precision.compute_dtype!r}")
+
+
+def check_training_devices(config: ml_collections.ConfigDict) -> None:
+    """What only training refuses (evaluating or sampling the run elsewhere is fine): cuDNN attention off a GPU."""
+    import jax
+
+    if config.model.get("attention") == "cudnn" and jax.default_backend() != "gpu":
+        raise ConfigError(f"config.model.attention='cudnn' needs a CUDA GPU, but this run's backend is "
+                          f"{jax.default_backend()}; use 'auto' (cuDNN on a GPU, XLA elsewhere)")
 
 
 def _check_model(config: ml_collections.ConfigDict) -> None:

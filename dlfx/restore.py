@@ -27,6 +27,10 @@ def restore_run(workdir: str, step: int | str | None = None,
 
     `load_data=False` builds the model from the run's `data.json` instead of loading the data set (the
     experiment's dataset is then a two-example stand-in of zeros)."""
+    if isinstance(step, str) and step != "best":
+        if not step.isdigit():
+            raise CheckpointError(f"step={step!r}: give a step number, \"best\" or None (the newest)")
+        step = int(step)
     config = config_lib.read_workdir_config(workdir)
     directory = checkpoint_dir(config, workdir)
     if not epath.Path(directory).is_dir():

@@ -16,7 +16,7 @@ import ml_collections
 import numpy as np
 
 from dlfx import config as config_lib
-from dlfx import checkpoint, data, feed, log, optim, parallel, plot, runs, steps
+from dlfx import checkpoint, data, feed, log, optim, parallel, plot, preflight, runs, steps
 from dlfx import train_metrics as train_metrics_lib
 from dlfx import tasks
 from dlfx.checkpoint import BestCheckpoint, Checkpointer
@@ -37,6 +37,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, force: bool = False) 
 def _train(config, workdir, force, preemption, start_time) -> dict[str, Any]:
     """See `train`: set up the workdir, run the loop, record the outcome."""
     config_lib.check_workdir(config, workdir, force)
+    preflight.check_training_devices(config)
     exp = build(config)  # fails on bad input before anything is written
     is_main = jax.process_index() == 0
     ckpt_dir = checkpoint_dir(config, workdir)

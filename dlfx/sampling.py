@@ -43,25 +43,51 @@ def _generate_windowed(model: GPT, params, prompt: jnp.ndarray, length: int, rng
 
 
 def _codec(workdir: str) -> tuple[Callable[[str], list[int]], Callable[[list[int]], str]]:
-    """(encode, decode) between text and the run's token ids: its characters (`data.json`'s vocabulary, or
-    `vocab.json` of runs from before data.json) or, for `bytes` token folders, UTF-8 bytes."""
+    """(encode, decode) between text and the run's token ids: its vocabulary (`data.json`, or `vocab.json` of
+    runs from before data.json) or, for `bytes` token folders, UTF-8 bytes."""
     described, legacy = os.path.join(workdir, DATA_FILE), os.path.join(workdir, "vocab.json")
-    if os.path.isfile(described):
-        metadata = read_json(described).get("metadata")
-        metadata = metadata if isinstance(metadata, dict) else {}
-        path, vocab = described, metadata.get("vocab")
+    size = None
+    if os.path.lexists(described):
+        recorded = read_json(described)
+        metadata = recorded.get("metadata") if isinstance(recorded.get("metadata"), dict) else {}
+        path, vocab, size = described, metadata.get("vocab"), recorded.get("num_classes")
         if vocab is None and metadata.get("encoding") == "bytes":
-            return (lambda text: list(text.encode("utf-8")),
+            return (lambda text: list(text.encode("utf-8", "surrogateescape")),
                     lambda ids: bytes(i for i in ids if i < 256).decode("utf-8", errors="replace"))
+        if vocab is None:
+            raise ConfigError(f"{workdir} cannot be sampled as text: {path} records no vocabulary "
+                              f"(a language-model run on characters, bytes or a token folder with a vocab has one)")
     elif os.path.isfile(legacy):
         path, vocab = legacy, read_json(legacy, "any")
     else:
         raise ConfigError(f"{workdir} is not a language-model run: it has no {DATA_FILE}")
-    if vocab is None:
-        raise ConfigError(f"{workdir} is not a language-model run: {path} records no vocabulary")
-    if not (isinstance(vocab, list) and vocab and all(isinstance(c, str) and len(c) == 1 for c in vocab)):
-        raise ConfigError(f"{path}: the vocabulary must be a JSON list of single characters")
-    return (lambda text: list(encode(text, vocab))), (lambda ids: "".join(vocab[i] for i in ids))
+    if not (isinstance(vocab, list) and vocab and all(isinstance(t, str) and t for t in vocab)):
+        raise ConfigError(f"{path}: the vocabulary must be a JSON list of non-empty strings")
+    if size is not None and len(vocab) != size:
+        raise ConfigError(f"{path}: the vocabulary has {len(vocab)} entries but the run has {size} token ids")
+    if all(len(t) == 1 for t in vocab):
+        return (lambda text: list(encode(text, vocab))), (lambda ids: "".join(vocab[i] for i in ids))
+    return _longest_match(vocab), (lambda ids: "".join(vocab[i] for i in ids))
+
+
+def _longest_match(vocab: list[str]) -> Callable[[str], list[int]]:
+    """Greedy longest-match encoding for a vocabulary of multi-character tokens."""
+    index = {t: i for i, t in enumerate(vocab)}
+    longest = max(len(t) for t in vocab)
+
+    def to_ids(text: str) -> list[int]:
+        ids, at = [], 0
+        while at < len(text):
+            for width in range(min(longest, len(text) - at), 0, -1):
+                if text[at:at + width] in index:
+                    ids.append(index[text[at:at + width]])
+                    at += width
+                    break
+            else:
+                raise DataError(f"prompt: {text[at:at + 10]!r} starts with no token of the run's vocabulary")
+        return ids
+
+    return to_ids
 
 
 def sample_workdir(workdir: str, prompt: str, length: int, temperature: float = 1.0, seed: int = 0,

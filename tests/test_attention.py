@@ -78,6 +78,7 @@ def test_auto_picks_cudnn_only_on_a_gpu_for_half_precision(monkeypatch):
     assert transformer.fused_implementation("xla", jnp.bfloat16, 64) == "xla"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert transformer.fused_implementation("auto", jnp.bfloat16, 64) == "cudnn"
+    assert transformer.fused_implementation("cudnn", jnp.bfloat16, 64) == "cudnn"
     assert transformer.fused_implementation("auto", jnp.float32, 64) == "xla"
     assert transformer.fused_implementation("auto", jnp.bfloat16, 160) == "xla"  # head too wide for the kernel
     with pytest.raises(ValueError, match="flash"):
@@ -86,12 +87,23 @@ def test_auto_picks_cudnn_only_on_a_gpu_for_half_precision(monkeypatch):
 
 @pytest.mark.parametrize("override, message", [
     ("model.attention=flash", "config.model.attention='flash' is not one of auto, xla, cudnn"),
-    ("model.attention=cudnn", "needs a CUDA GPU"),
     ("precision.compute_dtype=float16", "use 'bfloat16'"),
+    ("model.attention=cudnn", "needs config.precision.compute_dtype='bfloat16'"),
 ])
 def test_attention_and_precision_refused_up_front(repo_root, override, message):
     with pytest.raises(ConfigError, match=message):
         dlfx_config.load(f"{repo_root}/configs/char_gpt.py", [override])
+
+
+def test_cudnn_runs_train_only_on_a_gpu_but_evaluate_anywhere(repo_root, tmp_path):
+    from dlfx import runner
+
+    config = dlfx_config.load(f"{repo_root}/configs/char_gpt.py", ["model.attention=cudnn",
+                                                                   "precision.compute_dtype=bfloat16"])
+    with pytest.raises(ConfigError, match="needs a CUDA GPU"):
+        runner.train(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+    assert transformer.fused_implementation("cudnn", jnp.bfloat16, 64) == "xla"  # restoring such a run on a CPU
 
 
 def test_attention_choice_is_a_model_key(repo_root):

@@ -126,7 +126,7 @@ CASES = [
     (["sample", "--workdir", "{run}"], "data.json", _damage("data.json", "[1, 2]")),
     (["sample", "--workdir", "{run}"], "data.json", _damage("data.json", None)),
     # subcommand arguments
-    (["sample", "--workdir", "{run}"], "not a language-model run", None),
+    (["sample", "--workdir", "{run}"], "cannot be sampled as text", None),
     (["sample", "--workdir", "{run}", "--num-samples", "-1"], "--num-samples", None),
     (["sample", "--workdir", "{run}", "--temperature", "nan"], "--temperature", None),
     (["sample", "--workdir", "{run}", "--temperature", "-1"], "--temperature", None),

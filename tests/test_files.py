@@ -251,24 +251,6 @@ def test_array_record_shards_from_images_and_arrays(repo_root, tmp_path):
 
 
 def test_worker_processes_give_the_same_batches_and_resume_exactly(repo_root, tmp_path):
-    arrays = {"x": np.arange(64 * 4, dtype=np.float32).reshape(64, 4), "y": np.arange(64, dtype=np.int32)}
-    plain = pipeline.train_iterator(arrays, 8, seed=2)
-    expected = [next(plain)["y"] for _ in range(12)]
-    workers = pipeline.train_iterator(arrays, 8, seed=2, workers=2)
-    try:
-        got = [next(workers)["y"] for _ in range(5)]
-        state = workers.get_state()
-        got += [next(workers)["y"] for _ in range(7)]
-    finally:
-        workers.close()
-    np.testing.assert_array_equal(np.stack(got), np.stack(expected))
-    resumed = pipeline.train_iterator(arrays, 8, seed=2, workers=2)
-    try:
-        resumed.set_state(state)
-        np.testing.assert_array_equal(next(resumed)["y"], expected[5])
-    finally:
-        resumed.close()
-
     overrides = ["train.epochs=0", "train.steps=6", "train.log_every=2", "train.eval_every=0",
                  "train.checkpoint_every=3", "optimizer.warmup_steps=1", "model.hidden_dims=(8,)",
                  "parallel.num_devices=1", "train.steps_per_call=1"]
@@ -289,18 +271,70 @@ def test_worker_processes_give_the_same_batches_and_resume_exactly(repo_root, tm
 def test_resnet_folder_finetune_config_starts_from_torchvision_weights(repo_root, tmp_path):
     torch = pytest.importorskip("torch")
     torchvision = pytest.importorskip("torchvision")
+    import jax
     from safetensors.torch import save_file
 
+    from dlfx import experiment
+
     torch.manual_seed(0)
-    save_file(torchvision.models.resnet18().state_dict(), str(tmp_path / "r18.safetensors"))  # random init
+    torchvision_state = torchvision.models.resnet18().state_dict()  # randomly initialised
+    save_file(torchvision_state, str(tmp_path / "r18.safetensors"))
     root = tmp_path / "images"
     _image_folder(root)
     config = config_lib.load(os.path.join(repo_root, "configs/finetune_resnet_folder.py"), [
         f"data.path={root}", f"init_from.path={tmp_path / 'r18.safetensors'}", "data.image_size=32",
-        "data.batch_size=4", "data.workers=0", "train.epochs=0", "train.steps=2", "train.log_every=1",
-        "optimizer.warmup_steps=1", "parallel.num_devices=1"])
-    workdir = str(tmp_path / "run")
-    summary = runner.train(config, workdir)
-    assert summary["status"] == "finished" and os.listdir(os.path.join(workdir, "checkpoints", "best"))
-    run = dlfx.load_run(workdir)
-    assert run.variables["params"]["head"]["kernel"].shape == (512, 2)
+        "data.batch_size=4", "optimizer.warmup_steps=1", "parallel.num_devices=1"])
+    exp = experiment.build(config)  # the config as written: ImageNet stem and width, 2 classes from the folder
+    assert exp.preprocess is not None and exp.dataset.metadata["normalize"]["mean"][0] == 0.485
+    state = experiment.init_from_pretrained(exp, exp.init())
+    params = jax.device_get(state.params)
+    assert params["head"]["kernel"].shape == (512, 2)  # a fresh head (init_from.skip)
+    conv1 = torchvision_state["conv1.weight"].numpy().transpose(2, 3, 1, 0)  # OIHW -> HWIO
+    np.testing.assert_allclose(params["conv1"]["kernel"], conv1, rtol=1e-6)
+
+
+def test_writers_and_sources_refuse_or_survive_what_a_probe_tried(tmp_path):
+    corpus = tmp_path / "in"
+    (corpus / ".git").mkdir(parents=True)
+    (corpus / ".git" / "pack").write_bytes(b"\xff\xfe binary")  # hidden folders are not read
+    (corpus / "a.txt").write_text("line one\r\nline two\n" * 20, encoding="utf-8")
+    os.mkfifo(corpus / "pipe")  # not a regular file: skipped, never read (it would block)
+    (tmp_path / "out.tmp").mkdir()
+    (tmp_path / "out.tmp" / "mine.txt").write_text("keep me")  # a user's folder beside --out survives
+    meta = files.write_tokens(str(corpus), str(tmp_path / "out"), "chars")
+    assert "\r" in meta["vocab"] and (tmp_path / "out.tmp" / "mine.txt").read_text() == "keep me"
+    assert sorted(os.listdir(tmp_path / "out")) == ["meta.json", "train.bin", "val.bin"]
+    with pytest.raises(DataError, match="its folder .* does not exist"):
+        files.write_tokens(str(corpus), str(tmp_path / "no" / "such" / "out"), "chars")
+
+    wide = tmp_path / "wide"  # uint32 ids: the dtype comes from meta.json
+    files.write_tokens(str(corpus), str(wide), "chars")
+    ids = np.fromfile(wide / "train.bin", np.uint16).astype(np.uint32)
+    ids.tofile(wide / "train.bin")
+    np.fromfile(wide / "val.bin", np.uint16).astype(np.uint32).tofile(wide / "val.bin")
+    meta_path = wide / "meta.json"
+    meta_path.write_text(meta_path.read_text().replace('"uint16"', '"uint32"'))
+    np.testing.assert_array_equal(files.tokens(str(wide), seq_len=8).train[0]["x"], ids[:8])
+    val = np.fromfile(wide / "val.bin", np.uint32)
+    val[3] = 999
+    val.tofile(wide / "val.bin")
+    with pytest.raises(DataError, match="val.bin holds token id 999 >= vocab_size"):
+        files.tokens(str(wide), seq_len=8)
+
+    x = np.zeros((20, 3), np.float32)
+    np.savez(tmp_path / "neg.npz", x=x, y=np.arange(20, dtype=np.int32) - 5)
+    with pytest.raises(DataError, match="labels 'y' go down to -5"):
+        files.arrays(str(tmp_path / "neg.npz"), test_fraction=0.2)
+    np.savez(tmp_path / "ok.npz", x=x, y=np.arange(20, dtype=np.int32) % 10)
+    with pytest.raises(DataError, match="label 9 in 'y' but config.data.num_classes=3"):
+        files.arrays(str(tmp_path / "ok.npz"), test_fraction=0.2, num_classes=3)
+    np.savez(tmp_path / "other.npz", x=np.zeros((5, 4), np.float32), y=np.zeros(5, np.int32))
+    with pytest.raises(DataError, match=r"config.data.test_path: .* 'x' examples are \(4,\), but \(3,\)"):
+        files.arrays(str(tmp_path / "ok.npz"), test_path=str(tmp_path / "other.npz"))
+
+
+def test_multi_character_vocabularies_encode_by_longest_match():
+    encode = sampling._longest_match(["the", "th", "e", " ", "cat"])
+    assert encode("the cat") == [0, 3, 4]
+    with pytest.raises(DataError, match="starts with no token"):
+        encode("dog")

@@ -63,7 +63,7 @@ def test_config_trains_end_to_end(repo_root, tmp_path, monkeypatch, spec):
 def test_sampling_a_classifier_run_is_refused(repo_root, tmp_path):
     config = config_lib.load(os.path.join(repo_root, "configs/digits_mlp.py"), FEW_STEPS)
     runner.train(config, str(tmp_path / "run"))
-    with pytest.raises(ConfigError, match="not a language-model run"):
+    with pytest.raises(ConfigError, match="cannot be sampled as text"):
         sampling.sample_workdir(str(tmp_path / "run"), "a", 5)
 
 

@@ -71,6 +71,14 @@ def _check_dataset(dataset: Any, name: str) -> None:
             raise DataError(f"data set {name!r}: the {split} arrays have unequal lengths {lengths}")
 
 
+def _check_splits_agree(dataset: Dataset, name: str) -> None:
+    train, test = access.element_spec(dataset.train), access.element_spec(dataset.test)
+    for key in sorted(set(train) & set(test)):
+        if train[key][0] != test[key][0]:
+            raise DataError(f"data set {name!r}: {key!r} examples are {train[key][0]} in the train split but "
+                            f"{test[key][0]} in the test split")
+
+
 def load(data_config: Mapping[str, Any]) -> Dataset:
     """Load the data set that `config.data` names, passing its source keys (not the pipeline keys) to it."""
     name = data_config.get("name", "")
@@ -93,6 +101,7 @@ def load(data_config: Mapping[str, Any]) -> Dataset:
             raise
         raise DataError(f"data set {name!r} failed: {type(e).__name__}: {e}") from None
     _check_dataset(dataset, name)
+    _check_splits_agree(dataset, name)
     classes = tuple(data_config.get("classes", ()))
     fraction = data_config.get("train_fraction", 1.0)
     if classes or fraction != 1.0:
@@ -121,7 +130,11 @@ def stand_in(description: Mapping[str, Any]) -> Dataset:
     """A two-example Dataset of zeros shaped like `describe`'s: enough to build a run's model and restore its
     state without the data (e.g. `dlfx sample` on another machine)."""
     try:
-        arrays = {k: np.zeros((2, *spec["shape"]), np.dtype(spec["dtype"]))
+        shapes = {k: tuple(int(d) for d in spec["shape"]) for k, spec in description["example"].items()}
+        if any(d < 0 for shape in shapes.values() for d in shape) or \
+                sum(int(np.prod(shape)) for shape in shapes.values()) > 1 << 28:
+            raise ValueError(f"example shapes {shapes} are not those of a data set")
+        arrays = {k: np.zeros((2, *shapes[k]), np.dtype(spec["dtype"]))
                   for k, spec in description["example"].items()}
         return Dataset(train=arrays, test=dict(arrays), name=str(description["name"]),
                        num_classes=description.get("num_classes"), metadata=dict(description.get("metadata", {})))

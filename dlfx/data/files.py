@@ -8,9 +8,14 @@ it) or a folder of `.npy` files.
 
 from __future__ import annotations
 
+import codecs
+import contextlib
 import json
 import os
 import shutil
+import signal
+import tempfile
+import threading
 import zipfile
 from typing import Any, Iterator
 
@@ -83,22 +88,39 @@ def _token_file(folder: str, name: str, dtype: str, seq_len: int) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r")
 
 
-def tokens(path: str = "", seq_len: int = 1024, dtype: str = "uint16") -> Dataset:
+def _max_id(tokens: np.ndarray, stop: int | None = None) -> int:
+    """The largest id among the first `stop` tokens (all by default), read in chunks."""
+    stop = len(tokens) if stop is None else min(stop, len(tokens))
+    return max(int(np.max(tokens[i:min(i + READ_CHUNK, stop)])) for i in range(0, stop, READ_CHUNK))
+
+
+def tokens(path: str = "", seq_len: int = 1024, dtype: str = "") -> Dataset:
     """A token folder (`train.bin`, `val.bin`, `meta.json`): training on windows at every offset, validation
-    on consecutive windows; both memory-mapped."""
+    on consecutive windows; both memory-mapped. `dtype` ("" = meta.json's, else uint16) must match meta.json."""
     if not path:
         raise DataError("config.data.path must name a token folder (write one with `dlfx data tokens`)")
-    if dtype not in TOKEN_DTYPES:
-        raise DataError(f"config.data.dtype={dtype!r} is not one of {', '.join(TOKEN_DTYPES)}")
+    if os.path.isfile(path):
+        raise DataError(f"config.data.path: {path} is a file, not a token folder (train.bin, val.bin, meta.json)")
     if seq_len < 1:
         raise DataError(f"config.data.seq_len must be >= 1, got {seq_len}")
     meta = _read_meta(path)
+    written = meta.get("dtype")
+    if written is not None and written not in TOKEN_DTYPES:
+        raise DataError(f"{path}/meta.json: 'dtype' {written!r} is not one of {', '.join(TOKEN_DTYPES)}")
+    dtype = dtype or written or "uint16"
+    if dtype not in TOKEN_DTYPES:
+        raise DataError(f"config.data.dtype={dtype!r} is not one of {', '.join(TOKEN_DTYPES)}")
+    if written and dtype != written:
+        raise DataError(f"config.data.dtype={dtype!r} but {path}/meta.json says the files hold {written!r}")
     train = _token_file(path, "train.bin", dtype, seq_len)
     val = _token_file(path, "val.bin", dtype, seq_len)
-    probe = np.asarray(train[:min(len(train), 1 << 20)])  # a cheap check: ids past the vocabulary mean a wrong dtype
-    if probe.max() >= meta["vocab_size"]:
-        raise DataError(f"{path}/train.bin holds token id {int(probe.max())} >= vocab_size {meta['vocab_size']} "
-                        f"(is config.data.dtype={dtype!r} the dtype it was written with?)")
+    # ids past the vocabulary would be silent garbage in the embedding lookups: all of val.bin, and the
+    # start of train.bin (a wrong dtype shows at once; a full scan of a huge train file is left out)
+    for name, ids, stop in (("val.bin", val, None), ("train.bin", train, 1 << 20)):
+        largest = _max_id(ids, stop)
+        if largest >= meta["vocab_size"]:
+            raise DataError(f"{path}/{name} holds token id {largest} >= vocab_size {meta['vocab_size']} "
+                            f"(is config.data.dtype={dtype!r} the dtype it was written with?)")
     encoding = meta.get("encoding", "chars" if meta.get("vocab") else "ids")
     metadata: dict[str, Any] = {"kind": "tokens", "encoding": encoding, "char_level": encoding == "chars"}
     if meta.get("vocab") is not None:
@@ -108,12 +130,65 @@ def tokens(path: str = "", seq_len: int = 1024, dtype: str = "uint16") -> Datase
                    name="tokens", num_classes=meta["vocab_size"], metadata=metadata)
 
 
+@contextlib.contextmanager
+def staged_output(out: str) -> Iterator[str]:
+    """A fresh hidden folder beside `out` to write into; renamed to `out` on success, removed on any error or
+    signal. Refuses an `out` that exists and is not an empty folder, or whose parent folder is missing; never
+    touches anything it did not create. OS errors become one DataError line naming the path."""
+    out = out.rstrip("/") or out
+    if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
+        raise DataError(f"--out {out} exists and is not an empty folder")
+    parent = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(parent):
+        raise DataError(f"--out {out}: its folder {parent} does not exist")
+    previous = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread():  # SIGTERM unwinds like Ctrl-C: the stage is removed
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    stage = None
+    try:
+        stage = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.partial-")
+        yield stage
+        if os.path.isdir(out):
+            os.rmdir(out)
+        os.replace(stage, out)
+        stage = None
+    except OSError as e:
+        raise DataError(f"cannot write {out}: {e.strerror or e}{f' ({e.filename})' if e.filename else ''}") from None
+    finally:
+        if stage is not None:
+            shutil.rmtree(stage, ignore_errors=True)
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM while writing a data folder: handled like Ctrl-C (cleaned up, `dlfx: interrupted`)."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise Terminated("terminated (SIGTERM)")
+
+
 def _text_files(source: str) -> list[str]:
     if os.path.isfile(source):
         return [source]
     if os.path.isdir(source):
-        files = sorted(os.path.join(root, f) for root, _, names in os.walk(source) for f in names
-                       if not f.startswith("."))
+        files, seen = [], set()
+        for root, folders, names in os.walk(source, followlinks=True):
+            real = os.path.realpath(root)
+            if real in seen:  # a symlink loop
+                folders[:] = []
+                continue
+            seen.add(real)
+            folders[:] = sorted(f for f in folders if not f.startswith("."))  # no .git and the like
+            for name in sorted(names):
+                path = os.path.join(root, name)
+                if name.startswith("."):
+                    continue
+                if not os.path.exists(path):
+                    raise DataError(f"--input {path} is a broken symbolic link")
+                if os.path.isfile(path):  # regular files only: never block on a FIFO or a device
+                    files.append(path)
         if files:
             return files
         raise DataError(f"--input {source} holds no files")
@@ -121,14 +196,31 @@ def _text_files(source: str) -> list[str]:
 
 
 def _read_chunks(files: list[str], binary: bool) -> Iterator[Any]:
+    """Chunks of bytes, or of text decoded incrementally (line endings kept as they are)."""
     for path in files:
         try:
-            with open(path, "rb" if binary else "r", **({} if binary else {"encoding": "utf-8"})) as f:
+            with open(path, "rb") as f:
+                decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
                 while chunk := f.read(READ_CHUNK):
-                    yield chunk
-        except UnicodeDecodeError as e:
-            raise DataError(f"--input {path} is not UTF-8 text ({e.reason} at byte {e.start}); "
-                            "use --vocab bytes for any file") from None
+                    if binary:
+                        yield chunk
+                        continue
+                    try:
+                        text = decoder.decode(chunk)
+                    except UnicodeDecodeError as e:
+                        raise DataError(f"--input {path} is not UTF-8 text ({e.reason} at byte {offset + e.start}); "
+                                        "use --vocab bytes for any file") from None
+                    offset += len(chunk)
+                    if text:
+                        yield text
+                if not binary:
+                    try:
+                        decoder.decode(b"", final=True)
+                    except UnicodeDecodeError as e:
+                        raise DataError(f"--input {path} is not UTF-8 text ({e.reason} at its end); "
+                                        "use --vocab bytes for any file") from None
+        except OSError as e:
+            raise DataError(f"--input {path}: {e.strerror or e}") from None
 
 
 def write_tokens(source: str, out: str, vocab: str = "chars", val_fraction: float = 0.1) -> dict:
@@ -158,12 +250,9 @@ def write_tokens(source: str, out: str, vocab: str = "chars", val_fraction: floa
     num_val = int(total * val_fraction)
     if total - num_val < 2 or num_val < 2:
         raise DataError(f"--input {source} has {total} tokens: too few to split into train and validation")
-    tmp = out.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with staged_output(out) as stage:
         written = 0
-        with open(os.path.join(tmp, "train.bin"), "wb") as train, open(os.path.join(tmp, "val.bin"), "wb") as val:
+        with open(os.path.join(stage, "train.bin"), "wb") as train, open(os.path.join(stage, "val.bin"), "wb") as val:
             for chunk in _read_chunks(files, binary):
                 ids = np.frombuffer(chunk, np.uint8) if binary else \
                     np.fromiter((table[c] for c in chunk), np.int64, len(chunk))
@@ -174,14 +263,8 @@ def write_tokens(source: str, out: str, vocab: str = "chars", val_fraction: floa
                 written += len(ids)
         meta["dtype"] = np.dtype(dtype).name
         meta["num_train"], meta["num_val"] = total - num_val, num_val
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
+        with open(os.path.join(stage, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
-        if os.path.isdir(out):
-            os.rmdir(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta
 
 
@@ -207,21 +290,33 @@ def _npz_member(path: str, archive: zipfile.ZipFile, key: str) -> np.ndarray:
     return np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape, order="F" if fortran else "C")
 
 
-def _load_arrays(path: str, keys: dict[str, str]) -> dict[str, np.ndarray]:
-    """{dlfx key: memory-mapped array} from a .npz file or a folder of .npy files."""
+def _load_arrays(path: str, keys: dict[str, str], key: str = "config.data.path") -> dict[str, np.ndarray]:
+    """{dlfx key: memory-mapped array} from a .npz file or a folder of .npy files (`key` names the config key),
+    checked: each at least 1-D, all equally long."""
+    loaded = _open_arrays(path, keys, key)
+    for name, array in loaded.items():
+        if array.ndim == 0:
+            raise DataError(f"{key}: {path}: array {keys[name]!r} is a scalar, not one entry per example")
+    lengths = {k: len(v) for k, v in loaded.items()}
+    if len(set(lengths.values())) != 1:
+        raise DataError(f"{key}: {path}: the arrays have unequal lengths {lengths}")
+    return loaded
+
+
+def _open_arrays(path: str, keys: dict[str, str], key: str) -> dict[str, np.ndarray]:
     if os.path.isdir(path):
         out = {}
         for name, stored in keys.items():
             file = os.path.join(path, stored + ".npy")
             if not os.path.isfile(file):
-                raise DataError(f"config.data.path: {file} does not exist (config.data.keys maps {name!r} to it)")
+                raise DataError(f"{key}: {file} does not exist (config.data.keys maps {name!r} to it)")
             try:
                 out[name] = np.load(file, mmap_mode="r", allow_pickle=False)
             except ValueError as e:
                 raise DataError(f"{file}: {e}") from None
         return out
     if not os.path.isfile(path):
-        raise DataError(f"config.data.path: {path} does not exist")
+        raise DataError(f"{key}: {path} does not exist")
     try:
         with zipfile.ZipFile(path) as archive:
             names = [n[:-4] for n in archive.namelist() if n.endswith(".npy")]
@@ -254,12 +349,14 @@ def arrays(path: str = "", test_path: str = "", test_fraction: float = 0.0, keys
     mapping = _parse_keys(keys)
     train = _load_arrays(path, mapping)
     lengths = {k: len(v) for k, v in train.items()}
-    if len(set(lengths.values())) != 1:
-        raise DataError(f"{path}: the arrays have unequal lengths {lengths}")
     if test_path and test_fraction:
         raise DataError("set config.data.test_path or config.data.test_fraction, not both")
     if test_path:
-        test = _load_arrays(test_path, mapping)
+        test = _load_arrays(test_path, mapping, "config.data.test_path")
+        for name in train:
+            if train[name].shape[1:] != test[name].shape[1:]:
+                raise DataError(f"config.data.test_path: {test_path}: {name!r} examples are {test[name].shape[1:]}, "
+                                f"but {train[name].shape[1:]} in config.data.path {path}")
         train_split, test_split = ArraySource(train), ArraySource(test)
     elif 0 < test_fraction < 1:
         order = np.random.default_rng(split_seed).permutation(next(iter(lengths.values())))
@@ -269,8 +366,15 @@ def arrays(path: str = "", test_path: str = "", test_fraction: float = 0.0, keys
         train_split, test_split = _Subset(train, np.sort(order[cut:])), _Subset(train, np.sort(order[:cut]))
     else:
         raise DataError("config.data.test_path or a config.data.test_fraction in (0, 1) is needed for the eval split")
-    if not num_classes and "y" in train and np.issubdtype(train["y"].dtype, np.integer) and train["y"].ndim == 1:
-        num_classes = int(max(int(np.max(train["y"][i:i + READ_CHUNK])) for i in range(0, len(train["y"]), READ_CHUNK))) + 1
+    labels = [train["y"]] + ([test["y"]] if test_path else [])
+    if "y" in train and train["y"].ndim == 1 and np.issubdtype(train["y"].dtype, np.integer):
+        low = min(int(np.min(y[i:i + READ_CHUNK])) for y in labels for i in range(0, len(y), READ_CHUNK))
+        high = max(int(np.max(y[i:i + READ_CHUNK])) for y in labels for i in range(0, len(y), READ_CHUNK))
+        if low < 0:
+            raise DataError(f"{path}: labels 'y' go down to {low}; class labels are 0 .. num_classes - 1")
+        if num_classes and high >= num_classes:
+            raise DataError(f"{path}: label {high} in 'y' but config.data.num_classes={num_classes}")
+        num_classes = num_classes or high + 1
     return Dataset(train=train_split, test=test_split, name=os.path.basename(path.rstrip("/")) or "arrays",
                    num_classes=num_classes or None)
 

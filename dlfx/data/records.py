@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from typing import Any
 
 import numpy as np
@@ -123,6 +122,8 @@ def convert(kind: str, source: str, out: str, shards: int = 1, **options: Any) -
         raise DataError(f"--shards must be >= 1, got {shards}")
     if os.path.exists(out) and (not os.path.isdir(out) or os.listdir(out)):
         raise DataError(f"--out {out} exists and is not an empty folder")
+    if not os.path.isdir(os.path.dirname(os.path.abspath(out))):
+        raise DataError(f"--out {out}: its folder does not exist")
     if kind == "image_folder":
         train, val, classes = images.scan_folder(source)
         splits, meta = {"train": train, "val": val}, {"kind": "images", "num_classes": len(classes), "classes": classes}
@@ -134,27 +135,18 @@ def convert(kind: str, source: str, out: str, shards: int = 1, **options: Any) -
         counts = {prefix: length(split) for prefix, split in splits.items()}
     else:
         raise DataError(f"--from {kind!r} is not one of image_folder, arrays")
-    tmp = out.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    try:
+    with files.staged_output(out) as stage:
         meta["splits"] = {}
         for prefix, split in splits.items():
             count = min(shards, max(counts[prefix], 1)) if prefix == "train" else 1
             names = [f"{prefix}-{i:05d}-of-{count:05d}.array_record" for i in range(count)]
-            writers = [ArrayRecordWriter(os.path.join(tmp, n), "group_size:1") for n in names]
+            writers = [ArrayRecordWriter(os.path.join(stage, n), "group_size:1") for n in names]
             per_shard = -(-counts[prefix] // count)  # contiguous blocks keep the split's order
             for index, example in enumerate(_examples(meta["kind"], split)):
                 writers[index // per_shard].write(serialize(example))
             for writer in writers:
                 writer.close()
             meta["splits"][prefix] = {"shards": names, "num_examples": counts[prefix]}
-        with open(os.path.join(tmp, "meta.json"), "w") as f:
+        with open(os.path.join(stage, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
-        if os.path.isdir(out):
-            os.rmdir(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return meta

@@ -22,6 +22,10 @@ def fused_implementation(attention: str, dtype: Any, head_dim: int) -> str:
     """The `implementation` for jax.nn.dot_product_attention: cuDNN flash attention where it applies, else XLA."""
     if attention not in ATTENTION:
         raise ValueError(f"attention={attention!r} is not one of {', '.join(ATTENTION)}")
+    if attention == "cudnn" and jax.default_backend() != "gpu":
+        return "xla"  # a run trained with cuDNN, evaluated or sampled off a GPU: the same math
+    if attention == "cudnn" and not (head_dim <= 128 and head_dim % 8 == 0):
+        raise ValueError(f"attention='cudnn' needs heads of at most 128 channels, a multiple of 8; got {head_dim}")
     if attention != "auto":
         return attention
     cudnn_ok = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) \
