@@ -120,15 +120,20 @@ c = config.load("configs/char_gpt.py", ["data.name=tokens", "data.path=" + sys.a
     "train.steps=20", "train.log_every=10", "train.eval_every=0", "train.checkpoint_every=0",
     "optimizer.warmup_steps=1", "parallel.num_devices=1"])
 runner.train(c, sys.argv[2])
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)
+status = dict(line.split(":", 1) for line in open("/proc/self/status") if line.startswith(("RssAnon", "RssFile")))
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+      int(status["RssAnon"].split()[0]) // 1024, int(status["RssFile"].split()[0]) // 1024)
 """
 
 
-def peak_rss_mib(folder: str, workdir: str) -> int:
-    """Peak RSS (MiB) of a child process training a tiny GPT on `folder` (its eval reads all of val.bin)."""
+def peak_rss_mib(folder: str, workdir: str) -> tuple[int, int, int]:
+    """(peak RSS, anonymous RSS at the end, file-backed RSS at the end), MiB, of a child process training a
+    tiny GPT on `folder`. File-backed pages are the memory-mapped token file's page cache (the kernel maps a
+    whole large folio per touched window and may drop them any time); anonymous memory is the process's own."""
     out = subprocess.run([sys.executable, "-c", RSS_CHILD, folder, workdir], capture_output=True, text=True,
                          check=True, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    return int(out.stdout.strip().splitlines()[-1])
+    peak, anon, mapped = (int(v) for v in out.stdout.strip().splitlines()[-1].split())
+    return peak, anon, mapped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,8 +162,10 @@ def main(argv: list[str] | None = None) -> int:
             write_token_folder(os.path.join(tmp, "big"), big)
             small_rss = peak_rss_mib(os.path.join(tmp, "small"), os.path.join(tmp, "run_small"))
             big_rss = peak_rss_mib(os.path.join(tmp, "big"), os.path.join(tmp, "run_big"))
-            lines.append(f"\nPeak RSS, tiny GPT 20 steps: {small_rss} MiB on a 1 MiB token file, {big_rss} MiB on a "
-                         f"{args.token_gb:g} GiB one ({big:,} tokens)")
+            lines.append(f"\nTiny GPT, 20 steps: peak RSS {small_rss[0]} MiB on a 1 MiB token file, {big_rss[0]} MiB "
+                         f"on a {args.token_gb:g} GiB one ({big:,} tokens); at the end anonymous "
+                         f"{small_rss[1]} / {big_rss[1]} MiB, file-backed (page cache of the mapped file) "
+                         f"{small_rss[2]} / {big_rss[2]} MiB")
     print("\n".join(lines))
     print(f"\n{args.images} JPEGs ~{int(args.size * 1.15)} px, crops of {args.size}, batch {args.batch}; "
           f"{os.cpu_count()} cores; {time.strftime('%Y-%m-%d')}")
