@@ -14,12 +14,12 @@ FEW_STEPS = ["train.epochs=0", "train.steps=4", "train.log_every=2", "train.eval
 
 TINY = {
     "configs/mnist1d.py:gru": ["model.hidden_dim=8", "data.num_samples=400"],
-    "configs/mnist1d.py:resnet": ["model.width=4", "data.num_samples=400"],
+    "configs/mnist1d.py:resnet": ["model.width=4", "model.name=resnet10", "data.num_samples=400"],  # fewer blocks
     "configs/mnist1d.py:transformer": ["model.embed_dim=8", "model.num_layers=1", "model.num_heads=2",
                                        "data.num_samples=400"],
     "configs/mnist1d.py:mlp": ["data.num_samples=400"],
     "configs/mnist1d.py:cnn": ["data.num_samples=400"],
-    "configs/digits_resnet.py": ["model.width=4", "data.batch_size=64"],
+    "configs/digits_resnet.py": ["model.width=4", "model.name=resnet10", "data.batch_size=64"],
     "configs/digits_vit.py": ["model.embed_dim=8", "model.num_layers=1", "model.num_heads=2", "data.batch_size=64"],
     "configs/digits_mlp.py": [],
     "configs/digits_vae.py": ["model.hidden_dims=(16,)", "model.latent_dim=2"],
