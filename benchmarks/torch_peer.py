@@ -134,7 +134,7 @@ def bench(name: str, steps_per_repeat: int, repeats: int, runner_steps: int, dev
             if config.optimizer.clip_norm > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), config.optimizer.clip_norm)
             opt.step()
-        return float(loss)
+        return float(loss.detach())
 
     start = time.perf_counter()
     run_dlfx(1)
