@@ -67,6 +67,8 @@ def restore_run(workdir: str, step: int | str | None = None,
 def _best_step(config: ml_collections.ConfigDict, directory: str) -> tuple[str, int]:
     """The folder and step of a run's best-eval checkpoint (train.keep_best)."""
     best = epath.Path(directory) / BEST_FOLDER
+    if best.exists() and not best.is_dir():
+        raise CheckpointError(f"{best} is a file, not the best-checkpoint folder")
     saved = sorted(int(p.name) for p in best.iterdir() if p.name.isdigit()) if best.is_dir() else []
     if not saved:
         why = ("it was trained without config.train.keep_best" if not config.train.keep_best

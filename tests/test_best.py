@@ -48,6 +48,10 @@ def test_keep_best_refuses_unknown_metrics_and_runs_without_it(repo_root, tmp_pa
     runner.train(_config(repo_root, "train.steps=2", "train.eval_every=0"), workdir)
     with pytest.raises(CheckpointError, match="trained without config.train.keep_best"):
         runner.evaluate_workdir(workdir, "best")
+    with open(os.path.join(workdir, "checkpoints", "best"), "w") as f:
+        f.write("not a folder")
+    with pytest.raises(CheckpointError, match="is a file, not the best-checkpoint folder"):
+        runner.evaluate_workdir(workdir, "best")
 
 
 def test_best_mode_knows_the_built_in_metrics():

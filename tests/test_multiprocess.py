@@ -105,7 +105,8 @@ def test_tpu_vm_dry_run_prints_every_command():
     train = next(line for line in lines if "dlfx\\ train" in line or "dlfx train" in line)
     assert "DLFX_DISTRIBUTED=1" in train and "gs://b/runs/x" in train and "train.steps=10" in train
     assert lines[-1].startswith("gcloud compute tpus tpu-vm delete t1")
-    assert "--worker=0" in lines[-2] and "gsutil -m rsync -r dlfx/runs/tpu gs://b/runs/x/workdir" in lines[-2]
+    copy = lines[-2].replace("\\ ", " ")  # printf %q escapes the spaces
+    assert "--worker=0" in copy and "gsutil -m rsync -r dlfx/runs/tpu gs://b/runs/x/workdir" in copy
     local = subprocess.run(["bash", os.path.join(REPO, "launch/tpu_vm.sh"), *args[:-5], "/tmp/x", "--", "c.py"],
                            capture_output=True, text=True, timeout=30)
     assert local.returncode == 2 and "gs://" in local.stderr
