@@ -16,8 +16,9 @@ Per model, after warm-up, with the median of interleaved repeats:
             fast models). Where that window holds checkpoint saves, "saves only at the end" repeats the
             pairs with train.checkpoint_every=0, separating the loop's overhead from the saves' cost
   step ratio  bare / baseline
-  pipeline  the runner's call fed by the real pipeline (grain + device prefetch thread) / the same call
-            cycling over device-resident batches (interleaved repeats)
+  pipeline  the runner's call fed by the real pipeline (grain + device prefetch thread; for a split kept on
+            the devices, `data.on_device`, row indices gathered inside the call) / the same call cycling over
+            device-resident batches (interleaved repeats)
   save ms   one Orbax checkpoint save of the state: how long it blocks the loop / until committed
   FLOP/s    XLA cost analysis of the compiled step x bare steps/s (for GPT models the analytic
             6N + 12*L*D*T FLOPs per token: XLA does not count library GEMMs on a GPU); MFU against
@@ -76,10 +77,11 @@ def matmul_peak(size: int = 2048, repeats: int = 10) -> float:
     return 2 * size**3 / best
 
 
-def dlfx_stepper(exp, placed: list, num_steps: int = 1, state=None) -> Callable[[int], None]:
+def dlfx_stepper(exp, placed: list, num_steps: int = 1, state=None, tables=None) -> Callable[[int], None]:
     """`run(n)`: n calls of the experiment's compiled train step (`num_steps` steps each) over `placed`,
-    a list of device-resident batches or an iterator of them, from `state` (default: a fresh one)."""
-    step, state = exp.train_step(num_steps), (exp.init() if state is None else state)
+    a list of device-resident batches or an iterator of them, from `state` (default: a fresh one);
+    with `tables` (a device-resident split) the batches are row indices."""
+    step, state = exp.train_step(num_steps, tables), (exp.init() if state is None else state)
 
     def run(n: int) -> None:
         nonlocal state
@@ -113,9 +115,10 @@ def _timed(fn, *args) -> float:
 
 
 def bench_model(name: str, steps_per_repeat: int, repeats: int, runner_steps: int, peak: float,
-                runner_repeats: int = 1) -> dict:
-    """Measure one model; see the module docstring."""
+                runner_repeats: int = 1, extra: tuple[str, ...] = ()) -> dict:
+    """Measure one model (its config with the `extra` overrides); see the module docstring."""
     spec, overrides, unit = MODELS[name]
+    overrides = list(overrides) + list(extra)
     config = config_lib.load(spec, overrides + ["train.epochs=0", f"train.steps={runner_steps}",
                                                 "train.eval_every=0", "optimizer.warmup_steps=1"])
     exp = build(config)
@@ -182,14 +185,14 @@ def bench_model(name: str, steps_per_repeat: int, repeats: int, runner_steps: in
     # prefetch thread) against the same call cycling over device-resident batches, interleaved
     k = config.train.steps_per_call
     mesh, mode = exp.mesh, exp.mode
-    prefetcher = feed.device_prefetcher(exp, data.train_iterator(
-        exp.dataset.train, config.data.batch_size, exp.data_seed, crop_padding=config.data.crop_padding,
-        random_flip=config.data.random_flip), group=(lambda position: k) if k > 1 else None)
+    # (a device-resident split: the runner's feed is row indices, gathered inside the call)
+    tables = data.resident.place(exp.dataset.train, mesh) if exp.resident else None
+    prefetcher = feed.device_prefetcher(exp, exp.train_iterator(), group=(lambda position: k) if k > 1 else None)
     if k > 1:
         group = [next(it) for _ in range(k)]
         placed = [parallel.shard_batch({key: np.stack([b[key] for b in group]) for key in group[0]}, mesh, mode,
                                        stacked=True)]
-    fed = dlfx_stepper(exp, prefetcher, k, jax.device_put(fresh, exp.state_sharding))
+    fed = dlfx_stepper(exp, prefetcher, k, jax.device_put(fresh, exp.state_sharding), tables)
     on_device = dlfx_stepper(exp, placed, k, jax.device_put(fresh, exp.state_sharding))
     calls = max(1, steps_per_repeat // k)
     fed(1), on_device(1)
@@ -255,16 +258,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runner-repeats", type=int, default=3, help="runner runs, each paired with a baseline timing")
     parser.add_argument("--out", default=None)
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="the device's peak (0: measure f32 matmul)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every model, e.g. train.steps_per_call=10 (repeatable)")
     args = parser.parse_args(argv)
     peak = args.peak_tflops * 1e12 or matmul_peak()
     rows = []
     for name in args.models.split(","):
-        rows.append(bench_model(name, args.steps, args.repeats, args.runner_steps, peak, args.runner_repeats))
+        rows.append(bench_model(name, args.steps, args.repeats, args.runner_steps, peak, args.runner_repeats,
+                                tuple(args.set)))
         print(f"{name}: done", file=sys.stderr, flush=True)
     result = table(rows, peak)
     info = (f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}; jax {jax.__version__}, "
             f"{jax.device_count()} {jax.devices()[0].platform} device(s); date {time.strftime('%Y-%m-%d')}; "
             f"peak host RSS {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB.")
+    if args.set:
+        info += f" Overrides: {' '.join(args.set)}."
     print(result + "\n" + info)
     if args.out:
         with open(args.out, "w") as f:

@@ -44,6 +44,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.data.classes = ()  # classification: keep only these labels, relabelled 0..k-1 (empty: all)
     c.data.train_fraction = 1.0  # classification: stratified fraction of the train split to keep
     c.data.workers = 0  # grain worker processes that read, decode and augment batches (0: the prefetch thread)
+    c.data.on_device = "auto"  # auto | on | off: a small in-memory train split lives on the devices (dlfx.data.resident)
 
     c.task = ml_collections.ConfigDict()  # the objective and eval metrics, see dlfx.tasks
     c.task.name = ""  # classification | lm | regression | 'package.module:attr' ("": lm for text, else classification)
@@ -351,6 +352,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         _check_choice(config, "task.name", sorted(tasks.TASKS))
     _check_choice(config, "optimizer.name", OPTIMIZERS)
     _check_choice(config, "optimizer.schedule", SCHEDULES)
+    _check_choice(config, "data.on_device", ("auto", "on", "off"))
     _check_choice(config, "parallel.mode", PARALLEL_MODES)
     _check_choice(config, "train.nan_policy", NAN_POLICIES)
     _check_choice(config, "train.best_mode", ("auto", "max", "min"))

@@ -37,6 +37,7 @@ class Experiment:
     state_sharding: Any  # NamedShardings of the state (replicated, or split over `fsdp` in fsdp mode)
     task: Any = dataclasses.field(default_factory=tasks.Classification)  # objective and metrics (dlfx.tasks)
     init_fn: Any = None  # () -> the fresh state at step 0, placed with `state_sharding`
+    resident: bool = False  # the runner keeps the train split on the devices (`dlfx.data.resident`)
 
     def init(self) -> steps.TrainState:
         """The fresh train state at step 0 (seeded by `config.seed`), on this experiment's devices."""
@@ -47,11 +48,12 @@ class Experiment:
         """Names of the packed train-metric vector's entries (the task's, then the step's)."""
         return steps.train_metric_names(self.task)
 
-    def compile(self, step_fn: Any, donate_state: bool = False, stacked: bool = False) -> Any:
+    def compile(self, step_fn: Any, donate_state: bool = False, stacked: bool = False, tables: bool = False) -> Any:
         """`parallel.compile_step` for this experiment's mode, mesh and state layout."""
-        return parallel.compile_step(step_fn, self.mode, self.mesh, donate_state, self.state_sharding, stacked)
+        return parallel.compile_step(step_fn, self.mode, self.mesh, donate_state, self.state_sharding, stacked,
+                                     tables)
 
-    def train_step(self, num_steps: int = 1) -> Any:
+    def train_step(self, num_steps: int = 1, tables: Any = None) -> Any:
         """The compiled train step of this config (state donated), metrics packed in one vector.
 
         `num_steps > 1`: one call runs that many steps over a stack of batches (steps, batch, ...) and
@@ -59,15 +61,35 @@ class Experiment:
         `self.metric_names` names the vector's entries (see `steps.pack_metrics`).
         Under `train.nan_policy='error'` the step does not guard the state against a non-finite update:
         the runner stops at the next metrics fetch, before that state is evaluated or saved.
+        With `tables` (the device-resident train split, `dlfx.data.resident.place`) the batches are row
+        indices (`{'index': ...}`) and the step gathers its examples on the device.
         """
         c = self.config
-        packed = steps.pack_metrics(steps.make_train_step(
+        step_fn = steps.make_train_step(
             self.model, self.tx, self.schedule, self.task, parallel.step_axis(self.mode),
             c.optimizer.freeze, c.optimizer.grad_accum_steps, guard_nonfinite=c.train.nan_policy == "skip",
-            preprocess=self.preprocess), self.metric_names)
-        if num_steps > 1:
-            return self.compile(steps.scan_steps(packed), donate_state=True, stacked=True)
-        return self.compile(packed, donate_state=True)
+            preprocess=self.preprocess)
+        if tables is not None:
+            step_fn = steps.gathering(step_fn, data.resident.gather)
+        packed = steps.pack_metrics(step_fn, self.metric_names)
+        compiled = self.compile(steps.scan_steps(packed) if num_steps > 1 else packed, donate_state=True,
+                                stacked=num_steps > 1, tables=tables is not None)
+        if tables is None:
+            return compiled
+
+        def call(state, batch):
+            return compiled(state, batch, tables)
+
+        call.traces, call.lower = compiled.traces, compiled.lower
+        return call
+
+    def train_iterator(self) -> Any:
+        """This process's endless host iterator of training batches (grain): examples, or row indices when
+        the split is device-resident (`resident`)."""
+        c = self.config.data
+        return data.train_iterator(self.dataset.train, c.batch_size, self.data_seed, jax.process_index(),
+                                   jax.process_count(), crop_padding=c.crop_padding, random_flip=c.random_flip,
+                                   workers=c.workers, indices_only=self.resident)
 
     def eval_step(self) -> Any:
         """The compiled eval step (the task's sums over the whole batch)."""
@@ -172,7 +194,8 @@ def build(config: ml_collections.ConfigDict, dataset: data.Dataset | None = None
         head = {**head, "x": np.asarray(transform(head["x"]))}
     tasks.check(task, model, abstract_state, head, config.task.get("name", ""))
     return Experiment(config, mode, mesh, dataset, model, tx, schedule, total_steps, data_seed, abstract_state,
-                      state_sharding, task, jax.jit(init_state, out_shardings=state_sharding))
+                      state_sharding, task, jax.jit(init_state, out_shardings=state_sharding),
+                      data.resident.decide(config, dataset.train, mesh))
 
 
 def init_from_pretrained(exp: Experiment, state: steps.TrainState) -> steps.TrainState:

@@ -31,7 +31,7 @@ def transfer_chunk(exp) -> int:
     if (exp.config.train.steps_per_call > 1 or exp.mesh.devices.size > 1 or jax.process_count() > 1
             or exp.mode == "pmap"):
         return 1
-    spec = data.access.element_spec(exp.dataset.train)
+    spec = {"index": ((), np.int32)} if exp.resident else data.access.element_spec(exp.dataset.train)
     batch_bytes = exp.config.data.batch_size * sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
                                                    for shape, dtype in spec.values())
     return int(max(1, min(MAX_TRANSFER_CHUNK, MAX_TRANSFER_BYTES // max(batch_bytes, 1))))

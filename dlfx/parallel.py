@@ -100,7 +100,7 @@ def unstack_batches(stacked: dict[str, jax.Array]) -> list[dict[str, jax.Array]]
 
 
 def compile_step(step_fn: Callable, mode: str, mesh: Mesh, donate_state: bool = False,
-                 state_sharding: Any = None, stacked: bool = False) -> Callable:
+                 state_sharding: Any = None, stacked: bool = False, tables: bool = False) -> Callable:
     """Run a per-device `step_fn(state, batch)` over the mesh; state and outputs are replicated.
 
     In fsdp and single mode `step_fn` is a global step (built with `axis_name=None`): one `jax.jit`
@@ -108,31 +108,34 @@ def compile_step(step_fn: Callable, mode: str, mesh: Mesh, donate_state: bool = 
     all-gathers and reduce-scatters.
 
     `stacked`: the batch is a stack of batches (steps, batch, ...), split on its second axis.
+    `tables`: `step_fn(state, batch, tables)` takes a third argument held whole on every device (the
+    device-resident train split, `dlfx.data.resident`).
     The returned function counts how often JAX traced it in `.traces[0]` (1 for a run without retracing).
     """
     donate = (0,) if donate_state else ()
     traces = [0]
+    extra = 1 if tables else 0
 
-    def traced(state, batch):
+    def traced(state, batch, *rest):
         traces[0] += 1  # Python runs here only while JAX traces
-        return step_fn(state, batch)
+        return step_fn(state, batch, *rest)
 
     compiled = None
     if mode == "pmap":
-        compiled = jax.pmap(traced, axis_name=DATA_AXIS, in_axes=(None, 0), out_axes=None,
+        compiled = jax.pmap(traced, axis_name=DATA_AXIS, in_axes=(None, 0) + (None,) * extra, out_axes=None,
                             devices=list(mesh.devices.flat), donate_argnums=donate)
     elif mode == "shard_map":
         # check_vma=False: with it on, autodiff already psums the grads of replicated params, and
         # the step's explicit pmean would then scale them by the device count.
-        sharded = jax.shard_map(traced, mesh=mesh, in_specs=(P(), _batch_spec(mesh, stacked)), out_specs=P(),
-                                check_vma=False)
+        sharded = jax.shard_map(traced, mesh=mesh, in_specs=(P(), _batch_spec(mesh, stacked)) + (P(),) * extra,
+                                out_specs=P(), check_vma=False)
         compiled = jax.jit(sharded, donate_argnums=donate)
     elif mode in ("fsdp", "single"):
         batch = NamedSharding(mesh, _batch_spec(mesh, stacked))
         # the train step (state donated) returns (state, metrics); the eval step returns metrics only
         outputs = (state_sharding, replicated(mesh)) if donate_state else replicated(mesh)
-        compiled = jax.jit(traced, in_shardings=(state_sharding, batch), out_shardings=outputs,
-                           donate_argnums=donate)
+        compiled = jax.jit(traced, in_shardings=(state_sharding, batch) + (replicated(mesh),) * extra,
+                           out_shardings=outputs, donate_argnums=donate)
     if compiled is not None:
         compiled.traces = traces
         return compiled

@@ -53,11 +53,7 @@ def _train(config, workdir, force, preemption, start_time) -> dict[str, Any]:
         os.makedirs(workdir, exist_ok=True)
         if is_main:
             lock.acquire()
-        host_iter = data.train_iterator(exp.dataset.train, config.data.batch_size, exp.data_seed,
-                                        jax.process_index(), jax.process_count(),
-                                        crop_padding=config.data.crop_padding, random_flip=config.data.random_flip,
-                                        workers=config.data.workers)
-        train_iter = feed.device_prefetcher(exp, host_iter, feed.call_sizes(exp))
+        train_iter = feed.device_prefetcher(exp, exp.train_iterator(), feed.call_sizes(exp))
         checkpointer = Checkpointer(ckpt_dir, keep=config.train.keep)
         restored = checkpointer.restore_latest(exp.abstract_state, train_iter)
         if restored is None:  # a fresh run (from pretrained weights, if asked): the one live state
@@ -156,9 +152,10 @@ def _loop(exp, config, workdir, checkpointer, train_iter, start, start_time, pre
         trainable, frozen = optim.count_frozen(exp.abstract_state.params, config.optimizer.freeze)
         logger.message(f"parameters: {trainable:,} trainable, {frozen:,} frozen")
 
-    # --- Compiled steps ---------------------------------------------------------------------
-    train_step, eval_step = exp.train_step(), exp.eval_step()
-    multi_step = exp.train_step(config.train.steps_per_call) if config.train.steps_per_call > 1 else None
+    # --- Compiled steps (a small in-memory train split lives on the devices: batches are row indices) ----
+    tables = data.resident.place(exp.dataset.train, exp.mesh) if exp.resident else None
+    train_step, eval_step = exp.train_step(tables=tables), exp.eval_step()
+    multi_step = exp.train_step(config.train.steps_per_call, tables) if config.train.steps_per_call > 1 else None
     call_sizes = feed.call_sizes(exp) or (lambda position: 1)
     groups = steps.param_groups(exp.abstract_state.params)
 

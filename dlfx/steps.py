@@ -152,21 +152,32 @@ def pack_metrics(step_fn: Callable[[TrainState, Batch], tuple[TrainState, Metric
     """`step_fn` returning its scalar metrics `names` as one float32 vector in that order (one output
     buffer, not one per metric)."""
 
-    def packed(state: TrainState, batch: Batch) -> tuple[TrainState, jnp.ndarray]:
-        state, metrics = step_fn(state, batch)
+    def packed(state: TrainState, batch: Batch, *rest: Any) -> tuple[TrainState, jnp.ndarray]:
+        state, metrics = step_fn(state, batch, *rest)
         return state, jnp.stack([jnp.asarray(metrics[name], jnp.float32) for name in names])
 
     return packed
+
+
+def gathering(step_fn: Callable[[TrainState, Batch], Any], gather: Callable[[Any, Batch], Batch]) -> Callable:
+    """`step_fn` as `(state, batch, tables)`: the batch it trains on is `gather(tables, batch)`, read inside
+    the compiled call (e.g. rows of a device-resident split picked by the batch's indices)."""
+
+    def step(state: TrainState, batch: Batch, tables: Any) -> Any:
+        return step_fn(state, gather(tables, batch))
+
+    return step
 
 
 def scan_steps(step_fn: Callable[[TrainState, Batch], tuple[TrainState, Any]]) -> Callable:
     """Several steps in one call: `lax.scan` of `step_fn` over a stack of batches (steps, batch, ...).
 
     Returns the last state and the per-step outputs stacked; equal to calling `step_fn` once per batch.
+    Arguments after the batches (e.g. device-resident data) reach every step unchanged.
     """
 
-    def steps(state: TrainState, batches: Batch) -> tuple[TrainState, Any]:
-        return lax.scan(step_fn, state, batches)
+    def steps(state: TrainState, batches: Batch, *rest: Any) -> tuple[TrainState, Any]:
+        return lax.scan(lambda s, b: step_fn(s, b, *rest), state, batches)
 
     return steps
 

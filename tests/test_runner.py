@@ -99,9 +99,9 @@ def test_steps_per_call_equals_one_step_per_call_and_resumes_across_it(repo_root
 
 
 def test_several_batches_per_transfer_equal_one_and_resume_inside_a_chunk(repo_root, tmp_path, monkeypatch):
-    # one device, one step per call: 16 batches travel per transfer; the checkpoint at 10 is inside a chunk
+    # one device, one step per call: 16 host batches travel per transfer; the checkpoint at 10 is inside a chunk
     chunked_dir = str(tmp_path / "chunked")
-    config = tiny_config(repo_root, "parallel.num_devices=1")
+    config = tiny_config(repo_root, "parallel.num_devices=1", "data.on_device=off")
     assert feed.transfer_chunk(build(config)) == 16
     chunked = runner.train(config, chunked_dir)
     monkeypatch.setattr(feed, "MAX_TRANSFER_CHUNK", 1)

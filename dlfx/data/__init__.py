@@ -9,7 +9,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from dlfx import imports
-from dlfx.data import access, files, images, records, sources
+from dlfx.data import access, files, images, records, resident, sources
 from dlfx.data.images import input_transform
 from dlfx.data.pipeline import (ArraySource, augment_images, eval_batches, num_examples, steps_per_epoch,
                                  train_iterator)
@@ -30,7 +30,8 @@ SOURCES: dict[str, Callable[..., Dataset]] = {
 }
 
 # `config.data` keys used by the pipeline rather than passed to the source
-PIPELINE_KEYS = ("name", "batch_size", "crop_padding", "random_flip", "classes", "train_fraction", "workers")
+PIPELINE_KEYS = ("name", "batch_size", "crop_padding", "random_flip", "classes", "train_fraction", "workers",
+                 "on_device")
 
 __all__ = ["ArraySource", "Dataset", "DevicePrefetcher", "PIPELINE_KEYS", "augment_images", "SOURCES", "describe",
            "eval_batches", "input_transform", "load", "names", "resolve", "num_examples", "stand_in", "steps_per_epoch", "train_iterator"]

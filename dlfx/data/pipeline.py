@@ -68,7 +68,8 @@ class _EpochBatches:
 
 def train_iterator(split: Any, global_batch_size: int, seed: int,
                    process_index: int = 0, process_count: int = 1, crop_padding: int = 0,
-                   random_flip: bool = False, num_threads: int = 0, workers: int = 0) -> grain.DatasetIterator:
+                   random_flip: bool = False, num_threads: int = 0, workers: int = 0,
+                   indices_only: bool = False) -> grain.DatasetIterator:
     """Endless iterator of this process's rows of each global batch, reshuffled every epoch.
 
     Elements of the grain dataset are whole batches (one gather per batch, not one read per example);
@@ -86,7 +87,11 @@ def train_iterator(split: Any, global_batch_size: int, seed: int,
         raise DataError(f"train split has {len(source)} examples, fewer than one batch of "
                         f"config.data.batch_size={global_batch_size}")
     indices = _EpochBatches(len(source), global_batch_size, seed, process_index, process_count)
-    if hasattr(source, "gather_augmented"):  # decode-time augmentation: one seed per (batch number, global row)
+    if indices_only:
+        if crop_padding or random_flip or workers:
+            raise DataError("a device-resident split is neither augmented on the host nor read by workers")
+        dataset = grain.MapDataset.range(2**62).map(lambda b: {"index": indices(b).astype(np.int32)})
+    elif hasattr(source, "gather_augmented"):  # decode-time augmentation: one seed per (batch number, global row)
         rows = range(indices.part.start, indices.part.stop)
         dataset = grain.MapDataset.range(2**62).map(
             lambda b: source.gather_augmented(indices(b), [[seed + 2, int(b), r] for r in rows]))

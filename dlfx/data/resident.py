@@ -1,0 +1,78 @@
+"""Device-resident training data: a small in-memory train split held on every device, each batch gathered by
+index inside the compiled step, so the host sends only the batch's row numbers (`config.data.on_device`).
+
+The rows are those of the host pipeline (the same seeded per-epoch order, the same process split), so a run
+trains on the same batches with the data on the host or on the devices, and resumes from the same position.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from dlfx.data import access
+from dlfx.errors import ConfigError
+
+CHOICES = ("auto", "on", "off")
+UNKNOWN_MEMORY_LIMIT = 256 << 20  # bytes per device for `auto` where the device reports no memory size (CPU)
+MEMORY_FRACTION = 8  # `auto` keeps the split on the device when it needs at most 1/8 of the device's memory
+INDEX_KEY = "index"
+
+
+def _arrays(split: Any) -> Mapping[str, np.ndarray] | None:
+    """The split's arrays when it is held in memory (a dict of arrays or an ArraySource), else None."""
+    if isinstance(split, access.ArraySource):
+        return split.arrays
+    return None if access.is_source(split) else split
+
+
+def _why_not(config: Any, split: Any, devices: list) -> str | None:
+    """Why the train split cannot (or, under `auto`, should not) live on the devices; None if it can."""
+    arrays = _arrays(split)
+    if arrays is None:
+        return "the train split is a streamed source, read per batch (only in-memory arrays can be placed)"
+    if config.data.crop_padding or config.data.random_flip:
+        return "data.crop_padding / data.random_flip augment batches on the host"
+    if config.data.workers:
+        return "data.workers > 0 reads batches in worker processes"
+    if config.data.on_device == "auto" and any(isinstance(v, np.memmap) for v in arrays.values()):
+        return "the train split is memory-mapped from a file"
+    size = sum(np.asarray(v).nbytes for v in arrays.values())
+    stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
+    limit = (stats or {}).get("bytes_limit", 0) // MEMORY_FRACTION or UNKNOWN_MEMORY_LIMIT
+    if config.data.on_device == "auto" and size > limit:
+        return f"the train split ({size / 2**20:.0f} MiB) is over {limit / 2**20:.0f} MiB per device"
+    return None
+
+
+def decide(config: Any, split: Any, mesh: Mesh) -> bool:
+    """Whether the runner keeps the train split on the devices: `config.data.on_device` = auto (when it is
+    in memory, small, and augmented nowhere), on (refused with the reason when it cannot be), off."""
+    choice = config.data.on_device
+    if choice not in CHOICES:
+        raise ConfigError(f"config.data.on_device={choice!r} is not one of {', '.join(CHOICES)}")
+    if choice == "off":
+        return False
+    reason = _why_not(config, split, list(mesh.local_devices))
+    if reason and choice == "on":
+        raise ConfigError(f"config.data.on_device='on' cannot be used: {reason}")
+    return reason is None
+
+
+def place(split: Any, mesh: Mesh) -> dict[str, jax.Array]:
+    """The train split's arrays, whole on every device of the mesh (every process holds the same split)."""
+    sharding = NamedSharding(mesh, P())
+    arrays = _arrays(split)
+    if jax.process_count() == 1:
+        return jax.device_put({k: np.asarray(v) for k, v in arrays.items()}, sharding)
+    return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: np.asarray(v[index]))
+            for k, v in arrays.items()}
+
+
+def gather(tables: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """Inside a compiled step: the examples at `batch['index']`, from the device-resident split."""
+    return {k: jnp.take(v, batch[INDEX_KEY], axis=0) for k, v in tables.items()}

@@ -1,0 +1,75 @@
+"""Device-resident train data (`config.data.on_device`): the same batches as the host pipeline, exact resume."""
+
+import os
+import shutil
+
+import chex
+import numpy as np
+import pytest
+
+from dlfx import config as config_lib, data, runner
+from dlfx.data import resident
+from dlfx.errors import ConfigError
+from dlfx.experiment import build
+
+
+def tiny_config(repo_root, *overrides):
+    base = ["model.features=(4, 8)", "model.hidden_dim=16", "model.dropout_rate=0.2", "data.batch_size=32",
+            "train.epochs=0", "train.steps=12", "train.checkpoint_every=6", "train.log_every=3",
+            "train.eval_every=0", "optimizer.warmup_steps=2"]
+    return config_lib.load(os.path.join(repo_root, "configs/digits_cnn.py"), base + list(overrides))
+
+
+@pytest.mark.parametrize("extra", [(), ("parallel.num_devices=1", "train.steps_per_call=4")])
+def test_resident_split_trains_bit_identically_to_the_host_pipeline_and_resumes_across_the_switch(
+        repo_root, tmp_path, extra):
+    # 8 devices (shard_map), or one device with 4 steps per call; dropout and batch norm included
+    on_dir = str(tmp_path / "on")
+    on = runner.train(tiny_config(repo_root, "data.on_device=on", *extra), on_dir)
+    off = runner.train(tiny_config(repo_root, "data.on_device=off", *extra), str(tmp_path / "off"))
+    assert build(tiny_config(repo_root, *extra)).resident  # auto picks it for the digits
+    chex.assert_trees_all_equal(on["state"], off["state"])
+    # a checkpoint written with the data on the devices resumes with the data on the host: same position
+    shutil.rmtree(os.path.join(on_dir, "checkpoints", "12"))
+    resumed = runner.train(tiny_config(repo_root, "data.on_device=off", *extra), on_dir, force=True)
+    chex.assert_trees_all_equal(resumed["state"], off["state"])
+
+
+def test_index_batches_are_the_host_pipeline_rows():
+    arrays = {"x": np.arange(40, dtype=np.float32).reshape(20, 2), "y": np.arange(20)}
+    rows = data.train_iterator(arrays, 4, seed=5, process_index=1, process_count=2, indices_only=True)
+    examples = data.train_iterator(arrays, 4, seed=5, process_index=1, process_count=2)
+    for _ in range(7):  # across an epoch boundary (5 batches per epoch)
+        index, batch = next(rows)["index"], next(examples)
+        assert index.dtype == np.int32 and index.shape == (2,)
+        np.testing.assert_array_equal(arrays["x"][index], batch["x"])
+
+
+def test_auto_keeps_only_small_in_memory_unaugmented_splits_and_on_says_why_not(repo_root, tmp_path, monkeypatch):
+    config = tiny_config(repo_root)
+    mesh = build(config).mesh
+    split = {"x": np.zeros((64, 8, 8, 1), np.float32), "y": np.zeros(64, np.int32)}
+    assert resident.decide(config, split, mesh)
+    assert not resident.decide(tiny_config(repo_root, "data.on_device=off"), split, mesh)
+    assert not resident.decide(tiny_config(repo_root, "data.crop_padding=1"), split, mesh)
+    with pytest.raises(ConfigError, match="data.crop_padding / data.random_flip augment batches on the host"):
+        resident.decide(tiny_config(repo_root, "data.on_device=on", "data.random_flip=True"), split, mesh)
+    path = tmp_path / "x.npy"
+    np.save(path, split["x"])
+    mapped = {"x": np.load(path, mmap_mode="r"), "y": split["y"]}
+    assert not resident.decide(config, mapped, mesh)  # file-backed: stays on the host unless asked
+    assert resident.decide(tiny_config(repo_root, "data.on_device=on"), mapped, mesh)
+    monkeypatch.setattr(resident, "UNKNOWN_MEMORY_LIMIT", 1000)  # CPU devices report no memory size
+    assert not resident.decide(config, split, mesh)
+    with pytest.raises(ConfigError, match="config.data.on_device='on' cannot be used: the train split is a streamed"):
+        resident.decide(tiny_config(repo_root, "data.on_device=on"), _Streamed(), mesh)
+    with pytest.raises(ConfigError, match="config.data.on_device='maybe' is not one of auto, on, off"):
+        tiny_config(repo_root, "data.on_device=maybe")
+
+
+class _Streamed:
+    def __len__(self):
+        return 64
+
+    def __getitem__(self, i):
+        return {"x": np.zeros((8, 8, 1), np.float32), "y": np.int32(0)}
