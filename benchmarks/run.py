@@ -183,7 +183,7 @@ def bench_model(name: str, steps_per_repeat: int, repeats: int, runner_steps: in
 
     # input pipeline: the runner's call (steps_per_call steps) fed by the real pipeline (grain + device
     # prefetch thread) against the same call cycling over device-resident batches, interleaved
-    k = config.train.steps_per_call
+    k = max(config.train.steps_per_call, 1)  # auto (0) is one step per call until the runner has timed it
     mesh, mode = exp.mesh, exp.mode
     # (a device-resident split: the runner's feed is row indices, gathered inside the call)
     tables = data.resident.place(exp.dataset.train, mesh) if exp.resident else None

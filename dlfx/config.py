@@ -76,7 +76,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.epochs = 0
     c.train.eval_every = 0  # 0: evaluate only at the end
     c.train.log_every = 50
-    c.train.steps_per_call = 1  # >1: one compiled call runs this many steps (lax.scan); for small, fast models
+    c.train.steps_per_call = 0  # >1: one compiled call runs this many steps (lax.scan); 0: auto (dlfx.feed.can_tune)
     c.train.checkpoint_every = 500  # also saved at the end; 0: only at the end
     c.train.keep = 3  # newest checkpoints kept
     c.train.keep_best = ""  # an eval metric (e.g. 'accuracy'): also keep the state of its best eval in checkpoints/best
@@ -382,8 +382,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
             raise ConfigError(f"config.{section}.{key} must be >= 0, got {config[section][key]}")
     if config.optimizer.grad_accum_steps < 1:
         raise ConfigError(f"config.optimizer.grad_accum_steps must be >= 1, got {config.optimizer.grad_accum_steps}")
-    if config.train.steps_per_call < 1:
-        raise ConfigError(f"config.train.steps_per_call must be >= 1, got {config.train.steps_per_call}")
+    if config.train.steps_per_call < 0:
+        raise ConfigError(f"config.train.steps_per_call must be >= 0 (0: auto), got {config.train.steps_per_call}")
     if config.data.workers and config.train.steps_per_call > 1:
         raise ConfigError("config.data.workers > 0 needs config.train.steps_per_call=1 (workers suit decode-bound "
                           "data; several steps per call suit small in-memory data)")

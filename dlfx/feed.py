@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import time
 from typing import Any
 
 import jax
@@ -10,14 +12,71 @@ import numpy as np
 from dlfx import data, parallel, steps
 
 
-def call_sizes(exp) -> Any:
-    """Batch position -> steps the call starting there runs (`train.steps_per_call`, or 1 up to a log,
-    eval or checkpoint point); None without multi-step calls."""
+def call_sizes(exp, steps_per_call: int) -> Any:
+    """Batch position -> steps the call starting there runs (`steps_per_call`, or 1 up to a log, eval or
+    checkpoint point); None without multi-step calls."""
     t = exp.config.train
-    if t.steps_per_call == 1:
+    if steps_per_call <= 1:
         return None
     every = (t.log_every, t.eval_every, t.checkpoint_every)
-    return lambda position: steps.steps_in_call(position, t.steps_per_call, exp.total_steps, every)
+    return lambda position: steps.steps_in_call(position, steps_per_call, exp.total_steps, every)
+
+
+AUTO_PLATFORMS = ("gpu", "tpu")  # XLA:CPU runs a scanned convolution step ~10x slower: auto keeps 1 there
+CALL_TARGET_S = 0.01  # auto: calls of about this long hide the loop's host work per call (~0.1-0.3 ms)
+CALIBRATION_STEPS = 20  # one-step calls timed after the first (compiling) one
+MAX_AUTO_STEPS = 50
+MAX_AUTO_STACK_BYTES = 64 << 20  # auto: at most this much of stacked batches per call
+
+
+def can_tune(exp) -> bool:
+    """Whether `train.steps_per_call=0` (auto) times the step: on a GPU or TPU, one step per call on
+    every device (not pmap), no worker processes; elsewhere auto is one step per call."""
+    c = exp.config
+    return (c.train.steps_per_call == 0 and exp.mode != "pmap" and not c.data.workers
+            and exp.mesh.devices.flat[0].platform in AUTO_PLATFORMS)
+
+
+def _batch_bytes(exp) -> int:
+    spec = {"index": ((), np.int32)} if exp.resident else data.access.element_spec(exp.dataset.train)
+    return exp.config.data.batch_size * sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
+                                            for shape, dtype in spec.values())
+
+
+def choose_steps_per_call(step_seconds: float, batch_bytes: int) -> int:
+    """Steps per call for a measured one-step call time: calls of about `CALL_TARGET_S`, at most
+    `MAX_AUTO_STEPS` steps and `MAX_AUTO_STACK_BYTES` of stacked batches."""
+    wanted = math.ceil(CALL_TARGET_S / max(step_seconds, 1e-6))
+    return max(1, min(wanted, MAX_AUTO_STEPS, MAX_AUTO_STACK_BYTES // max(batch_bytes, 1)))
+
+
+class CallTuner:
+    """`train.steps_per_call=0` on an accelerator: times `CALIBRATION_STEPS` one-step calls of the real run
+    (after the compiling one) and picks the steps per call; every process takes process 0's choice."""
+
+    def __init__(self, exp):
+        self._batch_bytes = _batch_bytes(exp)
+        self._start: float | None = None
+        self._count = 0
+        self.step_seconds = float("nan")
+
+    def observe(self, outputs: Any) -> int | None:
+        """After each one-step call: None while timing, then the chosen steps per call (once)."""
+        if self._start is None:
+            jax.block_until_ready(outputs)
+            self._start = time.perf_counter()
+            return None
+        self._count += 1
+        if self._count < CALIBRATION_STEPS:
+            return None
+        jax.block_until_ready(outputs)
+        self.step_seconds = (time.perf_counter() - self._start) / self._count
+        chosen = choose_steps_per_call(self.step_seconds, self._batch_bytes)
+        if jax.process_count() > 1:  # timings differ per process; the calls must not
+            from jax.experimental import multihost_utils
+
+            chosen = int(multihost_utils.broadcast_one_to_all(np.int32(chosen)))
+        return chosen
 
 
 MAX_TRANSFER_CHUNK = 16  # batches per transfer (one device, one step per call)
@@ -31,10 +90,7 @@ def transfer_chunk(exp) -> int:
     if (exp.config.train.steps_per_call > 1 or exp.mesh.devices.size > 1 or jax.process_count() > 1
             or exp.mode == "pmap"):
         return 1
-    spec = {"index": ((), np.int32)} if exp.resident else data.access.element_spec(exp.dataset.train)
-    batch_bytes = exp.config.data.batch_size * sum(int(np.prod(shape)) * np.dtype(dtype).itemsize
-                                                   for shape, dtype in spec.values())
-    return int(max(1, min(MAX_TRANSFER_CHUNK, MAX_TRANSFER_BYTES // max(batch_bytes, 1))))
+    return int(max(1, min(MAX_TRANSFER_CHUNK, MAX_TRANSFER_BYTES // max(_batch_bytes(exp), 1))))
 
 
 def device_prefetcher(exp, host_iter, group: Any = None) -> data.DevicePrefetcher:

@@ -6,6 +6,7 @@ inputs are whatever the model takes (NHWC images, (T, C) sequences). Logits are 
 
 from __future__ import annotations
 
+import functools
 import re
 from typing import Any, Callable
 
@@ -103,10 +104,22 @@ def attention_rollout(maps: list[jnp.ndarray]) -> jnp.ndarray:
     return rollout
 
 
+@functools.partial(jax.jit, static_argnums=0)
+def _predict(model: Any, variables: dict, x: jnp.ndarray) -> jnp.ndarray:
+    return jnp.argmax(model.apply(variables, x, train=False), axis=-1)
+
+
 def predictions(model: Any, variables: dict, x: np.ndarray, batch_size: int = 256) -> np.ndarray:
-    """Predicted classes for a whole array, in jitted batches."""
-    apply = jax.jit(lambda x: jnp.argmax(model.apply(variables, x, train=False), axis=-1))
-    return np.concatenate([np.asarray(apply(x[i:i + batch_size])) for i in range(0, len(x), batch_size)])
+    """Predicted classes for a whole array, in jitted batches of one shape (the last one padded): one
+    compilation per model and input shape, whatever the weights."""
+    out = []
+    for i in range(0, len(x), batch_size):
+        chunk = np.asarray(x[i:i + batch_size])
+        real = len(chunk)
+        if real < batch_size and len(x) > batch_size:
+            chunk = np.concatenate([chunk, np.zeros((batch_size - real, *chunk.shape[1:]), chunk.dtype)])
+        out.append(np.asarray(_predict(model, variables, chunk))[:real])
+    return np.concatenate(out)
 
 
 def confusion_matrix(labels: np.ndarray, predicted: np.ndarray, num_classes: int) -> np.ndarray:

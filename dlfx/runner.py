@@ -53,7 +53,8 @@ def _train(config, workdir, force, preemption, start_time) -> dict[str, Any]:
         os.makedirs(workdir, exist_ok=True)
         if is_main:
             lock.acquire()
-        train_iter = feed.device_prefetcher(exp, exp.train_iterator(), feed.call_sizes(exp))
+        train_iter = feed.device_prefetcher(exp, exp.train_iterator(),
+                                            feed.call_sizes(exp, config.train.steps_per_call))
         checkpointer = Checkpointer(ckpt_dir, keep=config.train.keep)
         restored = checkpointer.restore_latest(exp.abstract_state, train_iter)
         if restored is None:  # a fresh run (from pretrained weights, if asked): the one live state
@@ -156,7 +157,9 @@ def _loop(exp, config, workdir, checkpointer, train_iter, start, start_time, pre
     tables = data.resident.place(exp.dataset.train, exp.mesh) if exp.resident else None
     train_step, eval_step = exp.train_step(tables=tables), exp.eval_step()
     multi_step = exp.train_step(config.train.steps_per_call, tables) if config.train.steps_per_call > 1 else None
-    call_sizes = feed.call_sizes(exp) or (lambda position: 1)
+    call_sizes = feed.call_sizes(exp, config.train.steps_per_call) or (lambda position: 1)
+    tuner = feed.CallTuner(exp) if feed.can_tune(exp) else None  # steps_per_call=0 on an accelerator
+    per_call = max(config.train.steps_per_call, 1)
     groups = steps.param_groups(exp.abstract_state.params)
 
     # --- Loop -------------------------------------------------------------------------------
@@ -182,6 +185,14 @@ def _loop(exp, config, workdir, checkpointer, train_iter, start, start_time, pre
                 logger.message(f"first step done {first_step_s:.1f} s after process start")
             window.add(metrics)
             dispatch.add(metrics)
+            if tuner is not None and (chosen := tuner.observe(metrics)) is not None:
+                logger.message(f"train.steps_per_call=auto: {chosen} (one step per call took "
+                               f"{1e3 * tuner.step_seconds:.2f} ms)")
+                tuner, per_call = None, chosen
+                if chosen > 1:  # from the next call on; the batches read ahead are read again, stacked
+                    multi_step = exp.train_step(chosen, tables)
+                    call_sizes = feed.call_sizes(exp, chosen)
+                    train_iter.regroup(call_sizes)
             window.read_deferred()  # the next call is queued: the device never waits on logging
             preempted = preemption.requested or (jax.process_count() > 1 and checkpointer.reached_preemption(step))
             due = train_metrics_lib.due(step, exp.total_steps, config.train, preempted)
@@ -232,4 +243,4 @@ def _loop(exp, config, workdir, checkpointer, train_iter, start, start_time, pre
             "eval": eval_metrics, "wall_time": end_time - start_time, "steps_per_sec": window.steady_rate(),
             "workdir": workdir, "mode": exp.mode, "devices": exp.mesh.devices.size, "state": state,
             "step_traces": train_step.traces[0] + (multi_step.traces[0] if multi_step else 0),
-            "time_to_first_step": first_step_s, "process_index": jax.process_index()}
+            "time_to_first_step": first_step_s, "process_index": jax.process_index(), "steps_per_call": per_call}

@@ -149,7 +149,7 @@ def test_nan_policy_skip_drops_a_poisoned_batch_and_goes_on(repo_root, tmp_path,
 
     monkeypatch.setattr(parallel, "shard_batch", poison_third_train_batch)
     workdir = str(tmp_path / "run")
-    summary = runner.train(tiny(repo_root, "train.nan_policy=skip", "train.log_every=1"), workdir)
+    summary = runner.train(tiny(repo_root, "train.nan_policy=skip", "train.log_every=1", "data.on_device=off"), workdir)
     assert summary["status"] == "finished" and summary["step"] == 20
     records = {r["step"]: r for r in log.read_metrics(workdir) if r["split"] == "train"}
     assert [s for s, r in records.items() if r["skipped_steps"]] == [3]

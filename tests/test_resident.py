@@ -20,10 +20,10 @@ def tiny_config(repo_root, *overrides):
     return config_lib.load(os.path.join(repo_root, "configs/digits_cnn.py"), base + list(overrides))
 
 
-@pytest.mark.parametrize("extra", [(), ("parallel.num_devices=1", "train.steps_per_call=4")])
 def test_resident_split_trains_bit_identically_to_the_host_pipeline_and_resumes_across_the_switch(
-        repo_root, tmp_path, extra):
-    # 8 devices (shard_map), or one device with 4 steps per call; dropout and batch norm included
+        repo_root, tmp_path):
+    # 8 devices (shard_map), 4 steps per call (calls of 1 up to the log points); dropout and batch norm
+    extra = ("train.steps_per_call=4",)
     on_dir = str(tmp_path / "on")
     on = runner.train(tiny_config(repo_root, "data.on_device=on", *extra), on_dir)
     off = runner.train(tiny_config(repo_root, "data.on_device=off", *extra), str(tmp_path / "off"))
@@ -73,3 +73,23 @@ class _Streamed:
 
     def __getitem__(self, i):
         return {"x": np.zeros((8, 8, 1), np.float32), "y": np.int32(0)}
+
+
+def test_auto_steps_per_call_times_the_step_and_switches_mid_run(repo_root, tmp_path, monkeypatch, capsys):
+    # auto measures on accelerators only; here the CPU stands in, and the measured choice is fixed at 3
+    from dlfx import feed
+
+    assert feed.choose_steps_per_call(0.0004, 512) == 25 and feed.choose_steps_per_call(0.05, 512) == 1
+    assert feed.choose_steps_per_call(1e-6, 32 << 20) == 2  # at most 64 MiB of stacked batches per call
+    config = tiny_config(repo_root, "parallel.num_devices=1", "train.steps=40", "train.log_every=5",
+                         "train.checkpoint_every=20", "train.steps_per_call=0")
+    assert not feed.can_tune(build(config))  # auto on CPU: one step per call
+    monkeypatch.setattr(feed, "AUTO_PLATFORMS", ("cpu",))
+    monkeypatch.setattr(feed, "choose_steps_per_call", lambda seconds, nbytes: 3)
+    auto = runner.train(config, str(tmp_path / "auto"))
+    assert "train.steps_per_call=auto: 3" in capsys.readouterr().err
+    assert auto["steps_per_call"] == 3 and auto["step_traces"] == 2  # the 1-step and the 3-step call
+    monkeypatch.undo()
+    one = runner.train(tiny_config(repo_root, "parallel.num_devices=1", "train.steps=40", "train.log_every=5",
+                                   "train.checkpoint_every=20", "train.steps_per_call=1"), str(tmp_path / "one"))
+    chex.assert_trees_all_close(auto["state"], one["state"], rtol=1e-5, atol=1e-6)

@@ -19,7 +19,7 @@ def _sgd(total=100):
     return optim.build(opt, total)
 
 
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", ["cnn", "gpt"])  # batch norm and a per-token loss
 def test_fsdp_on_eight_devices_matches_one(case):
     batches, example, (reference, ref_losses) = _batches_and_reference(case)
     model = CASES[case][0]()

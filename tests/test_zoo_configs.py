@@ -10,7 +10,7 @@ from dlfx import config as config_lib, data, runner, sampling
 from dlfx.errors import ConfigError, DataError
 
 FEW_STEPS = ["train.epochs=0", "train.steps=4", "train.log_every=2", "train.eval_every=0",
-             "train.checkpoint_every=4", "optimizer.warmup_steps=1"]
+             "train.checkpoint_every=4", "optimizer.warmup_steps=1", "parallel.num_devices=1"]  # 8 devices: test_zoo_parallel
 
 TINY = {
     "configs/mnist1d.py:gru": ["model.hidden_dim=8", "data.num_samples=400"],

@@ -43,6 +43,8 @@ def _digits(rng, n):
 CASES = {
     "resnet": (lambda: models.build("resnet10", num_classes=10, width=4, stem="cifar", axis_name="data"),
                lambda rng: _digits(rng, 64)),
+    "cnn": (lambda: models.build("cnn", num_classes=10, features=(4, 8), hidden_dim=16, axis_name="data"),
+            lambda rng: _digits(rng, 64)),  # batch norm at a fraction of ResNet's compile time (test_scale)
     "gpt": (lambda: models.build("gpt", vocab_size=31, max_len=16, num_layers=2, num_heads=2, embed_dim=16),
             lambda rng: {"x": rng.integers(0, 31, (16, 12)).astype(np.int32),
                          "y": rng.integers(0, 31, (16, 12)).astype(np.int32)}),
@@ -60,7 +62,7 @@ def _batches_and_reference(case):
 
 
 @pytest.mark.parametrize("mode", ["shard_map", "pmap"])
-@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("case", ["gpt", "resnet"])
 def test_zoo_model_on_eight_devices_matches_one(case, mode):
     batches, example, (reference, ref_losses) = _batches_and_reference(case)
     state, losses = _run(CASES[case][0](), example, batches, jax.devices(), mode)

@@ -90,6 +90,13 @@ class DevicePrefetcher:
             self._thread.join()
             self._thread = None
 
+    def regroup(self, group: Callable[[int], int] | None) -> None:
+        """From the consumer's position on, stack `group(position)` batches per item (a new steps-per-call
+        choice); batches read ahead are read again."""
+        self.close()
+        self._iterator.set_state(self._state)
+        self._group, self._chunk, self._unstack = group, 1, None
+
     def release(self) -> None:
         """Stop for good: the reader thread and the host iterator's worker processes, if it has any."""
         self.close()
