@@ -6,7 +6,8 @@
 Per model, after warm-up, with the median of interleaved repeats:
   compile   first call of the bare dlfx step (trace + compile + run)
   runner    steps/s of `dlfx.runner.train` at the config's defaults (grain pipeline, device prefetch,
-            train.steps_per_call, logging, checkpoints at the config's cadence), steady state between
+            train.steps_per_call (the column: what the runner used, auto included), logging, checkpoints at
+            the config's cadence), steady state between
             its first and last log point
   bare      steps/s of the dlfx train step (one step per call) on device-resident batches
   baseline  steps/s of benchmarks/baseline.py (plain jax.jit step, same model/optimizer/batch)
@@ -169,7 +170,7 @@ def bench_model(name: str, steps_per_repeat: int, repeats: int, runner_steps: in
     with no_saves.unlocked():
         no_saves.train.checkpoint_every = 0
     window_saves = config.train.checkpoint_every and runner_steps > config.train.checkpoint_every
-    runner_rates, paired, paired_no_saves = [], [], []
+    runner_rates, paired, paired_no_saves, runner_calls = [], [], [], []
     base_steps = max(steps_per_repeat, runner_steps - config.train.log_every)  # as long as the runner's window
     for _ in range(runner_repeats):
         for run_config, ratios in [(config, paired)] + ([(no_saves, paired_no_saves)] if window_saves else []):
@@ -178,6 +179,7 @@ def bench_model(name: str, steps_per_repeat: int, repeats: int, runner_steps: in
             rate = summary["steps_per_sec"] or float("nan")
             if ratios is paired:
                 runner_rates.append(rate)
+                runner_calls.append(summary.get("steps_per_call", 1))
             ratios.append(rate / (base_steps / _timed(run_base, base_steps)))
     runner_rate = statistics.median(runner_rates)
 
@@ -209,7 +211,7 @@ def bench_model(name: str, steps_per_repeat: int, repeats: int, runner_steps: in
         "batch": config.data.batch_size, "unit": "tokens" if unit == "seq" else "examples",
         "compile_s": compile_s, "runner": runner_rate, "bare": bare_rate, "baseline": base_rate,
         "overhead": statistics.median(paired), "step_ratio": bare_rate / base_rate, "pipeline": pipeline,
-        "steps_per_call": k, "save_ms": save_ms, "runner_steps": runner_steps,
+        "steps_per_call": "/".join(str(c) for c in sorted(set(runner_calls))), "save_ms": save_ms, "runner_steps": runner_steps,
         "overhead_no_saves": statistics.median(paired_no_saves) if paired_no_saves else None, "runner_min": min(paired), "runner_max": max(paired),
         "per_s": runner_rate * examples, "flops": flops, "tflops": flops * bare_rate / 1e12,
         "mfu": flops * bare_rate / peak,
@@ -266,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models.split(","):
         rows.append(bench_model(name, args.steps, args.repeats, args.runner_steps, peak, args.runner_repeats,
                                 tuple(args.set)))
-        print(f"{name}: done", file=sys.stderr, flush=True)
+        print(f"{name}: {table(rows[-1:], peak).splitlines()[2]}", flush=True)  # kept if a later model is cut off
     result = table(rows, peak)
     info = (f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.python_version()}; jax {jax.__version__}, "
             f"{jax.device_count()} {jax.devices()[0].platform} device(s); date {time.strftime('%Y-%m-%d')}; "
