@@ -213,7 +213,7 @@ def test_image_folder_refusals(tmp_path):
         data.load({"name": "image_folder", "path": str(root)})
     (root / "val" / "bird").rmdir()
     (root / "train" / "cat" / "0.jpg").write_bytes(b"not an image")
-    with pytest.raises(DataError, match="cannot decode image"):
+    with pytest.raises(DataError, match="cannot decode image.*config.data.skip_bad_images=True"):
         data.load({"name": "image_folder", "path": str(root)})
     with pytest.raises(DataError, match="config.data.normalize='imagenet2'"):
         data.load({"name": "image_folder", "path": str(root), "normalize": "imagenet2"})
@@ -338,3 +338,20 @@ def test_multi_character_vocabularies_encode_by_longest_match():
     assert encode("the cat") == [0, 3, 4]
     with pytest.raises(DataError, match="starts with no token"):
         encode("dog")
+
+
+def test_skip_bad_images_uses_the_next_image_deterministically(tmp_path, capsys):
+    root = tmp_path / "images"
+    _image_folder(root)
+    clean = data.load({"name": "image_folder", "path": str(root), "image_size": 8})
+    paths = sorted((root / "train").rglob("*.*"))
+    paths[1].write_bytes(b"truncated")  # example 1 (sorted class folders, then files)
+    skipping = data.load({"name": "image_folder", "path": str(root), "image_size": 8, "skip_bad_images": True})
+    first = access.read(skipping.train, [0, 1, 2])
+    np.testing.assert_array_equal(first["x"][1], access.read(clean.train, [2])["x"][0])  # the next image
+    np.testing.assert_array_equal(first["y"][1], access.read(clean.train, [2])["y"][0])
+    again = skipping.train.gather_augmented(np.array([1, 1]), [[7], [7]])  # same seed, same replacement
+    np.testing.assert_array_equal(again["x"][0], again["x"][1])
+    assert capsys.readouterr().err.count("using the next image instead") == 1  # warned once per file
+    with pytest.raises(DataError, match="cannot decode image"):
+        access.read(data.load({"name": "image_folder", "path": str(root), "image_size": 8}).train, [1])

@@ -74,7 +74,7 @@ def _load(path: str, split: str) -> Any:
                     f"of {split}*.parquet files")
 
 
-def _source(table: Any, mapping: dict[str, str], image_size: int, name: str) -> Any:
+def _source(table: Any, mapping: dict[str, str], image_size: int, name: str, skip_bad: bool) -> Any:
     datasets = _datasets()
     missing = [c for c in mapping.values() if c not in table.column_names]
     if missing:
@@ -90,11 +90,12 @@ def _source(table: Any, mapping: dict[str, str], image_size: int, name: str) -> 
         image = encoded[int(i)][mapping["x"]]
         return image["bytes"] if image.get("bytes") else image["path"], int(labels[i])
 
-    return images.ImageSource(fetch, len(table), image_size, name)
+    return images.ImageSource(fetch, len(table), image_size, name, skip_bad)
 
 
 def hf(path: str = "", keys: tuple = (), train_split: str = "train", test_split: str = "test",
-       num_classes: int = 0, image_size: int = 224, normalize: str = "imagenet") -> Dataset:
+       num_classes: int = 0, image_size: int = 224, normalize: str = "imagenet",
+       skip_bad_images: bool = False) -> Dataset:
     """A Hugging Face data set saved on disk (see the module docstring)."""
     if not path or not os.path.isdir(path):
         raise DataError(f"config.data.path must name a `save_to_disk` folder or a folder of parquet files, got {path!r}")
@@ -103,8 +104,8 @@ def hf(path: str = "", keys: tuple = (), train_split: str = "train", test_split:
     given = dict(str(item).split("=", 1) for item in keys)
     mapping = {key: next((c for c in names if c in train_table.column_names), key)
                for key, names in DEFAULT_COLUMNS.items()} | given
-    train = _source(train_table, mapping, image_size, train_split)
-    test = _source(test_table, mapping, image_size, test_split)
+    train = _source(train_table, mapping, image_size, train_split, skip_bad_images)
+    test = _source(test_table, mapping, image_size, test_split, skip_bad_images)
     feature = train_table.features[mapping["y"]]
     if hasattr(feature, "num_classes"):  # a datasets.ClassLabel
         num_classes = num_classes or feature.num_classes

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import sys
 from typing import Any, Callable
 
 import numpy as np
@@ -20,6 +21,8 @@ from dlfx.data.sources import Dataset
 from dlfx.errors import DataError
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
+MAX_SKIPPED = 16  # data.skip_bad_images: more undecodable images than this in a row is an error
+
 NORMALIZE = {"imagenet": {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]},  # torchvision's
              "none": {"mean": [0.0, 0.0, 0.0], "std": [1.0, 1.0, 1.0]}}  # pixels scaled to [0, 1] only
 
@@ -96,12 +99,26 @@ class ImageSource:
     example i's encoded image (a path or bytes) and label. `gather` gives the eval view,
     `gather_augmented(indices, keys)` the training view, one seed key per example."""
 
-    def __init__(self, fetch: Callable[[int], tuple[str | bytes, int]], length: int, size: int, name: str):
-        self.fetch, self.length, self.size, self.name = fetch, length, size, name
+    def __init__(self, fetch: Callable[[int], tuple[str | bytes, int]], length: int, size: int, name: str,
+                 skip_bad: bool = False):
+        self.fetch, self.length, self.size, self.name, self.skip_bad = fetch, length, size, name, skip_bad
+        self._reported: set[int] = set()
 
     def _image(self, index: int):
-        image, label = self.fetch(int(index))
-        return decode(image, f"#{index} of {self.name}" if isinstance(image, bytes) else ""), label
+        """Example `index` decoded; with `skip_bad`, an undecodable one is replaced by the next decodable
+        example (deterministic, so resume and every process see the same), warned about once."""
+        for attempt in range(MAX_SKIPPED + 1):
+            at = (int(index) + attempt) % self.length
+            image, label = self.fetch(at)
+            try:
+                return decode(image, f"#{at} of {self.name}" if isinstance(image, bytes) else ""), label
+            except DataError as e:
+                if not self.skip_bad:
+                    raise DataError(f"{e} (config.data.skip_bad_images=True trains past such files)") from None
+                if at not in self._reported:
+                    self._reported.add(at)
+                    print(f"dlfx: warning: {e}; using the next image instead", file=sys.stderr)
+        raise DataError(f"{MAX_SKIPPED + 1} images in a row from #{index} of {self.name} cannot be decoded")
 
     def __len__(self) -> int:
         return self.length
@@ -127,8 +144,8 @@ class ImageSource:
         return f"ImageSource({self.name}, {self.length} images, size={self.size})"
 
 
-def _files(paths: list[str], labels: np.ndarray, size: int, name: str) -> ImageSource:
-    return ImageSource(lambda i: (paths[i], int(labels[i])), len(paths), size, name)
+def _files(paths: list[str], labels: np.ndarray, size: int, name: str, skip_bad: bool = False) -> ImageSource:
+    return ImageSource(lambda i: (paths[i], int(labels[i])), len(paths), size, name, skip_bad)
 
 
 def check_normalize(normalize: str, image_size: int) -> None:
@@ -148,13 +165,16 @@ def scan_folder(path: str) -> tuple[tuple[list[str], np.ndarray], tuple[list[str
     return (train_paths, train_labels), (val_paths, val_labels), classes
 
 
-def image_folder(path: str = "", image_size: int = 224, normalize: str = "imagenet") -> Dataset:
-    """ImageFolder-layout data set: `train/` for training, `val/` for evaluation (see module docstring)."""
+def image_folder(path: str = "", image_size: int = 224, normalize: str = "imagenet",
+                 skip_bad_images: bool = False) -> Dataset:
+    """ImageFolder-layout data set: `train/` for training, `val/` for evaluation (see module docstring);
+    `skip_bad_images` replaces an undecodable file by the next image (with a warning) instead of failing."""
     check_normalize(normalize, image_size)
     (train_paths, train_labels), (val_paths, val_labels), classes = scan_folder(path)
-    decode(train_paths[0])  # a folder of undecodable files fails here, before a run starts
-    return Dataset(train=_files(train_paths, train_labels, image_size, "train"),
-                   test=_files(val_paths, val_labels, image_size, "val"), name="image_folder",
+    train = _files(train_paths, train_labels, image_size, "train", skip_bad_images)
+    train[0]  # a folder of undecodable files fails here, before a run starts
+    return Dataset(train=train, test=_files(val_paths, val_labels, image_size, "val", skip_bad_images),
+                   name="image_folder",
                    num_classes=len(classes),
                    metadata={"classes": classes, "normalize": NORMALIZE[normalize], "kind": "images"})
 

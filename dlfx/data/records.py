@@ -57,15 +57,16 @@ class RecordSource:
         return f"RecordSource({len(self.paths)} shards)"
 
 
-def _image_source(records: RecordSource, size: int, name: str) -> images.ImageSource:
+def _image_source(records: RecordSource, size: int, name: str, skip_bad: bool = False) -> images.ImageSource:
     def fetch(i: int) -> tuple[bytes, int]:
         example = records[i]
         return example["image"].tobytes(), int(example["label"])
 
-    return images.ImageSource(fetch, len(records), size, name)
+    return images.ImageSource(fetch, len(records), size, name, skip_bad)
 
 
-def array_record(path: str = "", image_size: int = 224, normalize: str = "imagenet") -> Dataset:
+def array_record(path: str = "", image_size: int = 224, normalize: str = "imagenet",
+                 skip_bad_images: bool = False) -> Dataset:
     """A folder of ArrayRecord shards written by `dlfx data convert` (see the module docstring)."""
     if not path:
         raise DataError("config.data.path must name a folder written by `dlfx data convert`")
@@ -90,7 +91,7 @@ def array_record(path: str = "", image_size: int = 224, normalize: str = "imagen
     if kind == "images":
         images.check_normalize(normalize, image_size)
         metadata["normalize"] = images.NORMALIZE[normalize]
-        train, test = (_image_source(sources[p], image_size, p) for p, _ in SPLITS)
+        train, test = (_image_source(sources[p], image_size, p, skip_bad_images) for p, _ in SPLITS)
     else:
         train, test = sources["train"], sources["val"]
     return Dataset(train=train, test=test, name=os.path.basename(path.rstrip("/")) or "array_record",
