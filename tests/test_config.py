@@ -59,7 +59,7 @@ def test_wrong_type_is_one_clear_error(repo_root, override, message):
     ("model.name=resnet9000", "config.model.name='resnet9000' is not one of"),
     ("data.name=imagenet", "config.data.name='imagenet' is not one of"),
     ("parallel.mode=tpu", "config.parallel.mode='tpu'"),
-    ("train.steps_per_call=0", "config.train.steps_per_call must be >= 1"),
+    ("train.steps_per_call=-1", "config.train.steps_per_call must be >= 0"),
     ("data.batch_size=0", "config.data.batch_size must be a positive int"),
     ("train.steps=10", "set exactly one of config.train.steps and config.train.epochs"),
 ])
