@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import chex
 import numpy as np
 import pytest
 
@@ -11,6 +12,7 @@ import dlfx
 from dlfx import config as config_lib, data, runner, sampling
 from dlfx.data import access, files, pipeline
 from dlfx.errors import DataError
+from dlfx.experiment import build
 
 TEXT = "the quick brown fox jumps over the lazy dog. " * 40 + "caf\u00e9 na\u00efve \u2603\n"
 GPT_TINY = ["data.name=tokens", "data.seq_len=16", "data.batch_size=8", "model.embed_dim=16", "model.num_layers=1",
@@ -150,19 +152,25 @@ def test_a_data_factory_may_return_sources(repo_root, tmp_path):
         data.sources.subset(dataset, classes=(0, 1))
 
 
-def test_mlp_trains_on_memory_mapped_arrays_and_plots_stream(repo_root, tmp_path):
+def test_mlp_trains_on_memory_mapped_arrays_and_eight_devices_equal_one(repo_root, tmp_path):
     rng = np.random.default_rng(1)
     x = rng.normal(size=(96, 8, 8, 1)).astype(np.float32)
     y = (x.mean(axis=(1, 2, 3)) > 0).astype(np.int32)
     np.savez(tmp_path / "d.npz", x=x, y=y)
-    config = config_lib.load(os.path.join(repo_root, "configs/digits_mlp.py"), [
-        "data.name=arrays", f"data.path={tmp_path / 'd.npz'}", "data.test_fraction=0.25", "data.batch_size=16",
-        "model.hidden_dims=(16,)", "train.epochs=0", "train.steps=6", "train.log_every=2", "train.eval_every=0",
-        "optimizer.warmup_steps=1", "parallel.num_devices=1"])
+    overrides = ["data.name=arrays", f"data.path={tmp_path / 'd.npz'}", "data.test_fraction=0.25", "data.batch_size=16",
+                 "model.hidden_dims=(16,)", "model.dropout_rate=0.0", "train.epochs=0", "train.steps=6", "train.log_every=2",
+                 "train.eval_every=0", "optimizer.warmup_steps=1"]
+    spec = os.path.join(repo_root, "configs/digits_mlp.py")
+    config = config_lib.load(spec, overrides + ["parallel.num_devices=1"])
+    assert not build(config).resident  # memory-mapped: read per batch by the host pipeline
     workdir = str(tmp_path / "run")
     summary = runner.train(config, workdir)
     assert summary["status"] == "finished" and 0 <= summary["eval"]["accuracy"] <= 1
     assert os.path.getsize(os.path.join(workdir, "plots", "confusion.png")) > 0
+    # 8 devices, 2 rows each (no dropout: each device draws its own masks)
+    eight = runner.train(config_lib.load(spec, overrides), str(tmp_path / "eight"))
+    assert eight["devices"] == 8
+    chex.assert_trees_all_close(eight["state"].params, summary["state"].params, rtol=1e-5, atol=1e-6)
 
 
 def _image_folder(root, sizes=((12, 9), (7, 15), (10, 10))):
