@@ -125,7 +125,7 @@ def build_model(config: ml_collections.ConfigDict, dataset: data.Dataset, mode: 
                               f"{SIZE_WORDS.get(key, key)} it has (e.g. float labels); set it, or pick the task "
                               "that fits the data (config.task.name)")
         kwargs.setdefault(key, needed)
-        if key in SIZE_WORDS and kwargs[key] < needed:
+        if key in SIZE_WORDS and needed is not None and kwargs[key] < needed:
             raise ConfigError(f"config.model.{key}={kwargs[key]} but the data has {needed} {SIZE_WORDS[key]}")
     if "axis_name" in accepted:  # batch-norm statistics synced over the device axis (fsdp: global view)
         kwargs.setdefault("axis_name", parallel.step_axis(mode))

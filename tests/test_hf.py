@@ -72,6 +72,16 @@ def test_hf_errors_name_the_problem(tmp_path, monkeypatch):
         data.load({"name": "hf", "path": str(tmp_path / "d"), "test_split": "validation", "keys": ("x=pixels", "y=label")})
     with pytest.raises(DataError, match="neither a `save_to_disk` DatasetDict folder nor"):
         data.load({"name": "hf", "path": str(tmp_path)})
+    labels = datasets.DatasetDict({split: datasets.Dataset.from_dict({"x": np.zeros((4, 3), np.float32),
+                                                                      "label": ["a", "b", "a", "c"]})
+                                   for split in ("train", "test")})
+    labels.save_to_disk(str(tmp_path / "strings"))
+    with pytest.raises(DataError, match="label column 'label' holds strings; make it a ClassLabel"):
+        data.load({"name": "hf", "path": str(tmp_path / "strings")})
+    empty = datasets.DatasetDict({"train": saved["train"], "test": saved["test"].select([])})
+    empty.save_to_disk(str(tmp_path / "empty"))
+    with pytest.raises(DataError, match="'test' split of .*empty"):
+        data.load({"name": "hf", "path": str(tmp_path / "empty"), "keys": ("x=pixels", "y=label")})
     monkeypatch.setitem(sys.modules, "datasets", None)  # the [hf] extra missing
     with pytest.raises(DataError, match=r"pip install 'dlfx\[hf\]'"):
         data.load({"name": "hf", "path": str(tmp_path / "d")})

@@ -11,6 +11,7 @@ normalised on the device.
 from __future__ import annotations
 
 import glob
+import json
 import os
 from typing import Any
 
@@ -62,14 +63,27 @@ def _load(path: str, split: str) -> Any:
     datasets = _datasets()
     parquet = sorted(glob.glob(os.path.join(path, f"{split}*.parquet")) +
                      glob.glob(os.path.join(path, "data", f"{split}*.parquet")))
-    if parquet:
-        return datasets.Dataset.from_parquet(parquet)
-    if os.path.exists(os.path.join(path, "dataset_dict.json")):
-        saved = datasets.load_from_disk(path)
-        if split not in saved:
-            raise DataError(f"config.data.path: {path} has splits {sorted(saved)}, not {split!r} "
-                            "(set config.data.train_split / test_split)")
-        return saved[split]
+    try:
+        if parquet:
+            table = datasets.Dataset.from_parquet(parquet)
+        elif os.path.exists(os.path.join(path, "dataset_dict.json")):
+            with open(os.path.join(path, "dataset_dict.json")) as f:
+                splits = json.load(f).get("splits", [])
+            if split not in splits:
+                raise DataError(f"config.data.path: {path} has splits {sorted(splits)}, not {split!r} "
+                                "(set config.data.train_split / test_split)")
+            table = datasets.load_from_disk(os.path.join(path, split))  # this split only
+        else:
+            table = None
+    except DataError:
+        raise
+    except Exception as e:  # e.g. an empty split: datasets raises IndexError / ValueError from its readers
+        raise DataError(f"config.data.path: cannot read the {split!r} split of {path} (is it empty?): "
+                        f"{type(e).__name__}: {e}") from None
+    if table is not None:
+        if len(table) == 0:
+            raise DataError(f"config.data.path: the {split!r} split of {path} is empty")
+        return table
     raise DataError(f"config.data.path: {path} is neither a `save_to_disk` DatasetDict folder nor a folder "
                     f"of {split}*.parquet files")
 
@@ -80,6 +94,10 @@ def _source(table: Any, mapping: dict[str, str], image_size: int, name: str, ski
     if missing:
         raise DataError(f"the {name} split has no column {missing[0]!r} (columns: {', '.join(table.column_names)}; "
                         "map them with config.data.keys, e.g. ('x=pixels', 'y=label'))")
+    label = table.features[mapping["y"]]
+    if getattr(label, "dtype", "") in ("string", "large_string"):
+        raise DataError(f"the {name} split's label column {mapping['y']!r} holds strings; make it a ClassLabel first "
+                        f"(datasets' class_encode_column) so its classes get integer ids")
     x_feature = table.features[mapping["x"]]
     if not isinstance(x_feature, datasets.Image):
         return TableSource(table, mapping, name)
