@@ -13,12 +13,10 @@ from typing import Any
 
 import jax
 import ml_collections
-import numpy as np
 
 from dlfx import config as config_lib
-from dlfx import checkpoint, data, feed, log, optim, parallel, plot, preflight, runs, steps
+from dlfx import checkpoint, data, feed, log, optim, parallel, plot, preflight, runs, steps, tasks
 from dlfx import train_metrics as train_metrics_lib
-from dlfx import tasks
 from dlfx.checkpoint import BestCheckpoint, Checkpointer
 from dlfx.errors import ConfigError
 from dlfx.experiment import build, evaluate, init_from_pretrained
@@ -122,20 +120,6 @@ def _finished_summary(exp, workdir: str, state) -> dict[str, Any]:
             "process_index": jax.process_index()}
 
 
-def _logged_final_eval(workdir: str, step: int, is_main: bool, metric: str) -> dict[str, float] | None:
-    """The final eval a killed run already logged (None if not): every process gets the same answer, and
-    the keep_best metric's value, since every process takes part in the eval and in the saves, or none."""
-    logged = runs.final_eval(workdir, step) if is_main else None
-    if jax.process_count() == 1:
-        return logged
-    from jax.experimental import multihost_utils
-
-    if not multihost_utils.broadcast_one_to_all(logged is not None):
-        return None
-    value = multihost_utils.broadcast_one_to_all(np.float64(logged.get(metric, np.nan) if is_main else 0.0))
-    return logged if is_main else ({metric: float(value)} if metric else {})
-
-
 def _loop(exp, config, workdir, checkpointer, train_iter, start, start_time, preemption,
           best=None) -> dict[str, Any]:
     """Train from `start` = (state, restored step or None for a fresh state) to the last step; see `train`."""
@@ -177,7 +161,14 @@ def _loop(exp, config, workdir, checkpointer, train_iter, start, start_time, pre
             status = "preempted"
         while status == "finished" and step < exp.total_steps:
             count = call_sizes(step)  # steps in this call (the prefetcher stacked that many batches)
-            state, metrics = (multi_step if count > 1 else train_step)(state, next(train_iter))
+            try:
+                batch = next(train_iter)
+            except data.WorkerLost:  # keep the steps since the last save (one process: no peer to wait on)
+                if jax.process_count() == 1 and step > max(checkpointer.steps(), default=0):
+                    checkpointer.save(step, state, train_iter)
+                    logger.message(f"saved step {step} to {checkpointer.directory}")
+                raise
+            state, metrics = (multi_step if count > 1 else train_step)(state, batch)
             step += count
             if first_step_s is None:  # one host sync, on the first step only
                 jax.block_until_ready(metrics)
@@ -213,7 +204,7 @@ def _loop(exp, config, workdir, checkpointer, train_iter, start, start_time, pre
         if status == "finished":
             if step not in checkpointer.steps():
                 checkpointer.save(step, state, train_iter)  # first: the newest state is safe before the eval
-            logged = _logged_final_eval(workdir, step, is_main, config.train.keep_best)
+            logged = runs.logged_final_eval(workdir, step, is_main, config.train.keep_best)
             if preemption.requested:  # the eval is left for the rerun
                 status = "preempted"
             elif logged is not None:

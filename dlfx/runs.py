@@ -6,6 +6,9 @@ import csv
 import io
 import os
 
+import jax
+import numpy as np
+
 from dlfx import config as config_lib, log
 from dlfx.errors import ConfigError
 from dlfx.workdir import read_status
@@ -105,3 +108,17 @@ def is_finished(workdir: str, total_steps: int) -> bool:
     status = read_status(workdir)
     return status["status"] == "finished" and status.get("step") == total_steps and \
         final_eval(workdir, total_steps) is not None
+
+
+def logged_final_eval(workdir: str, step: int, is_main: bool, metric: str) -> dict[str, float] | None:
+    """The final eval a killed run already logged (None if not): every process gets the same answer, and
+    the keep_best metric's value, since every process takes part in the eval and in the saves, or none."""
+    logged = final_eval(workdir, step) if is_main else None
+    if jax.process_count() == 1:
+        return logged
+    from jax.experimental import multihost_utils
+
+    if not multihost_utils.broadcast_one_to_all(logged is not None):
+        return None
+    value = multihost_utils.broadcast_one_to_all(np.float64(logged.get(metric, np.nan) if is_main else 0.0))
+    return logged if is_main else ({metric: float(value)} if metric else {})

@@ -363,3 +363,43 @@ def test_skip_bad_images_uses_the_next_image_deterministically(tmp_path, capsys)
     assert capsys.readouterr().err.count("using the next image instead") == 1  # warned once per file
     with pytest.raises(DataError, match="cannot decode image"):
         access.read(data.load({"name": "image_folder", "path": str(root), "image_size": 8}).train, [1])
+
+
+_DYING_SOURCE = '''
+import multiprocessing, os, signal
+import numpy as np
+import dlfx
+
+
+class Dying:
+    """Digits-like records; a worker process kills itself at its 201st read."""
+
+    def __init__(self, n):
+        self.n, self.reads = n, 0
+
+    def __len__(self):
+        return self.n
+
+    def __getitem__(self, i):
+        self.reads += 1
+        if multiprocessing.parent_process() is not None and self.reads > 200:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return {"x": np.full((4,), i % 3, np.float32), "y": np.int32(i % 3)}
+
+
+def make(**_):
+    return dlfx.data.Dataset(train=Dying(64), test=Dying(8), name="dying", num_classes=3)
+'''
+
+
+def test_a_dead_worker_process_saves_the_progress_and_stops_with_one_error(repo_root, tmp_path, monkeypatch):
+    (tmp_path / "dying_data.py").write_text(_DYING_SOURCE)
+    monkeypatch.syspath_prepend(str(tmp_path))  # spawned workers get the parent's sys.path
+    overrides = ["data.name=dying_data:make", "data.workers=1", "data.batch_size=8", "train.epochs=0",
+                 "train.steps=50", "train.checkpoint_every=0", "train.eval_every=0", "model.hidden_dims=(8,)",
+                 "parallel.num_devices=1", "train.steps_per_call=1"]
+    config = config_lib.load(os.path.join(repo_root, "configs/digits_mlp.py"), overrides)
+    with pytest.raises(data.WorkerLost, match="data worker process died .exit code -9"):
+        runner.train(config, str(tmp_path / "w"))
+    saved = sorted(int(p) for p in os.listdir(tmp_path / "w" / "checkpoints") if p.isdigit())
+    assert saved and 0 < saved[-1] < 50  # the steps trained before the worker died were kept

@@ -13,7 +13,7 @@ from dlfx.data import access, files, hf, images, records, resident, sources  # n
 from dlfx.data.images import input_transform
 from dlfx.data.pipeline import (ArraySource, augment_images, eval_batches, num_examples, steps_per_epoch,
                                  train_iterator)
-from dlfx.data.prefetch import DevicePrefetcher
+from dlfx.data.prefetch import DevicePrefetcher, WorkerLost
 from dlfx.data.sources import Dataset
 from dlfx.errors import ConfigError, DataError
 

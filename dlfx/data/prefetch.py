@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import queue
+import re
 import threading
 from typing import Any, Callable
 
 import grain
 import numpy as np
+
+from dlfx.errors import DataError
 
 
 class DevicePrefetcher:
@@ -55,7 +58,7 @@ class DevicePrefetcher:
                 for placed, state in items:
                     self._put(out, stop, (placed, self._iterator.get_state() if state is None else state, None))
         except BaseException as e:  # handed to the consumer, raised at its next()
-            out.put((None, None, e))
+            out.put((None, None, _worker_lost(e) or e))
 
     @staticmethod
     def _put(out: queue.Queue, stop: threading.Event, item: tuple) -> None:
@@ -116,6 +119,22 @@ class DevicePrefetcher:
 
     def start_prefetch(self) -> None:
         """Called by grain's checkpoint handler after a restore; reading starts at the next `next()`."""
+
+
+class WorkerLost(DataError):
+    """A data worker process died (killed for memory, a crash in a decoder): the host pipeline cannot go on."""
+
+
+def _worker_lost(error: BaseException) -> WorkerLost | None:
+    """grain's error for a worker process that exited without a Python exception, as one named error."""
+    message = str(error)
+    if not (isinstance(error, RuntimeError) and "Worker process was terminated" in message):
+        return None
+    code = re.search(r"exit code (-?\d+)", message)
+    why = {"-9": "SIGKILL, e.g. out of memory", "-11": "a segmentation fault in a decoder"}.get(
+        code.group(1) if code else "", "see the log above")
+    return WorkerLost(f"a data worker process died (exit code {code.group(1) if code else '?'}: {why}); "
+                      "lower data.workers or data.batch_size, then rerun the same command to resume")
 
 
 def _stack(batches: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
