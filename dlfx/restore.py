@@ -69,7 +69,8 @@ def _best_step(config: ml_collections.ConfigDict, directory: str) -> tuple[str, 
     best = epath.Path(directory) / BEST_FOLDER
     if best.exists() and not best.is_dir():
         raise CheckpointError(f"{best} is a file, not the best-checkpoint folder")
-    saved = sorted(int(p.name) for p in best.iterdir() if p.name.isdigit()) if best.is_dir() else []
+    saved = sorted(int(p.name) for p in best.iterdir()  # finished saves only: a stray empty folder masks nothing
+                   if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists()) if best.is_dir() else []
     if not saved:
         why = ("it was trained without config.train.keep_best" if not config.train.keep_best
                else f"no eval of {config.train.keep_best!r} has been saved yet")

@@ -28,6 +28,10 @@ def test_best_eval_is_kept_restored_and_survives_a_resume(repo_root, tmp_path):
     result = runner.evaluate_workdir(workdir, "best")
     assert result["step"] == best["step"] and result["loss"] == pytest.approx(best["loss"], rel=1e-6)
     assert dlfx.load_run(workdir, step="best").step == best["step"]
+    stray = os.path.join(workdir, "checkpoints", "best", "99")
+    os.makedirs(stray)  # an empty step folder (a save cut off before it began) masks nothing
+    assert runner.evaluate_workdir(workdir, "best")["step"] == best["step"]
+    os.rmdir(stray)
     kept = BestCheckpoint(os.path.join(workdir, "checkpoints"), "loss", "min")
     assert kept.best() == (best["step"], pytest.approx(best["loss"], rel=1e-6))  # a resumed run starts from it
     kept.close()

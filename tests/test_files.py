@@ -363,6 +363,16 @@ def test_skip_bad_images_uses_the_next_image_deterministically(tmp_path, capsys)
     assert capsys.readouterr().err.count("using the next image instead") == 1  # warned once per file
     with pytest.raises(DataError, match="cannot decode image"):
         access.read(data.load({"name": "image_folder", "path": str(root), "image_size": 8}).train, [1])
+    from dlfx.data import images
+
+    encoded = images.ImageSource(lambda i: (b"not an image", 0), 5, 8, "train", origin="/data/shards")
+    with pytest.raises(DataError) as raised:
+        encoded[3]
+    assert str(raised.value).startswith("cannot decode image #3 of the train split in /data/shards: cannot identify")
+    assert "BytesIO" not in str(raised.value)
+    encoded.skip_bad = True
+    with pytest.raises(DataError, match="none of the 5 images of the train split in /data/shards can be decoded"):
+        encoded[3]
 
 
 _DYING_SOURCE = '''

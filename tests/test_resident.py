@@ -4,11 +4,12 @@ import os
 import shutil
 
 import chex
+import jax
 import numpy as np
 import pytest
 
 from dlfx import config as config_lib, data, runner
-from dlfx.data import resident
+from dlfx.data import files, resident
 from dlfx.errors import ConfigError
 from dlfx.experiment import build
 
@@ -59,6 +60,11 @@ def test_auto_keeps_only_small_in_memory_unaugmented_splits_and_on_says_why_not(
     mapped = {"x": np.load(path, mmap_mode="r"), "y": split["y"]}
     assert not resident.decide(config, mapped, mesh)  # file-backed: stays on the host unless asked
     assert resident.decide(tiny_config(repo_root, "data.on_device=on"), mapped, mesh)
+    np.save(tmp_path / "y.npy", np.arange(64, dtype=np.int32) % 3)
+    subset = files.arrays(str(tmp_path), test_fraction=0.25).train  # rows of memory-mapped arrays
+    assert not resident.decide(config, subset, mesh)
+    assert resident.decide(tiny_config(repo_root, "data.on_device=on"), subset, mesh)
+    chex.assert_trees_all_equal(jax.device_get(resident.place(subset, mesh))["y"], subset.rows()["y"])
     monkeypatch.setattr(resident, "UNKNOWN_MEMORY_LIMIT", 1000)  # CPU devices report no memory size
     assert not resident.decide(config, split, mesh)
     with pytest.raises(ConfigError, match="config.data.on_device='on' cannot be used: the train split is a streamed"):

@@ -34,7 +34,7 @@ SOURCES: dict[str, Callable[..., Dataset]] = {
 PIPELINE_KEYS = ("name", "batch_size", "crop_padding", "random_flip", "classes", "train_fraction", "workers",
                  "on_device")
 
-__all__ = ["ArraySource", "Dataset", "DevicePrefetcher", "PIPELINE_KEYS", "augment_images", "SOURCES", "describe",
+__all__ = ["ArraySource", "Dataset", "DevicePrefetcher", "WorkerLost", "PIPELINE_KEYS", "augment_images", "SOURCES", "describe",
            "eval_batches", "input_transform", "load", "names", "resolve", "num_examples", "stand_in", "steps_per_epoch", "train_iterator"]
 
 
@@ -49,7 +49,8 @@ def resolve(name: str) -> Callable[..., Dataset]:
                            callable)
 
 def _check_dataset(dataset: Any, name: str) -> None:
-    """A factory's result: a Dataset whose splits are non-empty dicts of equally long arrays."""
+    """A factory's result: a Dataset whose splits are non-empty random-access sources (first example a dict
+    of arrays) or non-empty dicts of equally long arrays."""
     if not isinstance(dataset, Dataset):
         raise DataError(f"data set {name!r} returned a {type(dataset).__name__}, not a dlfx.data.Dataset")
     for split in ("train", "test"):

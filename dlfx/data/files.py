@@ -400,5 +400,9 @@ class _Subset:
         inverse[order] = np.arange(len(order))
         return {k: np.asarray(v[rows[order]])[inverse] for k, v in self.arrays.items()}
 
+    def rows(self) -> dict[str, np.ndarray]:
+        """The whole subset, read into memory (for a device-resident split)."""
+        return self.gather(np.arange(len(self.indices)))
+
     def __repr__(self) -> str:
         return f"_Subset({len(self.indices)} of {len(next(iter(self.arrays.values())))})"

@@ -88,7 +88,8 @@ def _load(path: str, split: str) -> Any:
                     f"of {split}*.parquet files")
 
 
-def _source(table: Any, mapping: dict[str, str], image_size: int, name: str, skip_bad: bool) -> Any:
+def _source(table: Any, mapping: dict[str, str], image_size: int, name: str, skip_bad: bool,
+            origin: str = "") -> Any:
     datasets = _datasets()
     missing = [c for c in mapping.values() if c not in table.column_names]
     if missing:
@@ -108,7 +109,7 @@ def _source(table: Any, mapping: dict[str, str], image_size: int, name: str, ski
         image = encoded[int(i)][mapping["x"]]
         return image["bytes"] if image.get("bytes") else image["path"], int(labels[i])
 
-    return images.ImageSource(fetch, len(table), image_size, name, skip_bad)
+    return images.ImageSource(fetch, len(table), image_size, name, skip_bad, origin)
 
 
 def hf(path: str = "", keys: tuple = (), train_split: str = "train", test_split: str = "test",
@@ -122,8 +123,8 @@ def hf(path: str = "", keys: tuple = (), train_split: str = "train", test_split:
     given = dict(str(item).split("=", 1) for item in keys)
     mapping = {key: next((c for c in names if c in train_table.column_names), key)
                for key, names in DEFAULT_COLUMNS.items()} | given
-    train = _source(train_table, mapping, image_size, train_split, skip_bad_images)
-    test = _source(test_table, mapping, image_size, test_split, skip_bad_images)
+    train = _source(train_table, mapping, image_size, train_split, skip_bad_images, path)
+    test = _source(test_table, mapping, image_size, test_split, skip_bad_images, path)
     feature = train_table.features[mapping["y"]]
     if hasattr(feature, "num_classes"):  # a datasets.ClassLabel
         num_classes = num_classes or feature.num_classes

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import sys
 from typing import Any, Callable
 
@@ -57,8 +58,9 @@ def decode(image: str | bytes, what: str = ""):
     try:
         with Image.open(io.BytesIO(image) if isinstance(image, bytes) else image) as opened:
             return opened.convert("RGB")
-    except (OSError, UnidentifiedImageError) as e:
-        raise DataError(f"cannot decode image {what or image}: {e}") from None
+    except (OSError, UnidentifiedImageError) as e:  # Pillow names bytes by their BytesIO object's address
+        why = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(e)) or type(e).__name__
+        raise DataError(f"cannot decode image {what or image}: {why}") from None
 
 
 def _center(image, size: int) -> np.ndarray:
@@ -100,25 +102,32 @@ class ImageSource:
     `gather_augmented(indices, keys)` the training view, one seed key per example."""
 
     def __init__(self, fetch: Callable[[int], tuple[str | bytes, int]], length: int, size: int, name: str,
-                 skip_bad: bool = False):
+                 skip_bad: bool = False, origin: str = ""):
+        # origin: where encoded records live (a folder), named with the record in decode errors
         self.fetch, self.length, self.size, self.name, self.skip_bad = fetch, length, size, name, skip_bad
+        self.origin = origin
         self._reported: set[int] = set()
 
     def _image(self, index: int):
         """Example `index` decoded; with `skip_bad`, an undecodable one is replaced by the next decodable
         example (deterministic, so resume and every process see the same), warned about once."""
-        for attempt in range(MAX_SKIPPED + 1):
+        tries = min(MAX_SKIPPED + 1, self.length)
+        for attempt in range(tries):
             at = (int(index) + attempt) % self.length
             image, label = self.fetch(at)
+            where = f"#{at} of the {self.name} split" + (f" in {self.origin}" if self.origin else "")
             try:
-                return decode(image, f"#{at} of {self.name}" if isinstance(image, bytes) else ""), label
+                return decode(image, where if isinstance(image, bytes) else ""), label
             except DataError as e:
                 if not self.skip_bad:
                     raise DataError(f"{e} (config.data.skip_bad_images=True trains past such files)") from None
                 if at not in self._reported:
                     self._reported.add(at)
                     print(f"dlfx: warning: {e}; using the next image instead", file=sys.stderr)
-        raise DataError(f"{MAX_SKIPPED + 1} images in a row from #{index} of {self.name} cannot be decoded")
+        if tries == self.length:
+            raise DataError(f"none of the {self.length} images of the {self.name} split"
+                            f"{' in ' + self.origin if self.origin else ''} can be decoded")
+        raise DataError(f"{tries} images in a row from #{index} of the {self.name} split cannot be decoded")
 
     def __len__(self) -> int:
         return self.length

@@ -62,7 +62,7 @@ def _image_source(records: RecordSource, size: int, name: str, skip_bad: bool = 
         example = records[i]
         return example["image"].tobytes(), int(example["label"])
 
-    return images.ImageSource(fetch, len(records), size, name, skip_bad)
+    return images.ImageSource(fetch, len(records), size, name, skip_bad, os.path.dirname(records.paths[0]))
 
 
 def array_record(path: str = "", image_size: int = 224, normalize: str = "imagenet",

@@ -27,20 +27,28 @@ def _arrays(split: Any) -> Mapping[str, np.ndarray] | None:
     """The split's arrays when it is held in memory (a dict of arrays or an ArraySource), else None."""
     if isinstance(split, access.ArraySource):
         return split.arrays
+    if hasattr(split, "rows"):  # part of memory-mapped arrays (data.test_fraction): its rows, read into memory
+        return split.rows()
     return None if access.is_source(split) else split
+
+
+def _memory_mapped(split: Any) -> bool:
+    """True when the split reads from memory-mapped files."""
+    arrays = getattr(split, "arrays", None) if access.is_source(split) else split
+    return any(isinstance(v, np.memmap) for v in (arrays or {}).values())
 
 
 def _why_not(config: Any, split: Any, devices: list) -> str | None:
     """Why the train split cannot (or, under `auto`, should not) live on the devices; None if it can."""
-    arrays = _arrays(split)
-    if arrays is None:
-        return "the train split is a streamed source, read per batch (only in-memory arrays can be placed)"
+    if not (_memory_mapped(split) or isinstance(split, access.ArraySource) or not access.is_source(split)):
+        return "the train split is a streamed source, read per batch (only arrays can be placed)"
     if config.data.crop_padding or config.data.random_flip:
         return "data.crop_padding / data.random_flip augment batches on the host"
     if config.data.workers:
         return "data.workers > 0 reads batches in worker processes"
-    if config.data.on_device == "auto" and any(isinstance(v, np.memmap) for v in arrays.values()):
+    if config.data.on_device == "auto" and _memory_mapped(split):
         return "the train split is memory-mapped from a file"
+    arrays = _arrays(split)
     size = sum(np.asarray(v).nbytes for v in arrays.values())
     stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
     limit = (stats or {}).get("bytes_limit", 0) // MEMORY_FRACTION or UNKNOWN_MEMORY_LIMIT
