@@ -9,7 +9,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from dlfx import imports
-from dlfx.data import access, files, hf, images, records, resident, sources  # noqa: F401  (resident: data.resident)
+from dlfx.data import access, files, hf, images, records, resident, sources, tfds  # noqa: F401  (resident: data.resident)
 from dlfx.data.images import input_transform
 from dlfx.data.pipeline import (ArraySource, augment_images, eval_batches, num_examples, steps_per_epoch,
                                  train_iterator)
@@ -28,6 +28,7 @@ SOURCES: dict[str, Callable[..., Dataset]] = {
     "image_folder": images.image_folder,
     "array_record": records.array_record,
     "hf": hf.hf,
+    "tfds": tfds.tfds,
 }
 
 # `config.data` keys used by the pipeline rather than passed to the source
