@@ -307,7 +307,9 @@ def check_writable(directory: str) -> None:
 
 
 def _resolve(path: str) -> str:
-    return path if "://" in path else os.path.abspath(path)
+    from dlfx import remote
+
+    return remote.origin(path)
 
 
 def _iterator_state(iterator: Any) -> dict:

@@ -122,21 +122,34 @@ def _no_extra(extra: list[str]) -> None:
 
 def cmd_plot(args: argparse.Namespace, extra: list[str]) -> int:
     """Write a PNG of the train/eval curves of one or more runs."""
-    from dlfx import plot
+    import contextlib
+
+    from dlfx import plot, remote
 
     _no_extra(extra)
-    out = args.output or os.path.join(args.runs[0], "plots", "curves.png")
+    out = args.output or remote.join(args.runs[0], "plots", "curves.png")
+    if remote.is_remote(out) and out.endswith("/"):
+        out = out + "curves.png"
     metrics = None if args.metrics is None else [m.strip() for m in args.metrics.split(",") if m.strip()]
-    print(plot.plot_curves(args.runs, out, metrics, args.smooth, args.log_y))
+    with contextlib.ExitStack() as stack:  # gs:// runs are read from (and a gs:// figure written through) local copies
+        runs = [stack.enter_context(remote.readable(run)) for run in args.runs]
+        local_out = stack.enter_context(remote.writable_file(out))
+        written = plot.plot_curves(runs, local_out, metrics, args.smooth, args.log_y)
+    print(out if remote.is_remote(out) else written)
     return 0
 
 
 def cmd_runs(args: argparse.Namespace, extra: list[str]) -> int:
     """Print a table of every run under a folder."""
-    from dlfx import runs
+    from dlfx import remote, runs
 
     _no_extra(extra)
-    rows = [runs.summarize(w) for w in runs.find_runs(args.dir)]
+    with remote.readable(args.dir) as local:  # gs://: every run's small files pulled first
+        rows = [runs.summarize(w) for w in runs.find_runs(local)]
+    if remote.is_remote(args.dir):  # name the runs where they are
+        for row in rows:
+            relative = os.path.relpath(row["path"], local)
+            row["path"] = args.dir.rstrip("/") + ("" if relative == "." else "/" + relative)
     for row in rows:
         if row["status"] == "damaged" or "status.json" in (row.get("error") or ""):
             print(f"dlfx: warning: {row['error']}", file=sys.stderr)

@@ -8,7 +8,7 @@ from typing import Any
 import ml_collections
 from etils import epath
 
-from dlfx import config as config_lib, data, steps
+from dlfx import config as config_lib, data, remote, steps
 from dlfx.checkpoint import BEST_FOLDER, Checkpointer, check_owner
 from dlfx.errors import CheckpointError, DataError
 from dlfx.experiment import Experiment, build, evaluate
@@ -17,7 +17,10 @@ from dlfx.workdir import DATA_FILE, read_json
 
 def checkpoint_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
     """Where a run's checkpoints live: `config.train.checkpoint_dir` (e.g. gs://...) or `workdir/checkpoints`."""
-    return config.train.checkpoint_dir or os.path.join(workdir, "checkpoints")
+    if config.train.checkpoint_dir:
+        return config.train.checkpoint_dir
+    base = remote.origin(workdir)  # a mirror's checkpoints are those of the remote folder, read in place
+    return remote.join(base, "checkpoints") if remote.is_remote(base) else os.path.join(workdir, "checkpoints")
 
 
 def restore_run(workdir: str, step: int | str | None = None,
@@ -27,6 +30,11 @@ def restore_run(workdir: str, step: int | str | None = None,
 
     `load_data=False` builds the model from the run's `data.json` instead of loading the data set (the
     experiment's dataset is then a two-example stand-in of zeros)."""
+    with remote.readable(workdir) as local:  # a gs:// run: its small files pulled, its checkpoints read in place
+        return _restore_run(local, step, load_data)
+
+
+def _restore_run(workdir: str, step: int | str | None, load_data: bool) -> tuple[Experiment, steps.TrainState, int]:
     if isinstance(step, str) and step != "best":
         if not step.isdigit():
             raise CheckpointError(f"step={step!r}: give a step number, \"best\" or None (the newest)")

@@ -15,7 +15,7 @@ import jax
 import ml_collections
 
 from dlfx import config as config_lib
-from dlfx import checkpoint, data, feed, log, optim, parallel, plot, preflight, runs, steps, tasks
+from dlfx import checkpoint, data, feed, log, optim, parallel, plot, preflight, remote, runs, steps, tasks
 from dlfx import train_metrics as train_metrics_lib
 from dlfx.checkpoint import BestCheckpoint, Checkpointer
 from dlfx.errors import ConfigError
@@ -29,10 +29,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, force: bool = False) 
     """Train `config` in `workdir` (resuming from its newest valid checkpoint); return a summary."""
     start_time = time.time()
     with Preemption() as preemption:  # SIGTERM from here on: the run saves what is new and exits 0
-        return _train(config, workdir, force, preemption, start_time)
+        with remote.mirrored(workdir, writer=jax.process_index() == 0) as (local, saved):  # gs://: a local mirror
+            return _train(config, local, force, preemption, start_time, saved) | {"workdir": workdir}
 
 
-def _train(config, workdir, force, preemption, start_time) -> dict[str, Any]:
+def _train(config, workdir, force, preemption, start_time, on_save=lambda: None) -> dict[str, Any]:
     """See `train`: set up the workdir, run the loop, record the outcome."""
     config_lib.check_workdir(config, workdir, force)
     preflight.check_training_devices(config)
@@ -88,7 +89,7 @@ def _train(config, workdir, force, preemption, start_time) -> dict[str, Any]:
             best = BestCheckpoint(ckpt_dir, config.train.keep_best,
                                   tasks.best_mode(config.train.keep_best, exp.task, config.train.best_mode))
         summary = _loop(exp, config, workdir, checkpointer, train_iter, restored_or_fresh, start_time, preemption,
-                        best)
+                        best, on_save)
         if is_main and summary["status"] == "finished":  # plots before the status: a kill here redoes them
             plot.write_run_plots(workdir, exp.model, summary["state"], exp.dataset, exp.task)
     except BaseException as e:
@@ -111,7 +112,7 @@ def _finished_summary(exp, workdir: str, state) -> dict[str, Any]:
     trains = [r for r in log.read_metrics(workdir) if r["split"] == "train"]
     train = {k: v for k, v in (trains[-1] if trains else {}).items() if k not in ("step", "split", "wall_time")}
     if jax.process_index() == 0:
-        print(f"dlfx: {workdir} already finished all {exp.total_steps} steps; nothing to do "
+        print(f"dlfx: {remote.shown(workdir)} already finished all {exp.total_steps} steps; nothing to do "
               "(raise train.steps, or use a new --workdir)", file=sys.stderr)
     return {"status": "finished", "step": exp.total_steps, "total_steps": exp.total_steps, "train": train,
             "eval": runs.final_eval(workdir, exp.total_steps), "wall_time": status.get("wall_time") or 0.0,
@@ -121,7 +122,7 @@ def _finished_summary(exp, workdir: str, state) -> dict[str, Any]:
 
 
 def _loop(exp, config, workdir, checkpointer, train_iter, start, start_time, preemption,
-          best=None) -> dict[str, Any]:
+          best=None, on_save=lambda: None) -> dict[str, Any]:
     """Train from `start` = (state, restored step or None for a fresh state) to the last step; see `train`."""
     is_main = jax.process_index() == 0
     state, restored_step = start
@@ -130,7 +131,7 @@ def _loop(exp, config, workdir, checkpointer, train_iter, start, start_time, pre
         log.truncate_metrics(workdir, step)
     logger = log.RunLogger(workdir, exp.total_steps, step, enabled=is_main)
     if restored_step is not None:
-        logger.message(f"resumed from step {step} in {workdir}")
+        logger.message(f"resumed from step {step} in {remote.shown(workdir)}")
     elif config.init_from.path:
         logger.message(f"initialized from {config.init_from.path} ({config.init_from.format})")
     if config.optimizer.freeze:
@@ -196,6 +197,7 @@ def _loop(exp, config, workdir, checkpointer, train_iter, start, start_time, pre
                     best.offer(step, state, eval_metrics)
             if due.save or preempted:
                 checkpointer.save(step, state, train_iter)
+                on_save()  # a remote workdir gets the logs up to this checkpoint
             if preempted:
                 status = "preempted"
                 break

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from dlfx import remote
 from dlfx.errors import ConfigError, DataError
 from dlfx.models import GPT, RNN
 from dlfx.models import rnn, transformer
@@ -93,6 +94,11 @@ def _longest_match(vocab: list[str]) -> Callable[[str], list[int]]:
 def sample_workdir(workdir: str, prompt: str, length: int, temperature: float = 1.0, seed: int = 0,
                    num_samples: int = 1) -> list[str]:
     """Restore a run's newest valid checkpoint and continue `prompt` by `length` characters."""
+    with remote.readable(workdir) as local:  # a gs:// run: its data.json pulled, its checkpoints read in place
+        return _sample(local, prompt, length, temperature, seed, num_samples)
+
+
+def _sample(workdir: str, prompt: str, length: int, temperature: float, seed: int, num_samples: int) -> list[str]:
     to_ids, to_text = _codec(workdir)
     if not prompt:
         raise DataError("the prompt is empty; give at least one character")

@@ -1,0 +1,289 @@
+"""Workdirs on gs:// (or any filesystem etils.epath reaches): dlfx works in a local mirror of the run folder.
+
+A training process pulls the run's files into a temporary mirror, writes there with plain file I/O (appends,
+atomic renames, TensorBoard event files), and a background thread pushes what changed back to the remote
+folder: every `PUSH_SECONDS`, after every checkpoint save, and at the end. Readers (`eval`, `sample`,
+`runs`, `plot`, `load_run`) pull the run's small files the same way. Checkpoints never pass through a
+mirror: Orbax reads and writes `REMOTE/checkpoints` itself. The remote folder's `.lock` names the host and
+process that trains there; one not refreshed for `STALE_SECONDS` belongs to a run that is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import socket
+import sys
+import tempfile
+import threading
+import time
+from typing import Callable, Iterator
+
+from etils import epath
+
+from dlfx.errors import ConfigError
+
+PUSH_SECONDS = 30.0
+STALE_SECONDS = 600.0
+LOCK = ".lock"
+MARKER = ".dlfx_mirror_of"  # beside a mirror (in its temporary parent): the URL of the folder it copies
+NEVER_PULLED = ("checkpoints", "corrupt_checkpoints")  # Orbax reads them in place
+NOT_READ = NEVER_PULLED + ("events", "plots")  # what readers do not need
+
+
+def is_remote(path: str) -> bool:
+    """True for a URL (gs://bucket/...), False for a local path."""
+    return "://" in str(path)
+
+
+def origin(workdir: str) -> str:
+    """The folder a workdir stands for: the URL of a mirror, a URL as given, else the absolute local path."""
+    if is_remote(workdir):
+        return str(workdir)
+    marker = os.path.join(os.path.dirname(os.path.abspath(workdir)), MARKER)
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            return f.read().strip()
+    return os.path.abspath(workdir)
+
+
+def shown(workdir: str) -> str:
+    """How to name a workdir to the user: a mirror by its URL, anything else as given."""
+    found = origin(workdir)
+    return found if is_remote(found) else workdir
+
+
+def join(folder: str, *names: str) -> str:
+    """`folder/name...` for a local path or a URL."""
+    return str(epath.Path(folder).joinpath(*names)) if is_remote(folder) else os.path.join(folder, *names)
+
+
+def _fail(what: str, path: str, error: Exception) -> ConfigError:
+    return ConfigError(f"cannot {what} {path}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+
+
+def _pull(remote: epath.Path, local: str, skip: tuple[str, ...]) -> None:
+    for path in remote.iterdir():
+        if path.name in skip or path.name == LOCK:
+            continue
+        target = os.path.join(local, path.name)
+        if path.is_dir():
+            _pull(path, target, skip)
+        else:
+            os.makedirs(local, exist_ok=True)
+            with open(target, "wb") as f:
+                f.write(path.read_bytes())
+
+
+class Mirror:
+    """A temporary local copy of the remote folder `url` (created by the first write if `url` is new).
+
+    With `writer`, this process trains there: it holds the remote lock, and `push()` copies every file that
+    changed since the last push (a background thread calls it; `request_push()` wakes it). `close()` pushes
+    what is left, releases the lock and deletes the copy; a start-up that failed (no `status.json` in the
+    mirror) pushes nothing, so a new remote folder is left empty as it was.
+    """
+
+    def __init__(self, url: str, writer: bool = False, skip: tuple[str, ...] = NEVER_PULLED):
+        self.remote, self.url, self.writer = epath.Path(url), url.rstrip("/"), writer
+        self.root = tempfile.mkdtemp(prefix="dlfx-mirror-")
+        self.local = os.path.join(self.root, self.remote.name or "run")
+        self._sent: dict[str, tuple[int, int]] = {}
+        self._lock_held, self._push_lock = False, threading.Lock()
+        self._wake, self._stop, self._thread = threading.Event(), threading.Event(), None
+        try:
+            with open(os.path.join(self.root, MARKER), "w") as f:
+                f.write(self.url)
+            try:
+                exists = self.remote.exists()
+                if exists and not self.remote.is_dir():
+                    raise ConfigError(f"{url} is a file, not a run folder")
+            except ConfigError:
+                raise
+            except Exception as e:
+                raise _fail("reach", url, e) from None
+            if writer:
+                self._take_lock()
+            if exists:
+                try:
+                    _pull(self.remote, self.local, skip)
+                except Exception as e:
+                    raise _fail("read the run folder", url, e) from None
+                self._sent = self._snapshot()
+        except BaseException:
+            self._release_lock()
+            shutil.rmtree(self.root, ignore_errors=True)
+            raise
+        if writer:
+            self._thread = threading.Thread(target=self._pusher, daemon=True, name="dlfx-push")
+            self._thread.start()
+
+    # --- the remote lock -------------------------------------------------------------------------
+    def _owner(self) -> dict:
+        return {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+
+    def _take_lock(self) -> None:
+        lock = self.remote / LOCK
+        try:
+            held = json.loads(lock.read_text()) if lock.exists() else None
+        except (ValueError, UnicodeDecodeError):
+            held = None  # half-written: stale
+        except Exception as e:
+            raise _fail("read the lock", str(lock), e) from None
+        if isinstance(held, dict) and (held.get("host"), held.get("pid")) != (socket.gethostname(), os.getpid()):
+            age = time.time() - float(held.get("time") or 0)
+            if age < STALE_SECONDS:
+                raise ConfigError(f"{self.url} is in use by process {held.get('pid')} on host {held.get('host')} "
+                                  f"(its lock {lock} was refreshed {age:.0f} s ago); wait for it, or remove the "
+                                  "lock if that run is gone")
+            print(f"dlfx: warning: taking over the lock {lock} of process {held.get('pid')} on host "
+                  f"{held.get('host')}, not refreshed for {age:.0f} s", file=sys.stderr)
+        self._write_lock()
+        self._lock_held = True
+
+    def _write_lock(self) -> None:
+        try:
+            (self.remote / LOCK).write_text(json.dumps(self._owner()))
+        except Exception as e:
+            raise _fail("write the lock in", self.url, e) from None
+
+    def _release_lock(self) -> None:
+        if self._lock_held:
+            self._lock_held = False
+            with contextlib.suppress(Exception):
+                (self.remote / LOCK).unlink()
+
+    # --- pushing -----------------------------------------------------------------------------------
+    def _snapshot(self) -> dict[str, tuple[int, int]]:
+        """{relative path: (size, mtime_ns)} of the mirror's files (temporary and lock files left out)."""
+        found = {}
+        for folder, subdirs, files in os.walk(self.local):
+            if folder == self.local:
+                subdirs[:] = [d for d in subdirs if d not in NEVER_PULLED]
+            for name in files:
+                if name == LOCK or name.endswith(".tmp"):
+                    continue
+                path = os.path.join(folder, name)
+                with contextlib.suppress(FileNotFoundError):
+                    stat = os.stat(path)
+                    found[os.path.relpath(path, self.local)] = (stat.st_size, stat.st_mtime_ns)
+        return found
+
+    def push(self) -> None:
+        """Copy every file that changed since the last push to the remote folder; refresh the lock."""
+        if not os.path.isfile(os.path.join(self.local, "status.json")):
+            return  # the run has not started (or its start-up failed): nothing of it belongs remote
+        with self._push_lock:
+            now = self._snapshot()
+            for rel, stamp in now.items():
+                if self._sent.get(rel) == stamp:
+                    continue
+                try:
+                    with open(os.path.join(self.local, rel), "rb") as f:
+                        content = f.read()
+                except FileNotFoundError:  # replaced in between: the next push takes the new one
+                    now.pop(rel)
+                    continue
+                target = self.remote / rel
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(content)
+            for rel in set(self._sent) - set(now):
+                with contextlib.suppress(FileNotFoundError):
+                    (self.remote / rel).unlink()
+            self._sent = now
+            if self._lock_held:
+                self._write_lock()
+
+    def request_push(self) -> None:
+        """Wake the pusher now (e.g. after a checkpoint save, so the logs up to it are remote too)."""
+        self._wake.set()
+
+    def _pusher(self) -> None:
+        warned = False
+        while not self._stop.is_set():
+            self._wake.wait(PUSH_SECONDS)
+            self._wake.clear()
+            try:
+                self.push()
+            except Exception as e:  # e.g. a network blip: the next push retries
+                if not warned:
+                    print(f"dlfx: warning: could not copy the run to {self.url} ({type(e).__name__}: {e}); "
+                          "retrying", file=sys.stderr)
+                    warned = True
+
+    def close(self) -> None:
+        """Stop the pusher, push what is left (writer), release the lock and delete the local copy. If the last
+        push fails, the copy is kept and the error names where it is."""
+        if self._thread is not None:
+            self._stop.set()
+            self._wake.set()
+            self._thread.join()
+            self._thread = None
+        try:
+            if self.writer:
+                try:
+                    self.push()
+                except Exception as e:
+                    self._lock_held = False
+                    raise ConfigError(f"could not copy the run to {self.url} ({type(e).__name__}: {e}); its files "
+                                      f"are kept in {self.local}") from None
+            shutil.rmtree(self.root, ignore_errors=True)
+        finally:
+            self._release_lock()
+
+
+@contextlib.contextmanager
+def mirrored(workdir: str, writer: bool) -> Iterator[tuple[str, Callable[[], None]]]:
+    """(local folder to train in, call after each checkpoint save): `workdir` itself if it is local, else a
+    mirror of it that is pushed back (by `writer`, the process that writes the logs)."""
+    if not is_remote(workdir):
+        yield workdir, lambda: None
+        return
+    mirror = Mirror(workdir, writer=writer)
+    try:
+        yield mirror.local, mirror.request_push
+    finally:
+        mirror.close()
+
+
+@contextlib.contextmanager
+def readable(path: str) -> Iterator[str]:
+    """A local folder with a run's files (or, for a folder of runs, theirs): `path` itself if it is local, else
+    a temporary pull of the files readers use (no checkpoints, events or plots: those stay remote)."""
+    if not is_remote(path):
+        yield path
+        return
+    try:
+        exists = epath.Path(path).is_dir()
+    except Exception as e:
+        raise _fail("reach", path, e) from None
+    if not exists:
+        raise ConfigError(f"no such run folder: {path}")
+    mirror = Mirror(path, skip=NOT_READ)
+    try:
+        yield mirror.local
+    finally:
+        mirror.close()
+
+
+@contextlib.contextmanager
+def writable_file(path: str) -> Iterator[str]:
+    """A local file name to write `path` to: `path` itself, or for a URL a temporary file uploaded on success."""
+    if not is_remote(path):
+        yield path
+        return
+    folder = tempfile.mkdtemp(prefix="dlfx-out-")
+    try:
+        local = os.path.join(folder, epath.Path(path).name)
+        yield local
+        try:
+            target = epath.Path(path)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            with open(local, "rb") as f:
+                target.write_bytes(f.read())
+        except Exception as e:
+            raise _fail("write", path, e) from None
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

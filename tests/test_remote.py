@@ -1,0 +1,142 @@
+"""Workdirs on gs://: every workdir file written and read back through a non-local filesystem.
+
+gs:// is served here by an fsspec filesystem that keeps its objects under a temporary folder and, like GCS,
+refuses appends; dlfx reaches it only through etils.epath, as it would reach GCS (offline, no credentials).
+Checkpoints go to a local `train.checkpoint_dir`: on real GCS Orbax writes them through TensorStore, which
+this fake cannot serve.
+"""
+
+import json
+import os
+import shutil
+import time
+
+import chex
+import pytest
+
+import dlfx
+from dlfx import cli, config as config_lib, log, remote, runner
+from dlfx.errors import ConfigError
+
+
+@pytest.fixture
+def gcs(tmp_path, monkeypatch):
+    """The folder that holds the fake bucket's objects; gs://bucket/x is `<folder>/bucket/x`."""
+    import fsspec
+    from etils.epath import backend
+    from fsspec.implementations.local import LocalFileSystem
+
+    root = tmp_path / "gcs"
+    root.mkdir()
+
+    class FakeGCS(LocalFileSystem):
+        protocol = ("gs", "gcs")
+
+        def __init__(self, *args, finalize_on_close=True, **kwargs):
+            super().__init__(auto_mkdir=True)
+
+        @classmethod
+        def _strip_protocol(cls, path):
+            path = str(path)
+            if path.startswith(str(root)):  # fsspec strips paths more than once
+                return path.rstrip("/")
+            for prefix in ("gs://", "gcs://"):
+                path = path[len(prefix):] if path.startswith(prefix) else path
+            return str(root / path.lstrip("/")).rstrip("/")
+
+        def _open(self, path, mode="rb", **kwargs):
+            if "a" in mode:
+                raise NotImplementedError("GCS objects cannot be appended to")
+            return super()._open(path, mode, **kwargs)
+
+    for protocol in ("gs", "gcs"):
+        fsspec.register_implementation(protocol, FakeGCS, clobber=True)
+    backend.fsspec_backend._get_filesystem.cache_clear()
+    yield root
+    backend.fsspec_backend._get_filesystem.cache_clear()
+
+
+def _config(repo_root, tmp_path, *extra):
+    return config_lib.load(os.path.join(repo_root, "configs/digits_mlp.py"), [
+        "model.hidden_dims=(16,)", "train.epochs=0", "train.steps=8", "train.log_every=2", "train.eval_every=4",
+        "train.checkpoint_every=4", "optimizer.warmup_steps=1", "parallel.num_devices=1", "train.steps_per_call=1",
+        f"train.checkpoint_dir={tmp_path / 'ckpt'}", *extra])
+
+
+def test_a_gs_workdir_holds_every_file_and_reads_back(repo_root, tmp_path, gcs, capsys):
+    url = "gs://bucket/runs/a"
+    summary = runner.train(_config(repo_root, tmp_path), url)
+    assert summary["status"] == "finished" and summary["workdir"] == url
+    run = gcs / "bucket" / "runs" / "a"
+    names = sorted(os.listdir(run))
+    assert names == ["config.json", "data.json", "events", "imports.json", "metrics.jsonl", "plots",
+                     "status.json"] or names == ["config.json", "data.json", "events", "metrics.jsonl", "plots",
+                                                 "status.json"]  # no lock left behind
+    assert json.loads((run / "status.json").read_text())["status"] == "finished"
+    assert os.listdir(run / "events") and "curves.png" in os.listdir(run / "plots")
+    assert [r["step"] for r in log.read_metrics(str(run)) if r["split"] == "eval"] == [4, 8]
+
+    # every reader takes the URL
+    evaluated = runner.evaluate_workdir(url)
+    assert evaluated["step"] == 8 and evaluated["loss"] == pytest.approx(summary["eval"]["loss"], rel=1e-6)
+    loaded = dlfx.load_run(url)
+    assert loaded.step == 8 and loaded.workdir == url
+    chex.assert_trees_all_close(loaded.variables["params"], summary["state"].params)
+    capsys.readouterr()
+    assert cli.main(["runs", "gs://bucket/runs", "--csv"]) == 0
+    table = capsys.readouterr().out
+    assert "gs://bucket/runs/a" in table and "finished" in table
+    assert cli.main(["plot", url, "-o", "gs://bucket/figures/ab.png"]) == 0
+    assert capsys.readouterr().out.strip() == "gs://bucket/figures/ab.png"
+    assert (gcs / "bucket" / "figures" / "ab.png").stat().st_size > 1000
+
+    # a rerun resumes from the checkpoints and keeps one log line per step
+    shutil.rmtree(tmp_path / "ckpt" / "8")  # as if killed before the last save
+    again = runner.train(_config(repo_root, tmp_path), url)
+    assert again["status"] == "finished"
+    steps = [r["step"] for r in log.read_metrics(str(run)) if r["split"] == "train"]
+    assert steps == [2, 4, 6, 8]
+    chex.assert_trees_all_close(again["state"].params, summary["state"].params, rtol=1e-6, atol=1e-7)
+
+
+def test_a_live_remote_lock_is_refused_a_stale_one_taken_over_and_a_failed_start_leaves_nothing(
+        repo_root, tmp_path, gcs, monkeypatch):
+    folder = gcs / "bucket" / "b"
+    folder.mkdir(parents=True)
+    (folder / ".lock").write_text(json.dumps({"host": "tpu-vm-7", "pid": 12, "time": time.time() - 5}))
+    with pytest.raises(ConfigError, match=r"gs://bucket/b is in use by process 12 on host tpu-vm-7 .its lock"):
+        runner.train(_config(repo_root, tmp_path), "gs://bucket/b")
+    (folder / ".lock").write_text(json.dumps({"host": "tpu-vm-7", "pid": 12, "time": time.time() - 3600}))
+    assert runner.train(_config(repo_root, tmp_path, "train.steps=2", "train.eval_every=0",
+                                "train.checkpoint_every=0"), "gs://bucket/b")["status"] == "finished"
+    assert not (folder / ".lock").exists()
+
+    with pytest.raises(ConfigError):  # bad input: refused before anything is written remote
+        runner.train(_config(repo_root, tmp_path, "data.batch_size=0"), "gs://bucket/new")
+    assert not (gcs / "bucket" / "new").exists() or not os.listdir(gcs / "bucket" / "new")
+    with pytest.raises(ConfigError, match="no such run folder: gs://bucket/none"):
+        runner.evaluate_workdir("gs://bucket/none")
+
+
+def test_a_mirror_pushes_what_changed_and_names_its_origin(tmp_path, gcs):
+    mirror = remote.Mirror("gs://bucket/m", writer=True)
+    try:
+        assert remote.origin(mirror.local) == "gs://bucket/m" and remote.origin("runs/x") == os.path.abspath("runs/x")
+        os.makedirs(mirror.local)
+        with open(os.path.join(mirror.local, "metrics.jsonl"), "w") as f:
+            f.write('{"step": 1}\n')
+        mirror.push()
+        assert not (gcs / "bucket" / "m" / "metrics.jsonl").exists()  # no status.json: the run has not started
+        with open(os.path.join(mirror.local, "status.json"), "w") as f:
+            f.write('{"status": "running"}')
+        mirror.push()
+        assert (gcs / "bucket" / "m" / "metrics.jsonl").read_text() == '{"step": 1}\n'
+        with open(os.path.join(mirror.local, "metrics.jsonl"), "a") as f:  # appended locally, rewritten remote
+            f.write('{"step": 2}\n')
+        os.remove(os.path.join(mirror.local, "status.json"))
+        with open(os.path.join(mirror.local, "status.json"), "w") as f:
+            f.write('{"status": "finished"}')
+    finally:
+        mirror.close()
+    assert (gcs / "bucket" / "m" / "metrics.jsonl").read_text().count("step") == 2
+    assert not (gcs / "bucket" / "m" / ".lock").exists() and not os.path.exists(mirror.root)
