@@ -56,6 +56,9 @@ def sweep(config_spec: str, grid_items: Sequence[str], root: str, overrides: Seq
           parallel: int = 1, metric: str = "accuracy") -> list[dict]:
     """Run every grid point not yet finished under `root`; return one `dlfx runs` row per point."""
     grid = parse_grid(grid_items)
+    if "://" in root:
+        raise ConfigError(f"--workdir-root {root}: a sweep's root must be a local folder (each `dlfx train "
+                          "--workdir gs://...` can be remote; copy the sweep with gsutil rsync)")
     if os.path.exists(root) and not os.path.isdir(root):
         raise ConfigError(f"--workdir-root {root} is a file, not a folder")
     plan, names = [], {}
