@@ -54,6 +54,8 @@ def _train(config, workdir, force, preemption, start_time, on_save=lambda: None)
             lock.acquire()
         train_iter = feed.device_prefetcher(exp, exp.train_iterator(),
                                             feed.call_sizes(exp, config.train.steps_per_call))
+        if jax.process_count() == 1:  # SIGTERM also reaches a loop waiting on a stalled reader
+            train_iter.interrupted = lambda: preemption.requested
         checkpointer = Checkpointer(ckpt_dir, keep=config.train.keep)
         restored = checkpointer.restore_latest(exp.abstract_state, train_iter)
         if restored is None:  # a fresh run (from pretrained weights, if asked): the one live state
@@ -164,11 +166,14 @@ def _loop(exp, config, workdir, checkpointer, train_iter, start, start_time, pre
             count = call_sizes(step)  # steps in this call (the prefetcher stacked that many batches)
             try:
                 batch = next(train_iter)
-            except data.WorkerLost:  # keep the steps since the last save (one process: no peer to wait on)
+            except (data.WorkerLost, data.Interrupted) as e:  # keep the steps since the last save (one process)
                 if jax.process_count() == 1 and step > max(checkpointer.steps(), default=0):
                     checkpointer.save(step, state, train_iter)
-                    logger.message(f"saved step {step} to {checkpointer.directory}")
-                raise
+                if isinstance(e, data.WorkerLost):
+                    logger.message(f"newest checkpoint: step {max(checkpointer.steps(), default=0)}")
+                    raise
+                status = "preempted"  # SIGTERM while a stalled reader held the next batch back
+                break
             state, metrics = (multi_step if count > 1 else train_step)(state, batch)
             step += count
             if first_step_s is None:  # one host sync, on the first step only

@@ -413,3 +413,22 @@ def test_a_dead_worker_process_saves_the_progress_and_stops_with_one_error(repo_
         runner.train(config, str(tmp_path / "w"))
     saved = sorted(int(p) for p in os.listdir(tmp_path / "w" / "checkpoints") if p.isdigit())
     assert saved and 0 < saved[-1] < 50  # the steps trained before the worker died were kept
+
+
+def test_sigterm_while_a_stalled_worker_holds_the_next_batch_saves_and_stops(repo_root, tmp_path, monkeypatch):
+    from dlfx.data import prefetch
+
+    (tmp_path / "stall_data.py").write_text(_DYING_SOURCE.replace(
+        "os.kill(os.getpid(), signal.SIGKILL)",
+        "time.sleep(3); os.kill(os.getppid(), signal.SIGTERM); time.sleep(3600)").replace(
+        "import multiprocessing, os, signal", "import multiprocessing, os, signal, time"))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(prefetch, "JOIN_SECONDS", 1.0)
+    overrides = ["data.name=stall_data:make", "data.workers=1", "data.batch_size=8", "train.epochs=0",
+                 "train.steps=50", "train.checkpoint_every=0", "train.eval_every=0", "model.hidden_dims=(8,)",
+                 "parallel.num_devices=1", "train.steps_per_call=1"]
+    config = config_lib.load(os.path.join(repo_root, "configs/digits_mlp.py"), overrides)
+    summary = runner.train(config, str(tmp_path / "w"))  # the worker stalls, then SIGTERMs this process
+    assert summary["status"] == "preempted" and 0 < summary["step"] < 50
+    assert str(summary["step"]) in os.listdir(tmp_path / "w" / "checkpoints")
+    assert not [p for p in __import__("multiprocessing").active_children() if p.name.startswith("grain")]

@@ -13,7 +13,7 @@ from dlfx.data import access, files, hf, images, records, resident, sources, tfd
 from dlfx.data.images import input_transform
 from dlfx.data.pipeline import (ArraySource, augment_images, eval_batches, num_examples, steps_per_epoch,
                                  train_iterator)
-from dlfx.data.prefetch import DevicePrefetcher, WorkerLost
+from dlfx.data.prefetch import DevicePrefetcher, Interrupted, WorkerLost
 from dlfx.data.sources import Dataset
 from dlfx.errors import ConfigError, DataError
 
@@ -35,7 +35,7 @@ SOURCES: dict[str, Callable[..., Dataset]] = {
 PIPELINE_KEYS = ("name", "batch_size", "crop_padding", "random_flip", "classes", "train_fraction", "workers",
                  "on_device")
 
-__all__ = ["ArraySource", "Dataset", "DevicePrefetcher", "WorkerLost", "PIPELINE_KEYS", "augment_images", "SOURCES", "describe",
+__all__ = ["ArraySource", "Dataset", "DevicePrefetcher", "Interrupted", "WorkerLost", "PIPELINE_KEYS", "augment_images", "SOURCES", "describe",
            "eval_batches", "input_transform", "load", "names", "resolve", "num_examples", "stand_in", "steps_per_epoch", "train_iterator"]
 
 

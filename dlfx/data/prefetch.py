@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import queue
 import re
 import threading
@@ -37,6 +38,10 @@ class DevicePrefetcher:
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
         self._stop = threading.Event()
+        # polled while the consumer waits for a batch: True makes next() raise Interrupted (e.g. SIGTERM while
+        # a stalled reader holds the next batch back)
+        self.interrupted: Callable[[], bool] | None = None
+        self._stuck = False
 
     def _fill(self, out: queue.Queue, stop: threading.Event) -> None:
         try:
@@ -79,7 +84,13 @@ class DevicePrefetcher:
             self._thread = threading.Thread(target=self._fill, args=(self._queue, self._stop), daemon=True,
                                             name="dlfx-prefetch")
             self._thread.start()
-        batch, state, error = self._queue.get()
+        while True:
+            try:
+                batch, state, error = self._queue.get(timeout=WAIT_POLL_SECONDS)
+                break
+            except queue.Empty:
+                if self.interrupted is not None and self.interrupted():
+                    raise Interrupted("interrupted while waiting for the next batch") from None
         if error is not None:
             self.close()
             raise error
@@ -90,7 +101,8 @@ class DevicePrefetcher:
         """Stop the reader thread; batches read ahead are dropped (the state still points at them)."""
         if self._thread is not None:
             self._stop.set()
-            self._thread.join()
+            self._thread.join(timeout=JOIN_SECONDS)  # a reader stuck in a stalled source is left (a daemon)
+            self._stuck = self._thread.is_alive()
             self._thread = None
 
     def regroup(self, group: Callable[[int], int] | None) -> None:
@@ -103,8 +115,14 @@ class DevicePrefetcher:
     def release(self) -> None:
         """Stop for good: the reader thread and the host iterator's worker processes, if it has any."""
         self.close()
-        if hasattr(self._iterator, "close"):
-            self._iterator.close()
+        if not self._stuck:
+            if hasattr(self._iterator, "close"):
+                self._iterator.close()
+            return
+        # the reader waits on a stalled worker and holds the iterator's locks: stop grain's worker processes
+        for process in multiprocessing.active_children():
+            if process.name.startswith("grain"):
+                process.kill()
 
     # grain's Orbax CheckpointHandler calls these on iterators that are not grain DatasetIterators.
     def get_state(self) -> bytes:
@@ -119,6 +137,14 @@ class DevicePrefetcher:
 
     def start_prefetch(self) -> None:
         """Called by grain's checkpoint handler after a restore; reading starts at the next `next()`."""
+
+
+WAIT_POLL_SECONDS = 0.5
+JOIN_SECONDS = 10.0
+
+
+class Interrupted(Exception):
+    """The consumer was interrupted (`DevicePrefetcher.interrupted`) while it waited for a batch."""
 
 
 class WorkerLost(DataError):
