@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import importlib.util
 import json
 import logging
 import math
@@ -294,8 +295,11 @@ def claim(directory: str, config: Any, workdir: str) -> None:
 def check_writable(directory: str) -> None:
     """Refuse a checkpoint folder that cannot be written (a file, a read-only folder) before training starts:
     a save that fails inside Orbax leaves its background threads waiting for good."""
-    if "://" in directory:
-        return  # object stores: a permission error surfaces at the first save
+    if "://" in directory:  # object stores: a permission error surfaces at the first save
+        if directory.startswith("gs://") and not _importable("google.cloud.storage"):
+            raise CheckpointError(f"checkpoint folder {directory}: Orbax needs google-cloud-storage to write to "
+                                  "gs:// (pip install 'dlfx[tpu]'), or set train.checkpoint_dir to a local folder")
+        return
     path = os.path.abspath(directory)
     parent = path
     while not os.path.lexists(parent):  # the folder is made later, by the first save: check where it will go
@@ -304,6 +308,13 @@ def check_writable(directory: str) -> None:
         raise CheckpointError(f"checkpoint folder {directory}: {parent} is a file, not a folder")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise CheckpointError(f"checkpoint folder {directory}: {parent} is not writable")
+
+
+def _importable(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ImportError:  # its parent package is missing
+        return False
 
 
 def _resolve(path: str) -> str:

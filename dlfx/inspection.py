@@ -65,6 +65,9 @@ def checkpoint_shapes(step_dir: str) -> dict[str, tuple[tuple[int, ...], str]]:
 
 def read_shapes(path: str) -> dict[str, tuple[tuple[int, ...], str]]:
     """Parameter (and batch-stat) shapes of a workdir, checkpoint folder, HF folder, `.safetensors` or `.npz` file."""
+    if "://" in path:
+        raise CheckpointError(f"{path}: inspect reads a local path; for a gs:// run use `dlfx eval` or "
+                              "`dlfx.load_run`, or copy the file or checkpoint step down first")
     if not os.path.exists(path):
         raise CheckpointError(f"no such file or folder: {path}")
     if not (os.path.isfile(path) or os.path.isdir(path)):  # a FIFO or device would block the reader

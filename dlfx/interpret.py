@@ -156,8 +156,7 @@ def interpret_workdir(workdir: str, out: str, split: str = "test", index: str = 
                       methods: tuple[str, ...] = ("saliency", "smoothgrad", "integrated_gradients"),
                       step: int | None = None, ig_steps: int = 64, seed: int = 0) -> dict:
     """Attribution (or attention-rollout) figure for examples of a run's split; returns what was measured."""
-    from dlfx import load_run, plot, tasks
-    from dlfx import data
+    from dlfx import data, load_run, plot, remote, tasks
     from dlfx.data import access
     from dlfx.errors import ConfigError
 
@@ -197,7 +196,8 @@ def interpret_workdir(workdir: str, out: str, split: str = "test", index: str = 
         grid = (x.shape[1] // patch, x.shape[2] // patch) if patch and x.ndim == 4 else None
         if grid and grid[0] * grid[1] != tokens - 1:
             grid = None
-        plot.plot_attention(np.asarray(x), rollout, grid, titles, out)
+        with remote.writable_file(out) as local:  # a gs:// figure is written locally, then uploaded
+            plot.plot_attention(np.asarray(x), rollout, grid, titles, local)
         result["layers"] = len(maps)
         return result
     attributions = {}
@@ -209,5 +209,6 @@ def interpret_workdir(workdir: str, out: str, split: str = "test", index: str = 
         attributions["integrated gradients"], error = integrated_gradients(run.model, run.variables, x, target,
                                                                            steps=ig_steps)
         result["ig_completeness_error"] = float(jnp.max(error))
-    plot.plot_attributions(np.asarray(x), {k: np.asarray(v) for k, v in attributions.items()}, titles, out)
+    with remote.writable_file(out) as local:
+        plot.plot_attributions(np.asarray(x), {k: np.asarray(v) for k, v in attributions.items()}, titles, local)
     return result

@@ -122,7 +122,18 @@ class Mirror:
 
     # --- the remote lock -------------------------------------------------------------------------
     def _owner(self) -> dict:
-        return {"host": socket.gethostname(), "pid": os.getpid(), "time": time.time()}
+        from dlfx.workdir import _boot_id
+
+        return {"host": socket.gethostname(), "boot": _boot_id(), "pid": os.getpid(), "time": time.time()}
+
+    @staticmethod
+    def _gone(held: dict) -> bool:
+        """Whether a lock names a process of this machine's current boot that no longer runs."""
+        from dlfx.workdir import _alive, _boot_id
+
+        pid = held.get("pid")
+        return (held.get("host") == socket.gethostname() and held.get("boot") == _boot_id() != "-"
+                and isinstance(pid, int) and not _alive(pid))
 
     def _take_lock(self) -> None:
         lock = self.remote / LOCK
@@ -134,12 +145,15 @@ class Mirror:
             raise _fail("read the lock", str(lock), e) from None
         if isinstance(held, dict) and (held.get("host"), held.get("pid")) != (socket.gethostname(), os.getpid()):
             age = time.time() - float(held.get("time") or 0)
-            if age < STALE_SECONDS:
+            gone = self._gone(held)
+            if age < STALE_SECONDS and not gone:
                 raise ConfigError(f"{self.url} is in use by process {held.get('pid')} on host {held.get('host')} "
                                   f"(its lock {lock} was refreshed {age:.0f} s ago); wait for it, or remove the "
-                                  "lock if that run is gone")
+                                  f"lock if that run is gone (a lock not refreshed for {STALE_SECONDS:.0f} s is "
+                                  "taken over)")
+            why = "which is no longer running" if gone else f"not refreshed for {age:.0f} s"
             print(f"dlfx: warning: taking over the lock {lock} of process {held.get('pid')} on host "
-                  f"{held.get('host')}, not refreshed for {age:.0f} s", file=sys.stderr)
+                  f"{held.get('host')}, {why}", file=sys.stderr)
         self._write_lock()
         self._lock_held = True
 

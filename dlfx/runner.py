@@ -41,7 +41,7 @@ def _train(config, workdir, force, preemption, start_time, on_save=lambda: None)
     is_main = jax.process_index() == 0
     ckpt_dir = checkpoint_dir(config, workdir)
     checkpoint.check_owner(ckpt_dir, config, workdir, force)  # never train on (or delete) another run's state
-    if config.train.checkpoint_dir:  # the default, workdir/checkpoints, is checked with the workdir
+    if config.train.checkpoint_dir or "://" in ckpt_dir:  # a local workdir/checkpoints is checked with the workdir
         checkpoint.check_writable(ckpt_dir)
 
     # --- Workdir: lock it, restore the newest valid checkpoint, record the config ---------------

@@ -9,14 +9,17 @@ this fake cannot serve.
 import json
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import time
 
 import chex
 import pytest
 
 import dlfx
-from dlfx import cli, config as config_lib, log, remote, runner
-from dlfx.errors import ConfigError
+from dlfx import checkpoint, cli, config as config_lib, inspection, log, remote, runner, workdir
+from dlfx.errors import CheckpointError, ConfigError
 
 
 @pytest.fixture
@@ -89,6 +92,12 @@ def test_a_gs_workdir_holds_every_file_and_reads_back(repo_root, tmp_path, gcs, 
     assert cli.main(["plot", url, "-o", "gs://bucket/figures/ab.png"]) == 0
     assert capsys.readouterr().out.strip() == "gs://bucket/figures/ab.png"
     assert (gcs / "bucket" / "figures" / "ab.png").stat().st_size > 1000
+    assert cli.main(["interpret", "--workdir", url, "--index", "0..1", "--method", "saliency", "-o", "gs://bucket/figures/"]) == 0
+    assert json.loads(capsys.readouterr().out)["out"] == "gs://bucket/figures/interpret.png"
+    assert (gcs / "bucket" / "figures" / "interpret.png").stat().st_size > 1000
+    assert not os.path.exists("gs:")  # nothing written under a local folder named after the scheme
+    with pytest.raises(CheckpointError, match="gs://bucket/runs/a: inspect reads a local path"):
+        inspection.read_shapes(url)
 
     # a rerun resumes from the checkpoints and keeps one log line per step
     shutil.rmtree(tmp_path / "ckpt" / "8")  # as if killed before the last save
@@ -100,7 +109,7 @@ def test_a_gs_workdir_holds_every_file_and_reads_back(repo_root, tmp_path, gcs, 
 
 
 def test_a_live_remote_lock_is_refused_a_stale_one_taken_over_and_a_failed_start_leaves_nothing(
-        repo_root, tmp_path, gcs, monkeypatch):
+        repo_root, tmp_path, gcs, monkeypatch, capsys):
     folder = gcs / "bucket" / "b"
     folder.mkdir(parents=True)
     (folder / ".lock").write_text(json.dumps({"host": "tpu-vm-7", "pid": 12, "time": time.time() - 5}))
@@ -110,6 +119,19 @@ def test_a_live_remote_lock_is_refused_a_stale_one_taken_over_and_a_failed_start
     assert runner.train(_config(repo_root, tmp_path, "train.steps=2", "train.eval_every=0",
                                 "train.checkpoint_every=0"), "gs://bucket/b")["status"] == "finished"
     assert not (folder / ".lock").exists()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a fresh lock of a process of this machine that is gone: taken over at once
+    (folder / ".lock").write_text(json.dumps({"host": socket.gethostname(), "boot": workdir._boot_id(),
+                                              "pid": dead.pid, "time": time.time() - 5}))
+    assert runner.train(_config(repo_root, tmp_path, "train.steps=2", "train.eval_every=0",
+                                "train.checkpoint_every=0"), "gs://bucket/b")["status"] == "finished"
+    assert "which is no longer running" in capsys.readouterr().err
+
+    with pytest.raises(CheckpointError, match=r"checkpoint folder gs://bucket/c/checkpoints: Orbax needs "
+                                              r"google-cloud-storage .* or set train.checkpoint_dir"):
+        monkeypatch.setattr(checkpoint, "_importable", lambda module: False)
+        runner.train(_config(repo_root, tmp_path, "train.checkpoint_dir="), "gs://bucket/c")
+    assert not (gcs / "bucket" / "c").exists() or not os.listdir(gcs / "bucket" / "c")
 
     with pytest.raises(ConfigError):  # bad input: refused before anything is written remote
         runner.train(_config(repo_root, tmp_path, "data.batch_size=0"), "gs://bucket/new")

@@ -41,13 +41,14 @@ class DlfxTinyImages(tfds.core.GeneratorBasedBuilder):
 
 
 class DlfxTinyVectors(tfds.core.GeneratorBasedBuilder):
-    """Vectors [i, i, i, i] with label i % 2."""
+    """Vectors [i, i, i, i] with label i % 2 and a text feature."""
 
     VERSION = tfds.core.Version("2.0.0")
 
     def _info(self):
         return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
             "features": tfds.features.Tensor(shape=(4,), dtype=np.float32),
+            "name": tfds.features.Text(),
             "label": tfds.features.ClassLabel(num_classes=2)}))
 
     def _split_generators(self, dl_manager):
@@ -55,7 +56,7 @@ class DlfxTinyVectors(tfds.core.GeneratorBasedBuilder):
 
     def _generate_examples(self, n):
         for i in range(n):
-            yield i, {"features": np.full(4, i, np.float32), "label": i % 2}
+            yield i, {"features": np.full(4, i, np.float32), "name": f"vector {i}", "label": i % 2}
 
 
 @pytest.fixture(scope="module")
@@ -114,8 +115,21 @@ def test_tfds_errors_name_the_problem(data_dir, tmp_path, monkeypatch):
         data.load({"name": "tfds", "path": data_dir, "dataset": "no_such_set"})
     with pytest.raises(DataError, match=r"has splits \['test', 'train'\], not 'validation'"):
         data.load({"name": "tfds", "path": data_dir, "dataset": "dlfx_tiny_images", "test_split": "validation"})
-    with pytest.raises(DataError, match="has no feature 'x' .features: features, label"):
+    with pytest.raises(DataError, match="has no feature 'x' .features: features, name, label"):
         data.load({"name": "tfds", "path": data_dir, "dataset": "dlfx_tiny_vectors"})
+    with pytest.raises(DataError, match="feature 'name' .dlfx key 'x'. is Text of .*not numbers; map a numeric"):
+        data.load({"name": "tfds", "path": data_dir, "dataset": "dlfx_tiny_vectors", "keys": ("x=name",)})
+    with pytest.raises(DataError, match=r"config.data.num_classes=2 is less than the 3 classes of feature 'label'"):
+        data.load({"name": "tfds", "path": data_dir, "dataset": "dlfx_tiny_images", "num_classes": 2})
+    folder = os.path.join(data_dir, "dlfx_tiny_images", "1.0.0")
+    with pytest.raises(DataError, match=r"is the prepared folder of dlfx_tiny_images/1.0.0, not "
+                                        r"config.data.dataset='dlfx_tiny_vectors'"):
+        data.load({"name": "tfds", "path": folder, "dataset": "dlfx_tiny_vectors"})
+    assert len(data.load({"name": "tfds", "path": folder, "dataset": "dlfx_tiny_images:1.0.0"}).train) == 9
+    joined = data.load({"name": "tfds", "path": folder, "train_split": "train[:4]+test"})
+    assert len(joined.train) == 4 + 5
+    with pytest.raises(DataError, match=r"has splits \['test', 'train'\], not 'val'"):
+        data.load({"name": "tfds", "path": folder, "train_split": "train+val"})
     monkeypatch.setitem(sys.modules, "tensorflow_datasets", None)
     with pytest.raises(DataError, match=r"pip install 'dlfx\[tfds\]'"):
         data.load({"name": "tfds", "path": data_dir, "dataset": "dlfx_tiny_images"})

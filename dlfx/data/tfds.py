@@ -64,7 +64,11 @@ def _builder(path: str, dataset: str) -> Any:
         raise DataError(f"config.data.path must name a TFDS data_dir (or a prepared version folder), got {path!r}")
     try:
         if os.path.isfile(os.path.join(path, "dataset_info.json")):
-            return tfds.builder_from_directory(path)
+            builder = tfds.builder_from_directory(path)
+            if dataset and not _same_dataset(dataset, builder.info):
+                raise DataError(f"config.data.path {path} is the prepared folder of {builder.info.full_name}, not "
+                                f"config.data.dataset={dataset!r} (leave data.dataset empty, or give the data_dir)")
+            return builder
         if not dataset:
             raise DataError(f"config.data.dataset must name the TFDS data set in {path} (e.g. 'mnist' or "
                             "'mnist:3.0.1'), or config.data.path the version folder holding dataset_info.json")
@@ -76,20 +80,48 @@ def _builder(path: str, dataset: str) -> Any:
                         f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
 
 
+def _same_dataset(dataset: str, info: Any) -> bool:
+    """Whether `name`, `name:version` or `name/config:version` names the data set `info` describes."""
+    name, _, version = dataset.partition(":")
+    name, _, config = name.partition("/")
+    return (name == info.name and (not version or version == str(info.version))
+            and (not config or config == (info.config_name or "")))
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
+
+
+def _check_numeric(features: Any, mapping: dict[str, str], where: str) -> None:
+    """Refuse a mapped feature dlfx cannot feed as a numeric array (text, nested dicts, ...)."""
+    for key, column in mapping.items():
+        dtype = getattr(features[column], "np_dtype", None)
+        try:
+            kind = np.dtype(dtype).kind if dtype is not None else "O"
+        except TypeError:
+            kind = "O"
+        if kind not in "biuf":
+            raise DataError(f"{where}: feature {column!r} (dlfx key {key!r}) is {type(features[column]).__name__} "
+                            f"of {dtype}, not numbers; map a numeric or Image feature with config.data.keys")
+
+
 def _split(builder: Any, split: str, decoders: dict, where: str) -> Any:
     names = sorted(builder.info.splits.keys())
     if not names:
         raise DataError(f"{where} is not prepared (it has no splits); prepare it with "
                         "download_and_prepare(file_format='array_record')")
-    if split.split("[")[0] not in names:
-        raise DataError(f"{where} has splits {names}, not {split!r} (set config.data.train_split / test_split)")
+    unknown = [part for part in split.split("+") if part.split("[")[0].strip() not in names]  # 'train[:90%]+test'
+    if unknown:
+        raise DataError(f"{where} has splits {names}, not {unknown[0]!r} (set config.data.train_split / "
+                        "test_split)")
     try:
         records = builder.as_data_source(split=split, decoders=decoders)
     except NotImplementedError as e:  # prepared as TFRecord: no random access
         raise DataError(f"{where} was prepared as {builder.info.file_format.value}, which cannot be read by random "
-                        f"access; prepare it with file_format='array_record' ({e})") from None
+                        f"access; prepare it with file_format='array_record' ({_first_line(e)})") from None
     except Exception as e:
-        raise DataError(f"{where}: cannot read split {split!r}: {type(e).__name__}: {e}") from None
+        raise DataError(f"{where}: cannot read split {split!r}: {_first_line(e)}") from None
     if len(records) == 0:
         raise DataError(f"{where}: split {split!r} is empty")
     return records
@@ -112,9 +144,13 @@ def tfds(path: str = "", dataset: str = "", keys: tuple = (), train_split: str =
     tfds_lib = _tfds()
     is_image = isinstance(features[mapping["x"]], tfds_lib.features.Image)
     decoders = {mapping["x"]: tfds_lib.decode.SkipDecoding()} if is_image else None
+    _check_numeric(features, {k: c for k, c in mapping.items() if not (is_image and k == "x")}, where)
     splits = {s: _split(builder, s, decoders, where) for s in (train_split, test_split)}
     label = features[mapping["y"]]
     names = list(label.names) if isinstance(label, tfds_lib.features.ClassLabel) else None
+    if names is not None and num_classes and num_classes < label.num_classes:
+        raise DataError(f"config.data.num_classes={num_classes} is less than the {label.num_classes} classes of "
+                        f"feature {mapping['y']!r} of {where} (leave it 0 to take them from the data set)")
     num_classes = num_classes or (label.num_classes if names is not None else 0)
     metadata = {"classes": names} if names else {}
     if is_image:
