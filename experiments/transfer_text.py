@@ -19,7 +19,6 @@ import os
 import shutil
 import sys
 import sysconfig
-import time
 
 import numpy as np
 
@@ -69,6 +68,8 @@ def _train(overrides: list[str], workdir: str) -> dict:
     summary = runner.train(config_lib.load(CONFIG, MODEL + overrides), workdir)
     if summary["status"] != "finished":  # preempted: rerun the same command to continue
         sys.exit(f"{workdir}: {summary['status']}; rerun the same command to resume")
+    with open(os.path.join(workdir, "status.json")) as f:  # training time, also of a run read back
+        summary["wall_time"] = json.load(f).get("wall_time") or 0.0
     return summary
 
 
@@ -92,12 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     fractions = [float(f) for f in args.fractions.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
-    start = time.time()
     os.makedirs(args.workdir_root, exist_ok=True)
     corpora = _corpora(args.workdir_root)
 
     pretrain_dir = os.path.join(args.workdir_root, "pretrain")
+    train_seconds = 0.0
     pre = _train([f"data.path={corpora['prose']}", f"train.steps={args.pretrain_steps}"], pretrain_dir)
+    train_seconds += pre["wall_time"]
     print(f"pretrained on prose: validation {pre['eval']['bits_per_token']:.3f} bits/byte", flush=True)
     with open(os.path.join(corpora["code"], "meta.json")) as f:
         code_train_tokens = json.load(f)["num_train"]
@@ -113,12 +115,13 @@ def main(argv: list[str] | None = None) -> int:
                 summary = _train([f"data.path={data}", f"train.steps={args.steps}", f"seed={seed}", *extra],
                                  os.path.join(args.workdir_root, name))
                 results.setdefault((method, fraction), []).append(summary["eval"]["bits_per_token"])
+                train_seconds += summary["wall_time"]
                 print(f"{name}: {summary['eval']['bits_per_token']:.3f} bits/byte", flush=True)
 
     lines = [f"Byte-level GPT (3 x 96, context 128), pretrained {args.pretrain_steps} steps on CPython's doc prose "
              f"({pre['eval']['bits_per_token']:.3f} bits/byte on its validation split), then {args.steps} steps on "
              f"the source of {', '.join(PACKAGES)} ({code_train_tokens:,} training bytes at fraction 1). Validation "
-             f"bits per byte on the code, mean ± std over seeds {seeds}; {time.time() - start:.0f} s in all. The "
+             f"bits per byte on the code, mean ± std over seeds {seeds}; {train_seconds:.0f} s of training on this machine (2 cores) in all. The "
              f"prose model on the code without fine-tuning: {zero_shot:.3f} bits/byte.", "",
              "| fraction of code training bytes | bytes | scratch | fine-tune from prose | gain (bits/byte) |",
              "|---|---|---|---|---|"]
