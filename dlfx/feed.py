@@ -101,6 +101,9 @@ def device_prefetcher(exp, host_iter, group: Any = None) -> data.DevicePrefetche
         return parallel.shard_batch(b, exp.mesh, exp.mode, stacked=True)
 
     chunk = transfer_chunk(exp)
+    # row indices of a device-resident split come from an in-process grain pipeline (~30 us a batch) and
+    # cannot stall: the training thread reads them itself, a chunk at a time, without a thread's hand-offs
+    threaded = not (exp.resident and not exp.config.data.workers)
     return data.DevicePrefetcher(host_iter, lambda b: parallel.shard_batch(b, exp.mesh, exp.mode),
                                  group=group, place_stack=place_stack, chunk=chunk,
-                                 unstack=parallel.unstack_batches)
+                                 unstack=parallel.unstack_batches, threaded=threaded)

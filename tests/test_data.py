@@ -149,10 +149,11 @@ def test_processes_split_the_one_process_global_batch():
         np.testing.assert_array_equal(np.concatenate([parts[0][step]["x"], parts[1][step]["x"]]), batch["x"])
 
 
-@pytest.mark.parametrize("chunk", [1, 4])
-def test_device_prefetcher_hands_out_batches_in_order_with_the_consumer_position(chunk):
+@pytest.mark.parametrize("chunk,threaded", [(1, True), (4, True), (4, False)])
+def test_device_prefetcher_hands_out_batches_in_order_with_the_consumer_position(chunk, threaded):
     """Several batches per transfer (split on the device) give the same batches as one per transfer, and
-    the saved position after each batch is the host iterator's position right after that batch."""
+    the saved position after each batch is the host iterator's position right after that batch; the same
+    read inline by the consumer (no thread)."""
     mesh = parallel.make_mesh(jax.devices()[:1])
     host = data.train_iterator(_arrays(), 8, seed=3)
     expected, positions = [], []
@@ -162,7 +163,7 @@ def test_device_prefetcher_hands_out_batches_in_order_with_the_consumer_position
     prefetcher = data.DevicePrefetcher(
         data.train_iterator(_arrays(), 8, seed=3), lambda b: parallel.shard_batch(b, mesh, "single"),
         place_stack=lambda b: parallel.shard_batch(b, mesh, "single", stacked=True), chunk=chunk,
-        unstack=parallel.unstack_batches)
+        unstack=parallel.unstack_batches, threaded=threaded)
     for want, position in zip(expected, positions):
         batch = next(prefetcher)
         assert isinstance(batch["y"], jax.Array) and batch["y"].shape == (8,)
@@ -170,4 +171,6 @@ def test_device_prefetcher_hands_out_batches_in_order_with_the_consumer_position
         assert json.loads(prefetcher.get_state()) == position
     prefetcher.set_state(json.dumps(positions[5]).encode())  # resume in the middle of a chunk
     chex.assert_trees_all_equal(np.asarray(next(prefetcher)["y"]), expected[6])
+    prefetcher.regroup(None)  # back at the consumer's position: the batches read ahead are read again
+    chex.assert_trees_all_equal(np.asarray(next(prefetcher)["y"]), expected[7])
     prefetcher.close()
