@@ -103,6 +103,7 @@ def device_prefetcher(exp, host_iter, group: Any = None) -> data.DevicePrefetche
     chunk = transfer_chunk(exp)
     # row indices of a device-resident split come from an in-process grain pipeline (~30 us a batch) and
     # cannot stall: the training thread reads them itself, a chunk at a time, without a thread's hand-offs
+    # (where `chunk` is 1, or after a regroup into multi-step calls, the prefetcher stays threaded)
     threaded = not (exp.resident and not exp.config.data.workers)
     return data.DevicePrefetcher(host_iter, lambda b: parallel.shard_batch(b, exp.mesh, exp.mode),
                                  group=group, place_stack=place_stack, chunk=chunk,

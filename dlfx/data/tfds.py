@@ -77,7 +77,7 @@ def _builder(path: str, dataset: str) -> Any:
         raise
     except Exception as e:  # DatasetNotFoundError, DatasetInfoFileError, ...
         raise DataError(f"config.data.dataset={dataset!r}: no prepared TFDS data set in {path}: "
-                        f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}") from None
+                        f"{_first_line(e)}") from None
 
 
 def _same_dataset(dataset: str, info: Any) -> bool:
