@@ -93,11 +93,8 @@ class DevicePrefetcher:
 
     def __next__(self) -> Any:
         if not self._threaded and self._chunk > 1:
-            if not self._ready:
-                try:
-                    self._ready.extend(self._read(self._position())[0])
-                except RuntimeError as e:
-                    raise _worker_lost(e) or e
+            if not self._ready:  # chunked reads have no group: position 0 stands for any
+                self._ready.extend(self._read(0)[0])
             batch, self._state = self._ready.popleft()
             return batch
         if self._thread is None:
