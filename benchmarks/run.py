@@ -2,6 +2,7 @@
 
     python -m benchmarks.run [--models mlp,cnn,resnet18,lstm,gpt] [--out benchmarks/RESULTS.md]
                              [--peak-tflops 989]   # e.g. an H100/H200's dense bf16 peak; gpt124m on a GPU
+    python -m benchmarks.run --pipeline-only --repeats 15 --models mlp,cnn,...   # the pipeline column alone
 
 Per model, after warm-up, with the median of interleaved repeats:
   compile   first call of the bare dlfx step (trace + compile + run)
@@ -17,9 +18,10 @@ Per model, after warm-up, with the median of interleaved repeats:
             fast models). Where that window holds checkpoint saves, "saves only at the end" repeats the
             pairs with train.checkpoint_every=0, separating the loop's overhead from the saves' cost
   step ratio  bare / baseline
-  pipeline  the runner's call fed by the real pipeline (grain + device prefetch thread; for a split kept on
+  pipeline  the runner's call fed by the runner's device feed (grain + device prefetch; for a split kept on
             the devices, `data.on_device`, row indices gathered inside the call) / the same call cycling over
-            device-resident batches (interleaved repeats)
+            device-resident batches (interleaved repeats): the ratio of the median windows, and of the
+            fastest windows (the least disturbed by the rest of the machine)
   save ms   one Orbax checkpoint save of the state: how long it blocks the loop / until committed
   FLOP/s    XLA cost analysis of the compiled step x bare steps/s (for GPT models the analytic
             6N + 12*L*D*T FLOPs per token: XLA does not count library GEMMs on a GPU); MFU against
@@ -194,9 +196,29 @@ def bench_model(name: str, steps_per_repeat: int, repeats: int, runner_steps: in
             ratios.append(rate / (base_steps / _timed(run_base, base_steps)))
     runner_rate = statistics.median(runner_rates)
 
-    # input pipeline: the runner's call (steps_per_call steps) fed by the real pipeline (grain + device
-    # prefetch thread) against the same call cycling over device-resident batches, interleaved
-    k = max(config.train.steps_per_call, 1)  # auto (0) is one step per call until the runner has timed it
+    pipeline, pipeline_best, _ = pipeline_ratio(exp, fresh, it, placed, steps_per_repeat, repeats)
+    save_ms = save_cost(jax.device_put(fresh, exp.state_sharding))
+    examples = config.data.batch_size * per_example
+    return {
+        "model": name, "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(exp.abstract_state.params)),
+        "batch": config.data.batch_size, "unit": "tokens" if unit == "seq" else "examples",
+        "compile_s": compile_s, "runner": runner_rate, "bare": bare_rate, "baseline": base_rate,
+        "overhead": statistics.median(paired), "step_ratio": bare_rate / base_rate, "pipeline": pipeline,
+        "pipeline_best": pipeline_best,
+        "steps_per_call": "/".join(str(c) for c in sorted(set(runner_calls))), "save_ms": save_ms, "runner_steps": runner_steps,
+        "overhead_no_saves": statistics.median(paired_no_saves) if paired_no_saves else None, "runner_min": min(paired), "runner_max": max(paired),
+        "per_s": runner_rate * examples, "flops": flops, "tflops": flops * bare_rate / 1e12,
+        "mfu": flops * bare_rate / peak, "has_baseline": has_baseline,
+    }
+
+
+def pipeline_ratio(exp, fresh, it, placed: list, steps_per_repeat: int, repeats: int) -> tuple[float, float, dict]:
+    """The runner's call (train.steps_per_call steps) fed by the real pipeline (the runner's device feed) against
+    the same call cycling over the device-resident batches `placed` (a multi-step call stacks fresh ones
+    from `it`), in `repeats` interleaved windows: (ratio of the median windows, ratio of the fastest
+    windows, a description of the feed). The fastest windows are the ones least disturbed by the rest of
+    the machine, on a VM whose speed moves by several % between windows."""
+    k = max(exp.config.train.steps_per_call, 1)  # auto (0) is one step per call until the runner has timed it
     mesh, mode = exp.mesh, exp.mode
     # (a device-resident split: the runner's feed is row indices, gathered inside the call)
     tables = data.resident.place(exp.dataset.train, mesh) if exp.resident else None
@@ -213,20 +235,39 @@ def bench_model(name: str, steps_per_repeat: int, repeats: int, runner_steps: in
     for _ in range(repeats):
         fed_times.append(_timed(fed, calls))
         resident_times.append(_timed(on_device, calls))
+    how = {"feed": ("row indices" if exp.resident else "batches") + (" inline" if not prefetcher._threaded else ", thread")
+           + (f", {feed.transfer_chunk(exp)} per transfer" if k == 1 else ""),
+           "fed": calls * k / statistics.median(fed_times), "on_device": calls * k / statistics.median(resident_times)}
     prefetcher.close()
-    pipeline = statistics.median(resident_times) / statistics.median(fed_times)
-    save_ms = save_cost(jax.device_put(fresh, exp.state_sharding))
-    examples = config.data.batch_size * per_example
-    return {
-        "model": name, "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(exp.abstract_state.params)),
-        "batch": config.data.batch_size, "unit": "tokens" if unit == "seq" else "examples",
-        "compile_s": compile_s, "runner": runner_rate, "bare": bare_rate, "baseline": base_rate,
-        "overhead": statistics.median(paired), "step_ratio": bare_rate / base_rate, "pipeline": pipeline,
-        "steps_per_call": "/".join(str(c) for c in sorted(set(runner_calls))), "save_ms": save_ms, "runner_steps": runner_steps,
-        "overhead_no_saves": statistics.median(paired_no_saves) if paired_no_saves else None, "runner_min": min(paired), "runner_max": max(paired),
-        "per_s": runner_rate * examples, "flops": flops, "tflops": flops * bare_rate / 1e12,
-        "mfu": flops * bare_rate / peak, "has_baseline": has_baseline,
-    }
+    return (statistics.median(resident_times) / statistics.median(fed_times), min(resident_times) / min(fed_times),
+            how)
+
+
+def bench_pipeline(name: str, repeats: int, extra: tuple[str, ...] = ()) -> dict:
+    """Only the pipeline ratio of one model (`--pipeline-only`), with timed windows of `MIN_WINDOW_S`."""
+    spec, overrides, _ = MODELS[name]
+    config = config_lib.load(spec, list(overrides) + list(extra) + ["train.epochs=0", "train.steps=1000000",
+                                                                     "train.eval_every=0"])
+    exp = build(config)
+    it = data.train_iterator(exp.dataset.train, config.data.batch_size, exp.data_seed)
+    placed = [parallel.shard_batch(next(it), exp.mesh, exp.mode) for _ in range(4)]
+    fresh = jax.device_get(exp.init())
+    run_dlfx = dlfx_stepper(exp, placed)
+    run_dlfx(1)
+    steps = math.ceil(MIN_WINDOW_S / (_timed(run_dlfx, 3) / 3))
+    median, best, how = pipeline_ratio(exp, fresh, it, placed, steps, repeats)
+    return {"model": name, "steps_per_call": max(config.train.steps_per_call, 1), "pipeline": median,
+            "pipeline_best": best, **how}
+
+
+def pipeline_table(rows: list[dict]) -> str:
+    """Markdown table of `--pipeline-only` measurements."""
+    lines = ["| model | steps/call | feed | on-device steps/s | fed steps/s | pipeline (median windows) | "
+             "pipeline (fastest windows) |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['steps_per_call']} | {r['feed']} | {r['on_device']:.1f} | {r['fed']:.1f} | "
+                     f"{r['pipeline']:.3f} | {r['pipeline_best']:.3f} |")
+    return "\n".join(lines)
 
 
 def _step_flops(exp, batch, config) -> float:
@@ -245,7 +286,7 @@ def _step_flops(exp, batch, config) -> float:
 def table(rows: list[dict], peak: float) -> str:
     """Markdown table of the measurements."""
     head = ("| model | params | batch | steps/call | compile (s) | runner steps/s | bare steps/s | baseline steps/s | "
-            "overhead (runner/baseline) [range] | overhead, saves only at the end | step ratio (bare/baseline) | pipeline (real/on-device) | "
+            "overhead (runner/baseline) [range] | overhead, saves only at the end | step ratio (bare/baseline) | pipeline (real/on-device; fastest windows) | "
             "save ms (blocking/committed) | throughput | GFLOP/step | achieved GFLOP/s | MFU |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -256,7 +297,7 @@ def table(rows: list[dict], peak: float) -> str:
                      f"{r['runner']:.1f} | {r['bare']:.1f} | {r['baseline']:.1f} | {r['overhead']:.3f} "
                      f"[{r['runner_min']:.2f}-{r['runner_max']:.2f}] | "
                      f"{'-' if r['overhead_no_saves'] is None else format(r['overhead_no_saves'], '.3f')} | "
-                     f"{r['step_ratio']:.3f} | {r['pipeline']:.3f} | "
+                     f"{r['step_ratio']:.3f} | {r['pipeline']:.3f}; {r['pipeline_best']:.3f} | "
                      f"{r['save_ms'][0]:.0f} / {r['save_ms'][1]:.0f} | {r['per_s']:,.0f} {r['unit']}/s | "
                      f"{r['flops'] / 1e9:.2f} | {r['tflops'] * 1e3:.1f} | {100 * r['mfu']:.1f} % |")
     lines.append(f"\nPeak: {peak / 1e9:.1f} GFLOP/s on {jax.devices()[0].device_kind} (given, or else the best "
@@ -276,7 +317,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="the device's peak (0: measure f32 matmul)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a config override for every model, e.g. train.steps_per_call=10 (repeatable)")
+    parser.add_argument("--pipeline-only", action="store_true",
+                        help="measure only the pipeline ratio (real feed / on-device batches), --repeats windows")
     args = parser.parse_args(argv)
+    if args.pipeline_only:
+        rows = []
+        for name in args.models.split(","):
+            rows.append(bench_pipeline(name, args.repeats, tuple(args.set)))
+            print(f"{name}: {pipeline_table(rows[-1:]).splitlines()[2]}", flush=True)
+        print(pipeline_table(rows) + f"\n\n{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__}, "
+              f"{jax.devices()[0].platform}; {time.strftime('%Y-%m-%d')}; {args.repeats} interleaved windows of "
+              f">= {MIN_WINDOW_S} s each." + (f" Overrides: {' '.join(args.set)}." if args.set else ""))
+        return 0
     peak = args.peak_tflops * 1e12 or matmul_peak()
     rows = []
     for name in args.models.split(","):

@@ -101,10 +101,11 @@ def device_prefetcher(exp, host_iter, group: Any = None) -> data.DevicePrefetche
         return parallel.shard_batch(b, exp.mesh, exp.mode, stacked=True)
 
     chunk = transfer_chunk(exp)
-    # row indices of a device-resident split come from an in-process grain pipeline (~30 us a batch) and
+    # row indices of a device-resident split are a slice of the epoch's order (a few us a chunk) and
     # cannot stall: the training thread reads them itself, a chunk at a time, without a thread's hand-offs
-    # (where `chunk` is 1, or after a regroup into multi-step calls, the prefetcher stays threaded)
-    threaded = not (exp.resident and not exp.config.data.workers)
+    # (where `chunk` is 1 the prefetcher stays threaded: inline was no faster there; a regroup into multi-step
+    # calls keeps the choice)
+    threaded = not (exp.resident and not exp.config.data.workers and chunk > 1)
     return data.DevicePrefetcher(host_iter, lambda b: parallel.shard_batch(b, exp.mesh, exp.mode),
                                  group=group, place_stack=place_stack, chunk=chunk,
                                  unstack=parallel.unstack_batches, threaded=threaded)

@@ -105,6 +105,27 @@ def test_iterator_state_resumes_the_exact_stream(tmp_path):
     chex.assert_trees_all_equal(_take(restored_it, 25), expected[5:])
 
 
+@pytest.mark.parametrize("processes", [1, 2])
+def test_row_indices_of_a_resident_split_are_the_host_pipelines_rows_singly_and_stacked(processes):
+    """The row-index iterator (a split held on the devices) yields the rows the host pipeline reads, one batch
+    or several stacked (within an epoch and across its end), with grain's state after each batch."""
+    for p in range(processes):
+        kwargs = dict(seed=2, process_index=p, process_count=processes)
+        host = data.train_iterator(_arrays(), 8, **kwargs)  # y is the row number; 12 batches an epoch
+        want = [(next(host)["y"].copy(), host.get_state()) for _ in range(30)]
+        rows = data.train_iterator(_arrays(), 8, indices_only=True, **kwargs)
+        got = [(next(rows)["index"], rows.get_state()) for _ in range(3)]
+        for count in (4, 10, 13):  # batches 3-6 in epoch 0, 7-16 across its end, 17-29 across the next
+            stacked, states = rows.next_stacked(count)
+            assert stacked["index"].dtype == np.int32 and stacked["index"].shape == (count, 8 // processes)
+            got += list(zip(stacked["index"], states))
+        for (want_rows, want_state), (got_rows, got_state) in zip(want, got, strict=True):
+            chex.assert_trees_all_equal(got_rows, want_rows)
+            assert got_state == want_state
+        rows.set_state(want[20][1])
+        chex.assert_trees_all_equal(next(rows)["index"], want[21][0])
+
+
 @pytest.mark.parametrize("num_examples, batch, processes", [(359, 128, 1), (359, 128, 2), (17, 8, 2), (8, 8, 1)])
 def test_eval_batches_cover_every_example_once(num_examples, batch, processes):
     arrays = _arrays(num_examples)
@@ -149,7 +170,7 @@ def test_processes_split_the_one_process_global_batch():
         np.testing.assert_array_equal(np.concatenate([parts[0][step]["x"], parts[1][step]["x"]]), batch["x"])
 
 
-@pytest.mark.parametrize("chunk,threaded", [(1, True), (4, True), (4, False)])
+@pytest.mark.parametrize("chunk,threaded", [(1, True), (4, True), (4, False), (1, False)])
 def test_device_prefetcher_hands_out_batches_in_order_with_the_consumer_position(chunk, threaded):
     """Several batches per transfer (split on the device) give the same batches as one per transfer, and
     the saved position after each batch is the host iterator's position right after that batch; the same

@@ -55,21 +55,67 @@ class _EpochBatches:
     def __call__(self, batch_number: int) -> np.ndarray:
         epoch, position = divmod(int(batch_number), self.batches_per_epoch)
         start = position * self.global_batch_size
-        rows = np.arange(start, start + self.global_batch_size)[self.part]
         if self.num_examples > PERMUTATION_LIMIT:  # O(1) memory for any size: grain's keyed permutation
+            rows = np.arange(start, start + self.global_batch_size)[self.part]
             seed = int(np.random.default_rng([self.seed, epoch]).integers(0, 2**31 - 1))
             return np.array([grain.experimental.index_shuffle(int(r), self.num_examples - 1, seed, 4) for r in rows],
                             np.int64)
+        return self._epoch_order(epoch)[start + self.part.start:start + self.part.stop]
+
+    def _epoch_order(self, epoch: int) -> np.ndarray:
         if epoch != self._epoch:  # the permutation depends only on (seed, epoch): resume-exact
             self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
             self._epoch = epoch
-        return self._order[rows]
+        return self._order
+
+    def stacked(self, first: int, count: int) -> np.ndarray:
+        """This process's rows of global batches `first`..`first + count - 1`, as one (count, local) array."""
+        epoch, position = divmod(first, self.batches_per_epoch)
+        if self.num_examples > PERMUTATION_LIMIT or position + count > self.batches_per_epoch:
+            return np.stack([self(b) for b in range(first, first + count)])
+        size = self.global_batch_size  # one epoch: a single slice of its order
+        return self._epoch_order(epoch)[position * size:(position + count) * size].reshape(count, size)[:, self.part]
+
+
+class RowIndexIterator:
+    """This process's row indices of each global batch, `{"index": int32 (local batch,)}`, for a split held on
+    the devices: batch number -> rows computed directly, with grain's iterator state (`{"next_index": n}`), so a
+    checkpoint taken with the split on the devices resumes with it on the host and back.
+
+    A grain pipeline spends ~26 us per batch around a ~2 us slice of the epoch's permutation (measured on
+    this CPU): more than 1 % of a 2 ms step, paid on the training thread.
+    """
+
+    def __init__(self, indices: _EpochBatches):
+        self._indices, self._next = indices, 0
+
+    def __iter__(self) -> RowIndexIterator:
+        return self
+
+    def __next__(self) -> dict[str, np.ndarray]:
+        batch = {"index": self._indices(self._next).astype(np.int32)}
+        self._next += 1
+        return batch
+
+    def next_stacked(self, count: int) -> tuple[dict[str, np.ndarray], list[dict[str, int]]]:
+        """The next `count` batches stacked (count, local batch), and the state after each of them."""
+        first, self._next = self._next, self._next + count
+        return ({"index": self._indices.stacked(first, count).astype(np.int32)},
+                [{"next_index": first + j + 1} for j in range(count)])
+
+    def get_state(self) -> dict[str, int]:
+        """The position as grain's MapDataset iterator state."""
+        return {"next_index": self._next}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Move to a saved position (grain's state dict)."""
+        self._next = int(state["next_index"])
 
 
 def train_iterator(split: Any, global_batch_size: int, seed: int,
                    process_index: int = 0, process_count: int = 1, crop_padding: int = 0,
                    random_flip: bool = False, num_threads: int = 0, workers: int = 0,
-                   indices_only: bool = False) -> grain.DatasetIterator:
+                   indices_only: bool = False) -> grain.DatasetIterator | RowIndexIterator:
     """Endless iterator of this process's rows of each global batch, reshuffled every epoch.
 
     Elements of the grain dataset are whole batches (one gather per batch, not one read per example);
@@ -90,8 +136,8 @@ def train_iterator(split: Any, global_batch_size: int, seed: int,
     if indices_only:
         if crop_padding or random_flip or workers:
             raise DataError("a device-resident split is neither augmented on the host nor read by workers")
-        dataset = grain.MapDataset.range(2**62).map(lambda b: {"index": indices(b).astype(np.int32)})
-    elif hasattr(source, "gather_augmented"):  # decode-time augmentation: one seed per (batch number, global row)
+        return RowIndexIterator(indices)
+    if hasattr(source, "gather_augmented"):  # decode-time augmentation: one seed per (batch number, global row)
         rows = range(indices.part.start, indices.part.stop)
         dataset = grain.MapDataset.range(2**62).map(
             lambda b: source.gather_augmented(indices(b), [[seed + 2, int(b), r] for r in rows]))

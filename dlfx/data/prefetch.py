@@ -26,10 +26,11 @@ class DevicePrefetcher:
     global batch counter), placed by `place_stack`: the batches of one multi-step call.
     With `chunk` > 1 (and no `group`), `chunk` batches travel in one stacked transfer (`place_stack`) and
     `unstack` splits them on the device into per-step batches: one transfer per chunk instead of per step.
-    With `threaded=False` and `chunk` > 1 the consumer reads and places the batches itself, a chunk at a
-    time: for a feed that cannot stall (row indices of a device-resident split), where a thread's hand-offs
-    cost more than the read (a 1.5 ms step on 2 CPU cores ran 5-10 % faster inline). One batch per transfer
-    or per multi-step call stays threaded: there inline was no faster (measured on the same CPU).
+    With `threaded=False` the consumer reads and places the batches itself, an item (or a chunk) at a time:
+    for a feed that cannot stall (row indices of a device-resident split), where a thread's hand-offs cost
+    more than the read (a 1.5 ms step on 2 CPU cores ran 5-10 % faster inline with chunks of 16).
+    An iterator with `next_stacked(count)` (`dlfx.data.pipeline.RowIndexIterator`) reads a chunk or a
+    call's batches in one go.
     """
 
     def __init__(self, iterator: grain.DatasetIterator, place: Callable[[Any], Any], depth: int = 2,
@@ -52,18 +53,25 @@ class DevicePrefetcher:
 
     def _read(self, position: int) -> tuple[list[tuple[Any, Any]], int]:
         """The next items [(placed batch, grain state after it)] read at batch `position`, and the batches read."""
-        count = self._group(position) if self._group else 1
-        if self._chunk > 1:  # one transfer for `chunk` steps, split into per-step batches on the device
-            batches, states = [], []
-            for _ in range(self._chunk):
-                batches.append(next(self._iterator))
-                states.append(self._iterator.get_state())
-            return list(zip(self._unstack(self._place_stack(_stack(batches))), states)), self._chunk
+        count = self._chunk if self._chunk > 1 else (self._group(position) if self._group else 1)
         if count == 1:
             placed = self._place(next(self._iterator))
-        else:  # one stacked transfer for the steps of one call
-            placed = self._place_stack(_stack([next(self._iterator) for _ in range(count)]))
-        return [(placed, self._iterator.get_state())], count
+            return [(placed, self._iterator.get_state())], 1
+        batches, states = self._next_stacked(count)
+        placed = self._place_stack(batches)
+        if self._chunk > 1:  # one transfer for `chunk` steps, split into per-step batches on the device
+            return list(zip(self._unstack(placed), states)), count
+        return [(placed, states[-1])], count  # one stacked transfer for the steps of one call
+
+    def _next_stacked(self, count: int) -> tuple[dict[str, np.ndarray], list[Any]]:
+        """The next `count` batches stacked on a new leading axis, and the iterator state after each."""
+        if hasattr(self._iterator, "next_stacked"):  # row indices: one slice of the epoch's order
+            return self._iterator.next_stacked(count)
+        batches, states = [], []
+        for _ in range(count):
+            batches.append(next(self._iterator))
+            states.append(self._iterator.get_state())
+        return _stack(batches), states
 
     def _position(self) -> int:
         return int(self._iterator.get_state()["next_index"]) if self._group else 0
@@ -92,9 +100,9 @@ class DevicePrefetcher:
         return self
 
     def __next__(self) -> Any:
-        if not self._threaded and self._chunk > 1:
-            if not self._ready:  # chunked reads have no group: position 0 stands for any
-                self._ready.extend(self._read(0)[0])
+        if not self._threaded:
+            if not self._ready:
+                self._ready.extend(self._read(self._position())[0])
             batch, self._state = self._ready.popleft()
             return batch
         if self._thread is None:
