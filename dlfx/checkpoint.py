@@ -34,6 +34,31 @@ def _first_line(error: BaseException) -> str:
     return f"{reason}: {type(error).__name__}: {line}" if reason else f"{type(error).__name__}: {line}"
 
 
+class SaveCadence:
+    """`train.checkpoint_every` saves thinned to at most one per `min_interval_s` seconds (0: every one): a
+    step rate of thousands a second on an accelerator would otherwise spend its time saving. In a
+    multi-process run process 0's clock decides for all (a save takes every process)."""
+
+    def __init__(self, min_interval_s: float):
+        self.min_interval_s, self.last = float(min_interval_s), time.monotonic()
+
+    def allows(self) -> bool:
+        """Whether a scheduled save goes ahead now (False: skipped, the next scheduled one is asked again)."""
+        if not self.min_interval_s:
+            return True
+        ok = time.monotonic() - self.last >= self.min_interval_s
+        if jax.process_count() > 1:
+            import numpy as np
+            from jax.experimental import multihost_utils
+
+            ok = bool(multihost_utils.broadcast_one_to_all(np.int32(ok)))
+        return ok
+
+    def saved(self) -> None:
+        """A save began now."""
+        self.last = time.monotonic()
+
+
 class Checkpointer:
     """A `workdir/checkpoints` folder: one step folder per save holding `state` and `data` items.
 

@@ -78,6 +78,7 @@ def base_config() -> ml_collections.ConfigDict:
     c.train.log_every = 50
     c.train.steps_per_call = 0  # >1: one compiled call runs this many steps (lax.scan); 0: auto (dlfx.feed.can_tune)
     c.train.checkpoint_every = 500  # also saved at the end; 0: only at the end
+    c.train.checkpoint_min_interval_s = 0.0  # >0: skip a checkpoint_every save within this many s of the last one
     c.train.keep = 3  # newest checkpoints kept
     c.train.keep_best = ""  # an eval metric (e.g. 'accuracy'): also keep the state of its best eval in checkpoints/best
     c.train.best_mode = "auto"  # keep_best: 'max' | 'min' | 'auto' (known for the built-in tasks' metrics)
@@ -389,6 +390,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
                           "data; several steps per call suit small in-memory data)")
     if config.train.steps_per_call > 1 and config.parallel.mode == "pmap":
         raise ConfigError("config.train.steps_per_call > 1 needs parallel.mode auto, shard_map or fsdp (not pmap)")
+    if not isinstance(config.train.checkpoint_min_interval_s, (int, float)) or config.train.checkpoint_min_interval_s < 0:
+        raise ConfigError("config.train.checkpoint_min_interval_s must be a number of seconds >= 0, got "
+                          f"{config.train.checkpoint_min_interval_s!r}")
     if config.train.keep < 1:
         raise ConfigError(f"config.train.keep must be >= 1, got {config.train.keep}")
     if config.train.log_every < 1:

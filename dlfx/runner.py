@@ -158,6 +158,7 @@ def _loop(exp, config, workdir, checkpointer, train_iter, start, start_time, pre
     dispatch = parallel.DispatchLimit()  # bounded run-ahead: unbounded, XLA:CPU collectives could deadlock
     eval_metrics: dict[str, float] = {}
     status = "finished"
+    cadence = checkpoint.SaveCadence(config.train.checkpoint_min_interval_s)
     first_step_s: float | None = None  # time to first step, from process start (compilation included)
     try:
         if preemption.requested:  # SIGTERM during start-up: no step run, nothing new to save
@@ -200,8 +201,10 @@ def _loop(exp, config, workdir, checkpointer, train_iter, start, start_time, pre
                 logger.write(step, "eval", eval_metrics)
                 if best:
                     best.offer(step, state, eval_metrics)
-            if due.save or preempted:
+            scheduled = due.save and cadence.allows()  # asked on every process alike (a collective when several)
+            if preempted or scheduled:
                 checkpointer.save(step, state, train_iter)
+                cadence.saved()
                 on_save()  # a remote workdir gets the logs up to this checkpoint
             if preempted:
                 status = "preempted"

@@ -66,6 +66,22 @@ def test_resume_from_checkpoint_matches_uninterrupted_run(repo_root, tmp_path, m
     assert len(steps) == len(set(steps))  # resumed steps are not logged twice
 
 
+def test_checkpoint_min_interval_thins_the_scheduled_saves(repo_root, tmp_path):
+    """A save scheduled by checkpoint_every within checkpoint_min_interval_s of the last one is skipped; the
+    final save always happens, and the run trains the same."""
+    states = []
+    for interval, saved in [(0, ["10", "20"]), (1e6, ["20"])]:
+        workdir = tmp_path / f"run{interval}"
+        summary = runner.train(tiny_config(repo_root, "parallel.num_devices=1", "train.eval_every=0",
+                                           f"train.checkpoint_min_interval_s={interval}"), str(workdir))
+        assert summary["status"] == "finished"
+        assert sorted(d for d in os.listdir(workdir / "checkpoints") if d.isdigit()) == saved
+        states.append(summary["state"])
+    chex.assert_trees_all_equal(*states)
+    with pytest.raises(ConfigError, match="config.train.checkpoint_min_interval_s must be"):
+        config_lib.validate(tiny_config(repo_root, "train.checkpoint_min_interval_s=-1"))
+
+
 def test_one_device_runs_a_plain_jit_step_equal_to_shard_map(repo_root, tmp_path):
     # parallel.mode=auto on one device compiles the step without shard_map (it costs ~4 % on small models)
     single = runner.train(tiny_config(repo_root, "parallel.num_devices=1", "train.checkpoint_every=0"),
