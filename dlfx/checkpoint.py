@@ -16,7 +16,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
-from dlfx.errors import CheckpointError
+from dlfx.errors import CheckpointError, one_line
 
 log = logging.getLogger("dlfx")
 BEST_FOLDER = "best"  # inside the checkpoint folder: the state of the best eval (train.keep_best)
@@ -24,14 +24,9 @@ BEST_FOLDER = "best"  # inside the checkpoint folder: the state of the best eval
 
 def _first_line(error: BaseException) -> str:
     """One line for an error; long Orbax/TensorStore lines keep their end, which holds the OS reason."""
-    text = str(error)
-    lines = text.strip().splitlines()
-    line = lines[0] if lines else ""
-    if len(line) > 300:
-        line = line[:300] + " ..."
     reasons = [os.strerror(code) for code in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EIO)]
-    reason = next((r for r in reasons if r in text), None)
-    return f"{reason}: {type(error).__name__}: {line}" if reason else f"{type(error).__name__}: {line}"
+    reason = next((r for r in reasons if r in str(error)), None)
+    return f"{reason}: {one_line(error)}" if reason else one_line(error)
 
 
 class SaveCadence:

@@ -16,7 +16,7 @@ from typing import Any, Iterable
 import ml_collections
 
 from dlfx import preflight
-from dlfx.errors import ConfigError
+from dlfx.errors import ConfigError, one_line
 
 PARALLEL_MODES = ("auto", "pmap", "shard_map", "fsdp")
 DTYPES = ("float32", "bfloat16", "float16")
@@ -130,7 +130,7 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     except SyntaxError as e:
         raise ConfigError(f"config file {path}: syntax error at line {e.lineno}: {e.msg}") from None
     except Exception as e:  # the file's own code failed
-        raise ConfigError(f"config file {path}: {type(e).__name__}: {e}") from None
+        raise ConfigError(f"config file {path}: {one_line(e)}") from None
     get_config = getattr(module, "get_config", None)
     if get_config is None:
         raise ConfigError(f"config file {path} defines no get_config()")
@@ -142,7 +142,7 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     except ConfigError:
         raise
     except Exception as e:
-        raise ConfigError(f"config file {path}: get_config({arg!r}) failed: {type(e).__name__}: {e}") from None
+        raise ConfigError(f"config file {path}: get_config({arg!r}) failed: {one_line(e)}") from None
     if not isinstance(config, ml_collections.ConfigDict):
         raise ConfigError(f"config file {path}: get_config() must return a ConfigDict")
     return config
@@ -456,7 +456,7 @@ def read_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     except ConfigError as e:
         raise ConfigError(f"{path} holds no valid config: {e}") from None
     except (TypeError, ValueError, KeyError, AttributeError) as e:
-        raise ConfigError(f"{path} holds no valid config: {type(e).__name__}: {e}") from None
+        raise ConfigError(f"{path} holds no valid config: {one_line(e)}") from None
     return config
 
 

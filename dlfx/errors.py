@@ -23,3 +23,12 @@ class TransferError(DlfxError):
 
 class NonFiniteError(DlfxError):
     """Training produced a non-finite loss or gradient and the nan policy says stop."""
+
+
+def one_line(error: BaseException, limit: int = 300) -> str:
+    """`Type: first line of its message` (cut at `limit` characters): another library's error as part of one
+    error line."""
+    lines = str(error).strip().splitlines()
+    line = lines[0] if lines else ""
+    line = line[:limit] + " ..." if len(line) > limit else line
+    return f"{type(error).__name__}: {line}" if line else type(error).__name__

@@ -13,7 +13,7 @@ import optax
 from jax.sharding import Mesh
 
 from dlfx import data, models, optim, parallel, sharding, steps, tasks, transfer
-from dlfx.errors import ConfigError
+from dlfx.errors import ConfigError, one_line
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -179,7 +179,7 @@ def build(config: ml_collections.ConfigDict, dataset: data.Dataset | None = None
         shapes = jax.eval_shape(init_state)  # traces the model on the data's example: no memory, no compute
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config.model ({config.model.name}) does not fit data {config.data.name!r} "
-                          f"with example shape {dataset.example_shape}: {str(e).splitlines()[0]}") from None
+                          f"with example shape {dataset.example_shape}: {one_line(e)}") from None
     if mode == "fsdp":
         state_sharding = sharding.state_shardings(shapes, mesh, config.parallel.fsdp_rules,
                                                   config.parallel.fsdp_min_size)

@@ -7,7 +7,7 @@ import os
 import sys
 from typing import Any, Callable, Iterable, Mapping
 
-from dlfx.errors import ConfigError
+from dlfx.errors import ConfigError, one_line
 
 
 def is_import_path(name: str) -> bool:
@@ -28,11 +28,11 @@ def load(spec: str, key: str, search_dirs: tuple[str, ...] = ()) -> Any:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         if e.name != module_name.split(".")[0]:
-            raise ConfigError(f"{key}={spec!r}: importing {module_name} failed: {type(e).__name__}: {e}") from None
+            raise ConfigError(f"{key}={spec!r}: importing {module_name} failed: {one_line(e)}") from None
         raise ConfigError(f"{key}={spec!r}: no module {module_name!r} on the Python path (dlfx adds the folder "
                           "of the config file it loads; elsewhere put the module's folder on PYTHONPATH)") from None
     except Exception as e:  # the user's module: any error while importing it
-        raise ConfigError(f"{key}={spec!r}: importing {module_name} failed: {type(e).__name__}: {e}") from None
+        raise ConfigError(f"{key}={spec!r}: importing {module_name} failed: {one_line(e)}") from None
     target = module
     for part in attribute.split("."):
         if not hasattr(target, part):

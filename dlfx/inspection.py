@@ -10,7 +10,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from dlfx.errors import CheckpointError
+from dlfx.errors import CheckpointError, one_line
 
 
 def _key_name(key: Any) -> str:
@@ -57,7 +57,7 @@ def checkpoint_shapes(step_dir: str) -> dict[str, tuple[tuple[int, ...], str]]:
             tree = checkpointer.metadata(os.path.join(os.path.abspath(step_dir) if local else step_dir,
                                                       "state")).item_metadata.tree
     except Exception as e:
-        raise CheckpointError(f"cannot read checkpoint {step_dir}: {type(e).__name__}: {e}") from None
+        raise CheckpointError(f"cannot read checkpoint {step_dir}: {one_line(e)}") from None
     finally:
         absl_logger.setLevel(level)
     return flatten(tree)

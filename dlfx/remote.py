@@ -23,7 +23,7 @@ from typing import Callable, Iterator
 
 from etils import epath
 
-from dlfx.errors import ConfigError
+from dlfx.errors import ConfigError, one_line
 
 PUSH_SECONDS = 30.0
 STALE_SECONDS = 600.0
@@ -61,7 +61,7 @@ def join(folder: str, *names: str) -> str:
 
 
 def _fail(what: str, path: str, error: Exception) -> ConfigError:
-    return ConfigError(f"cannot {what} {path}: {type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}")
+    return ConfigError(f"cannot {what} {path}: {one_line(error)}")
 
 
 def _pull(remote: epath.Path, local: str, skip: tuple[str, ...]) -> None:
@@ -223,7 +223,7 @@ class Mirror:
                 self.push()
             except Exception as e:  # e.g. a network blip: the next push retries
                 if not warned:
-                    print(f"dlfx: warning: could not copy the run to {self.url} ({type(e).__name__}: {e}); "
+                    print(f"dlfx: warning: could not copy the run to {self.url} ({one_line(e)}); "
                           "retrying", file=sys.stderr)
                     warned = True
 
@@ -241,7 +241,7 @@ class Mirror:
                     self.push()
                 except Exception as e:
                     self._lock_held = False
-                    raise ConfigError(f"could not copy the run to {self.url} ({type(e).__name__}: {e}); its files "
+                    raise ConfigError(f"could not copy the run to {self.url} ({one_line(e)}); its files "
                                       f"are kept in {self.local}") from None
             shutil.rmtree(self.root, ignore_errors=True)
         finally:

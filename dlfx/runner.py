@@ -18,7 +18,7 @@ from dlfx import config as config_lib
 from dlfx import checkpoint, data, feed, log, optim, parallel, plot, preflight, remote, runs, steps, tasks
 from dlfx import train_metrics as train_metrics_lib
 from dlfx.checkpoint import BestCheckpoint, Checkpointer
-from dlfx.errors import ConfigError
+from dlfx.errors import ConfigError, one_line
 from dlfx.experiment import build, evaluate, init_from_pretrained
 from dlfx.restore import checkpoint_dir, evaluate_workdir, restore_run  # noqa: F401  (re-exported)
 from dlfx.preemption import Preemption
@@ -96,7 +96,7 @@ def _train(config, workdir, force, preemption, start_time, on_save=lambda: None)
             plot.write_run_plots(workdir, exp.model, summary["state"], exp.dataset, exp.task)
     except BaseException as e:
         if is_main:
-            error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            error = one_line(e)
             write_status(workdir, "failed", error=error, total_steps=exp.total_steps,
                          wall_time=time.time() - start_time)
         raise

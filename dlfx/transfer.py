@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from dlfx import convert
-from dlfx.errors import CheckpointError, TransferError
+from dlfx.errors import CheckpointError, TransferError, one_line
 from dlfx.inspection import path_str
 
 FORMATS = ("dlfx", "torchvision_resnet", "hf_gpt2", "hf_vit")
@@ -93,7 +93,7 @@ def _read_dlfx(path: str, step: int) -> dict[str, np.ndarray]:
                 target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu), meta)
                 state = checkpointer.restore(state_dir, target)  # any saved device count restores here
             except Exception as e:  # an unreadable step: try the previous one, like resume does
-                errors.append(f"{state_dir}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                errors.append(f"{state_dir}: {one_line(e)}")
                 log.warning("init_from: cannot read %s; trying an older step", state_dir)
                 continue
             return {k: np.asarray(v) for k, v in flatten({c: state[c] for c in COLLECTIONS if c in state}).items()}

@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 
-from dlfx.errors import TransferError
+from dlfx.errors import TransferError, one_line
 
 
 def read_state_dict(path: str) -> dict[str, np.ndarray]:
@@ -29,7 +29,7 @@ def read_state_dict(path: str) -> dict[str, np.ndarray]:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:
-            raise TransferError(f"{path} is not a readable PyTorch state dict: {type(e).__name__}: {e}") from None
+            raise TransferError(f"{path} is not a readable PyTorch state dict: {one_line(e)}") from None
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
             state = state["state_dict"]
         if not isinstance(state, dict):

@@ -15,7 +15,7 @@ from dlfx.data.pipeline import (ArraySource, augment_images, eval_batches, num_e
                                  train_iterator)
 from dlfx.data.prefetch import DevicePrefetcher, Interrupted, WorkerLost
 from dlfx.data.sources import Dataset
-from dlfx.errors import ConfigError, DataError
+from dlfx.errors import ConfigError, DataError, one_line
 
 SOURCES: dict[str, Callable[..., Dataset]] = {
     "digits": sources.digits,
@@ -65,7 +65,7 @@ def _check_dataset(dataset: Any, name: str) -> None:
                 raise DataError(f"data set {name!r}: {split} source: {e}") from None
             except Exception as e:
                 raise DataError(f"data set {name!r}: reading example 0 of its {split} source failed: "
-                                f"{type(e).__name__}: {e}") from None
+                                f"{one_line(e)}") from None
             continue
         if not isinstance(held, dict) or not held:
             raise DataError(f"data set {name!r}: its {split} split must be a non-empty dict of arrays or a "
@@ -103,7 +103,7 @@ def load(data_config: Mapping[str, Any]) -> Dataset:
     except Exception as e:
         if name in SOURCES:
             raise
-        raise DataError(f"data set {name!r} failed: {type(e).__name__}: {e}") from None
+        raise DataError(f"data set {name!r} failed: {one_line(e)}") from None
     _check_dataset(dataset, name)
     _check_splits_agree(dataset, name)
     classes = tuple(data_config.get("classes", ()))

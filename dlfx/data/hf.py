@@ -20,7 +20,7 @@ import numpy as np
 from dlfx.data import images
 from dlfx.data.files import _parse_keys
 from dlfx.data.sources import Dataset
-from dlfx.errors import DataError
+from dlfx.errors import DataError, one_line
 
 
 DEFAULT_COLUMNS = {"x": ("x", "image", "img"), "y": ("y", "label", "labels")}  # without data.keys: the first present
@@ -79,7 +79,7 @@ def _load(path: str, split: str) -> Any:
         raise
     except Exception as e:  # e.g. an empty split: datasets raises IndexError / ValueError from its readers
         raise DataError(f"config.data.path: cannot read the {split!r} split of {path} (is it empty?): "
-                        f"{type(e).__name__}: {e}") from None
+                        f"{one_line(e)}") from None
     if table is not None:
         if len(table) == 0:
             raise DataError(f"config.data.path: the {split!r} split of {path} is empty")

@@ -19,7 +19,7 @@ import numpy as np
 from dlfx.data import images
 from dlfx.data.access import as_source, length, read
 from dlfx.data.sources import Dataset
-from dlfx.errors import DataError
+from dlfx.errors import DataError, one_line
 
 SPLITS = (("train", "train"), ("val", "test"))  # file prefix, Dataset field
 
@@ -80,7 +80,7 @@ def array_record(path: str = "", image_size: int = 224, normalize: str = "imagen
     except FileNotFoundError:
         raise DataError(f"config.data.path: {meta_path} does not exist (write the folder with `dlfx data convert`)") from None
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DataError(f"{meta_path} is not a dlfx ArrayRecord description: {type(e).__name__}: {e}") from None
+        raise DataError(f"{meta_path} is not a dlfx ArrayRecord description: {one_line(e)}") from None
     missing = [p for shards in splits.values() for p in shards if not os.path.isfile(p)]
     if missing:
         raise DataError(f"{missing[0]} (listed in {meta_path}) does not exist")

@@ -20,7 +20,7 @@ from dlfx.data import images
 from dlfx.data.files import _parse_keys
 from dlfx.data.hf import DEFAULT_COLUMNS
 from dlfx.data.sources import Dataset
-from dlfx.errors import DataError
+from dlfx.errors import DataError, one_line
 
 
 def _tfds() -> Any:
@@ -77,7 +77,7 @@ def _builder(path: str, dataset: str) -> Any:
         raise
     except Exception as e:  # DatasetNotFoundError, DatasetInfoFileError, ...
         raise DataError(f"config.data.dataset={dataset!r}: no prepared TFDS data set in {path}: "
-                        f"{_first_line(e)}") from None
+                        f"{one_line(e)}") from None
 
 
 def _same_dataset(dataset: str, info: Any) -> bool:
@@ -87,10 +87,6 @@ def _same_dataset(dataset: str, info: Any) -> bool:
     return (name == info.name and (not version or version == str(info.version))
             and (not config or config == (info.config_name or "")))
 
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
 def _check_numeric(features: Any, mapping: dict[str, str], where: str) -> None:
@@ -119,9 +115,9 @@ def _split(builder: Any, split: str, decoders: dict, where: str) -> Any:
         records = builder.as_data_source(split=split, decoders=decoders)
     except NotImplementedError as e:  # prepared as TFRecord: no random access
         raise DataError(f"{where} was prepared as {builder.info.file_format.value}, which cannot be read by random "
-                        f"access; prepare it with file_format='array_record' ({_first_line(e)})") from None
+                        f"access; prepare it with file_format='array_record' ({one_line(e)})") from None
     except Exception as e:
-        raise DataError(f"{where}: cannot read split {split!r}: {_first_line(e)}") from None
+        raise DataError(f"{where}: cannot read split {split!r}: {one_line(e)}") from None
     if len(records) == 0:
         raise DataError(f"{where}: split {split!r} is empty")
     return records

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from dlfx import imports
-from dlfx.errors import ConfigError
+from dlfx.errors import ConfigError, one_line
 from dlfx.tasks.autoencoder import Autoencoder
 from dlfx.tasks.classification import Classification
 from dlfx.tasks.common import apply_model, means, per_example
@@ -97,7 +97,7 @@ def build(task_config: ml_collections.ConfigDict, dataset: Any, legacy_label_smo
         except ConfigError:
             raise
         except Exception as e:
-            raise ConfigError(f"config.task ({name}): {type(e).__name__}: {e}") from None
+            raise ConfigError(f"config.task ({name}): {one_line(e)}") from None
     elif kwargs:
         raise ConfigError(f"config.task.{next(iter(kwargs))}: task {name!r} is an object and takes no arguments")
     else:
@@ -108,10 +108,6 @@ def build(task_config: ml_collections.ConfigDict, dataset: Any, legacy_label_smo
                           "(see dlfx.tasks)")
     return task
 
-
-
-def _first_line(error: BaseException) -> str:
-    return f"{type(error).__name__}: {(str(error).strip().splitlines() or [''])[0][:300]}"
 
 
 def check(task: Any, model: Any, state: Any, batch: dict, name: str = "", axis_name: str = "data") -> None:
@@ -137,7 +133,7 @@ def check(task: Any, model: Any, state: Any, batch: dict, name: str = "", axis_n
         raise
     except Exception as e:
         raise ConfigError(f"config.task ({label}) fails on this model and data (batch keys "
-                          f"{sorted(batch)}): {_first_line(e)}") from None
+                          f"{sorted(batch)}): {one_line(e)}") from None
     if loss.shape != (1,):
         raise ConfigError(f"config.task ({label}): the loss must be a scalar, got shape {loss.shape[1:]}")
     if set(metrics) != set(task.train_metrics):
