@@ -106,6 +106,8 @@ def device_prefetcher(exp, host_iter, group: Any = None) -> data.DevicePrefetche
     # (where `chunk` is 1 the prefetcher stays threaded: inline was no faster there; a regroup into multi-step
     # calls keeps the choice)
     threaded = not (exp.resident and not exp.config.data.workers and chunk > 1)
+    # a chunk of row indices reaches each step whole, with the step's slot (one device: any batch layout works)
+    unstack = data.resident.slotted(exp.mesh) if exp.resident else parallel.unstack_batches
     return data.DevicePrefetcher(host_iter, lambda b: parallel.shard_batch(b, exp.mesh, exp.mode),
                                  group=group, place_stack=place_stack, chunk=chunk,
-                                 unstack=parallel.unstack_batches, threaded=threaded)
+                                 unstack=unstack, threaded=threaded)

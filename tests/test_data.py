@@ -195,3 +195,41 @@ def test_device_prefetcher_hands_out_batches_in_order_with_the_consumer_position
     prefetcher.regroup(None)  # back at the consumer's position: the batches read ahead are read again
     chex.assert_trees_all_equal(np.asarray(next(prefetcher)["y"]), expected[7])
     prefetcher.close()
+
+
+def test_placed_host_batches_cannot_change_under_the_devices():
+    """A CPU device may share a placed batch's host memory: the array is made read-only (a producer reusing
+    it fails loudly), and a view of other memory is copied."""
+    mesh = parallel.make_mesh(jax.devices())
+    host = {"x": np.ones((16, 2), np.float32)}
+    placed = parallel.shard_batch(host, mesh, "shard_map")
+    with pytest.raises(ValueError, match="read-only"):
+        host["x"][:] = 0
+    view = np.zeros((32, 2), np.float32)[::2]
+    from_view = parallel.shard_batch({"x": view}, mesh, "shard_map")
+    view[:] = 5
+    chex.assert_trees_all_equal(np.asarray(placed["x"]), np.ones((16, 2), np.float32))
+    chex.assert_trees_all_equal(np.asarray(from_view["x"]), np.zeros((16, 2), np.float32))
+
+
+def test_a_source_writing_to_its_indices_does_not_change_the_order(tmp_path):
+    class Writing:
+        def __len__(self):
+            return 40
+
+        def __getitem__(self, i):
+            return {"y": np.int32(i)}
+
+        def gather(self, indices):
+            batch = {"y": indices.astype(np.int32)}
+            indices += 1000  # a source's own business: the pipeline's order must not move
+            return batch
+
+    chex.assert_trees_all_equal(_take(data.train_iterator(Writing(), 8, seed=0), 10),
+                                _take(data.train_iterator({"y": np.arange(40, dtype=np.int32)}, 8, seed=0), 10))
+    from PIL import Image
+
+    from dlfx.data import images
+
+    Image.new("RGB", (4, 3)).save(tmp_path / "a.png")  # decode takes a path object too
+    assert images.decode(tmp_path / "a.png").size == (4, 3)

@@ -21,10 +21,11 @@ def tiny_config(repo_root, *overrides):
     return config_lib.load(os.path.join(repo_root, "configs/digits_cnn.py"), base + list(overrides))
 
 
+@pytest.mark.parametrize("extra", [("train.steps_per_call=4",), ("parallel.num_devices=1",)])
 def test_resident_split_trains_bit_identically_to_the_host_pipeline_and_resumes_across_the_switch(
-        repo_root, tmp_path):
-    # 8 devices (shard_map), 4 steps per call (calls of 1 up to the log points); dropout and batch norm
-    extra = ("train.steps_per_call=4",)
+        repo_root, tmp_path, extra):
+    # 8 devices (shard_map), 4 steps per call (calls of 1 up to the log points); or one device, one step per
+    # call, the row indices of 16 steps in one transfer (read inline); dropout and batch norm
     on_dir = str(tmp_path / "on")
     on = runner.train(tiny_config(repo_root, "data.on_device=on", *extra), on_dir)
     off = runner.train(tiny_config(repo_root, "data.on_device=off", *extra), str(tmp_path / "off"))
@@ -94,7 +95,9 @@ def test_auto_steps_per_call_times_the_step_and_switches_mid_run(repo_root, tmp_
     monkeypatch.setattr(feed, "choose_steps_per_call", lambda seconds, nbytes: 3)
     auto = runner.train(config, str(tmp_path / "auto"))
     assert "train.steps_per_call=auto: 3" in capsys.readouterr().err
-    assert auto["steps_per_call"] == 3 and auto["step_traces"] == 2  # the 1-step and the 3-step call
+    # the 1-step call on a chunk of row indices (with its slot), the 3-step call, and after the switch 1-step
+    # calls on one batch of row indices (up to the log points)
+    assert auto["steps_per_call"] == 3 and auto["step_traces"] == 3
     monkeypatch.undo()
     one = runner.train(tiny_config(repo_root, "parallel.num_devices=1", "train.steps=40", "train.log_every=5",
                                    "train.checkpoint_every=20", "train.steps_per_call=1"), str(tmp_path / "one"))

@@ -51,10 +51,11 @@ def _scan(folder: str, classes: list[str] | None) -> tuple[list[str], np.ndarray
     return paths, np.asarray(labels, np.int32), classes
 
 
-def decode(image: str | bytes, what: str = ""):
+def decode(image: str | os.PathLike | bytes, what: str = ""):
     """A file path or encoded bytes (PNG, JPEG) as an RGB Pillow image; DataError naming `what` otherwise."""
     from PIL import Image, UnidentifiedImageError
 
+    image = os.fspath(image) if isinstance(image, os.PathLike) else image
     what = what or (image if isinstance(image, str) else f"of {len(image)} bytes")
     try:
         if not isinstance(image, bytes):  # read whole: Pillow parses a JPEG's markers in ~40 small reads

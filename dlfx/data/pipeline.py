@@ -60,11 +60,12 @@ class _EpochBatches:
             seed = int(np.random.default_rng([self.seed, epoch]).integers(0, 2**31 - 1))
             return np.array([grain.experimental.index_shuffle(int(r), self.num_examples - 1, seed, 4) for r in rows],
                             np.int64)
-        return self._epoch_order(epoch)[start + self.part.start:start + self.part.stop]
+        return self._epoch_order(epoch)[start + self.part.start:start + self.part.stop].copy()  # a source may write to it
 
     def _epoch_order(self, epoch: int) -> np.ndarray:
         if epoch != self._epoch:  # the permutation depends only on (seed, epoch): resume-exact
             self._order = np.random.default_rng([self.seed, epoch]).permutation(self.num_examples)
+            self._order.flags.writeable = False  # handed out only as copies
             self._epoch = epoch
         return self._order
 

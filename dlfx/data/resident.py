@@ -7,7 +7,7 @@ trains on the same batches with the data on the host or on the devices, and resu
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +21,7 @@ CHOICES = ("auto", "on", "off")
 UNKNOWN_MEMORY_LIMIT = 256 << 20  # bytes per device for `auto` where the device reports no memory size (CPU)
 MEMORY_FRACTION = 8  # `auto` keeps the split on the device when it needs at most 1/8 of the device's memory
 INDEX_KEY = "index"
+SLOT_KEY = "slot"  # a chunk's step, for batches that carry the row indices of several steps (`slotted`)
 
 
 def _arrays(split: Any) -> Mapping[str, np.ndarray] | None:
@@ -82,5 +83,25 @@ def place(split: Any, mesh: Mesh) -> dict[str, jax.Array]:
 
 
 def gather(tables: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """Inside a compiled step: the examples at `batch['index']`, from the device-resident split."""
-    return {k: jnp.take(v, batch[INDEX_KEY], axis=0) for k, v in tables.items()}
+    """Inside a compiled step: the examples at `batch['index']`, from the device-resident split. With a
+    `batch['slot']` (shape (1,)), `index` holds the rows of several steps (steps, batch) and the step takes
+    row `slot` of it (`slotted`)."""
+    index = batch[INDEX_KEY]
+    if SLOT_KEY in batch:
+        index = jax.lax.dynamic_index_in_dim(index, batch[SLOT_KEY][0], axis=0, keepdims=False)
+    return {k: jnp.take(v, index, axis=0) for k, v in tables.items()}
+
+
+def slotted(mesh: Mesh) -> Callable[[Mapping[str, jax.Array]], list[dict[str, jax.Array]]]:
+    """`split(chunk)`: per-step batches of a placed chunk of row indices (steps, batch), each the whole chunk
+    and its step's slot (device arrays made once): no device program per chunk, unlike splitting it."""
+    sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))
+    slots: list[jax.Array] = []
+
+    def split(chunk: Mapping[str, jax.Array]) -> list[dict[str, jax.Array]]:
+        steps = len(chunk[INDEX_KEY])
+        while len(slots) < steps:
+            slots.append(jax.device_put(np.full((1,), len(slots), np.int32), sharding))
+        return [{INDEX_KEY: chunk[INDEX_KEY], SLOT_KEY: slots[j]} for j in range(steps)]
+
+    return split
