@@ -513,11 +513,17 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str, force: bool) 
                           "use --force to run the new config there")
 
 
+# how a run is logged and saved, not what it trains: a rerun that resumes may change them (with several steps
+# per call, log and save points also bound the calls: results then equal to float rounding, as any call split)
+CADENCE_KEYS = ("train.log_every", "train.checkpoint_every", "train.checkpoint_min_interval_s", "train.keep")
+
+
 def config_changes(old: dict, config: ml_collections.ConfigDict) -> list[str]:
     """`key: old -> new` for every key where a saved config (dict) and `config` differ; keys dlfx added
-    since `old` was written, at their default, are not changes."""
+    since `old` was written, at their default, and the `CADENCE_KEYS` are not changes."""
     defaults = to_dict(base_config())
-    return [c for c in _diff(old, to_dict(config)) if not _new_key_at_default(c, defaults)]
+    return [c for c in _diff(old, to_dict(config))
+            if not _new_key_at_default(c, defaults) and c.partition(":")[0] not in CADENCE_KEYS]
 
 
 def describe_changes(changes: list[str]) -> str:

@@ -11,6 +11,7 @@ import pytest
 from dlfx import config as config_lib, feed, log, runner
 from dlfx.errors import ConfigError
 from dlfx.experiment import build
+from dlfx.workdir import read_json
 
 
 def tiny_config(repo_root, *overrides):
@@ -154,6 +155,18 @@ def test_different_config_is_refused_and_nothing_changes(repo_root, tmp_path):
     with pytest.raises(ConfigError, match="different config .*optimizer.learning_rate"):
         runner.train(tiny_config(repo_root, "train.steps=5", "train.eval_every=0", "optimizer.warmup_steps=2", "optimizer.learning_rate=0.5"), workdir)
     assert before == {name: os.path.getmtime(os.path.join(workdir, name)) for name in before}
+
+
+def test_a_rerun_may_change_how_the_run_is_logged_and_saved(repo_root, tmp_path):
+    workdir = str(tmp_path / "run")
+    base = ["train.steps=10", "train.eval_every=0", "optimizer.warmup_steps=2", "train.checkpoint_every=5"]
+    full = runner.train(tiny_config(repo_root, *base), str(tmp_path / "full"))
+    runner.train(tiny_config(repo_root, *base), workdir)
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "10"))  # resume from step 5
+    cadence = ["train.log_every=2", "train.checkpoint_every=3", "train.checkpoint_min_interval_s=1", "train.keep=2"]
+    resumed = runner.train(tiny_config(repo_root, *base, *cadence), workdir)
+    assert resumed["step"] == 10 and read_json(os.path.join(workdir, "config.json"))["train"]["keep"] == 2
+    chex.assert_trees_all_equal(resumed["state"], full["state"])
 
 
 def test_finished_run_is_not_retrained(repo_root, tmp_path):
