@@ -94,9 +94,9 @@ def transfer_chunk(exp) -> int:
 
 
 def device_prefetcher(exp, host_iter, group: Any = None) -> data.DevicePrefetcher:
-    """The runner's device feed: batches placed on the devices two calls ahead, off the training thread;
-    `group(position)` batches stacked per multi-step call, or several per transfer on one device (see
-    `transfer_chunk`)."""
+    """The runner's device feed: batches placed on the devices two calls ahead, off the training thread (the
+    row indices of a device-resident split on one device are read inline); `group(position)` batches stacked
+    per multi-step call, or several per transfer on one device (see `transfer_chunk`)."""
     def place_stack(b):
         return parallel.shard_batch(b, exp.mesh, exp.mode, stacked=True)
 
