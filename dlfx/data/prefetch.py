@@ -50,6 +50,7 @@ class DevicePrefetcher:
         self._stuck = False
         self._threaded = threaded
         self._ready: collections.deque = collections.deque()  # inline: placed items not handed out yet
+        self._others = {p.pid for p in multiprocessing.active_children()}  # worker processes that are not ours
 
     def _read(self, position: int) -> tuple[list[tuple[Any, Any]], int]:
         """The next items [(placed batch, grain state after it)] read at batch `position`, and the batches read."""
@@ -145,14 +146,14 @@ class DevicePrefetcher:
     def release(self) -> None:
         """Stop for good: the reader thread and the host iterator's worker processes, if it has any."""
         self.close()
-        if not self._stuck:
-            if hasattr(self._iterator, "close"):
-                self._iterator.close()
-            return
-        # the reader waits on a stalled worker and holds the iterator's locks: stop grain's worker processes
+        if not self._stuck and hasattr(self._iterator, "close"):
+            self._iterator.close()  # grain joins its workers, and kills one that does not stop
+        # a stuck reader waits on a stalled worker and holds the iterator's locks: stop grain's worker processes.
+        # Either way each one is reaped here, so none outlives the run (grain's kill does not wait for the exit).
         for process in multiprocessing.active_children():
-            if process.name.startswith("grain"):
+            if process.name.startswith("grain") and process.pid not in self._others:
                 process.kill()
+                process.join(timeout=JOIN_SECONDS)
 
     # grain's Orbax CheckpointHandler calls these on iterators that are not grain DatasetIterators.
     def get_state(self) -> bytes:
