@@ -20,8 +20,10 @@ Per model, after warm-up, with the median of interleaved repeats:
   step ratio  bare / baseline
   pipeline  the runner's call fed by the runner's device feed (grain + device prefetch; for a split kept on
             the devices, `data.on_device`, row indices gathered inside the call) / the same call cycling over
-            device-resident batches (interleaved repeats): the ratio of the median windows, and of the
-            fastest windows (the least disturbed by the rest of the machine)
+            device-resident batches (interleaved repeats, the order alternating): the ratio of the median
+            windows, and of the fastest windows (the least disturbed by the rest of the machine);
+            --pipeline-only adds the median of the paired ratios (each fed window against the on-device
+            window beside it, so a machine whose speed drifts over the minute cancels out)
   save ms   one Orbax checkpoint save of the state: how long it blocks the loop / until committed
   FLOP/s    XLA cost analysis of the compiled step x bare steps/s (for GPT models the analytic
             6N + 12*L*D*T FLOPs per token: XLA does not count library GEMMs on a GPU); MFU against
@@ -232,13 +234,17 @@ def pipeline_ratio(exp, fresh, it, placed: list, steps_per_repeat: int, repeats:
     calls = max(1, steps_per_repeat // k)
     fed(1), on_device(1)
     fed_times, resident_times = [], []
-    for _ in range(repeats):
+    for i in range(repeats):  # the order alternates, so a machine that drifts favours neither side
+        if i % 2:
+            resident_times.append(_timed(on_device, calls))
         fed_times.append(_timed(fed, calls))
-        resident_times.append(_timed(on_device, calls))
+        if not i % 2:
+            resident_times.append(_timed(on_device, calls))
     how = {"feed": ("row indices" if exp.resident else "batches") + (" inline" if not prefetcher._threaded else ", thread")
            + (f", {feed.transfer_chunk(exp)} per transfer" if k == 1 else ""),
            "fed": calls * k / statistics.median(fed_times), "on_device": calls * k / statistics.median(resident_times)}
     prefetcher.close()
+    how["pipeline_paired"] = statistics.median(r / f for r, f in zip(resident_times, fed_times))
     return (statistics.median(resident_times) / statistics.median(fed_times), min(resident_times) / min(fed_times),
             how)
 
@@ -263,10 +269,10 @@ def bench_pipeline(name: str, repeats: int, extra: tuple[str, ...] = ()) -> dict
 def pipeline_table(rows: list[dict]) -> str:
     """Markdown table of `--pipeline-only` measurements."""
     lines = ["| model | steps/call | feed | on-device steps/s | fed steps/s | pipeline (median windows) | "
-             "pipeline (fastest windows) |", "|---|---|---|---|---|---|---|"]
+             "pipeline (fastest windows) | pipeline (median of paired windows) |", "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['model']} | {r['steps_per_call']} | {r['feed']} | {r['on_device']:.1f} | {r['fed']:.1f} | "
-                     f"{r['pipeline']:.3f} | {r['pipeline_best']:.3f} |")
+                     f"{r['pipeline']:.3f} | {r['pipeline_best']:.3f} | {r['pipeline_paired']:.3f} |")
     return "\n".join(lines)
 
 

@@ -96,6 +96,10 @@ def shard_batch(local_batch: dict[str, np.ndarray], mesh: Mesh, mode: str,
     """
     sharding = NamedSharding(mesh, _batch_spec(mesh, stacked))
     num_local = len(mesh.local_devices)
+    for key, x in local_batch.items():
+        if np.ndim(x) < 1 + stacked:
+            raise ValueError(f"batch key {key!r} has shape {np.shape(x)}: batch arrays need a leading "
+                             f"{'(steps, batch)' if stacked else 'batch'} axis")
     if mode == "pmap":
         local_batch = {k: x.reshape((num_local, x.shape[0] // num_local, *x.shape[1:])) for k, x in local_batch.items()}
     if jax.process_count() == 1:  # the local batch is the global one

@@ -106,3 +106,11 @@ def test_dispatch_limit_waits_for_the_call_depth_back(monkeypatch):
     for k in range(5):
         limit.add(jnp.asarray(k))
         assert waited == list(range(max(0, k - 1)))
+
+
+def test_a_batch_array_without_a_batch_axis_is_refused_by_name():
+    mesh = parallel.make_mesh(jax.devices()[:1])
+    with pytest.raises(ValueError, match="batch key 'y' has shape \\(\\): batch arrays need a leading batch axis"):
+        parallel.shard_batch({"x": np.zeros((4, 2), np.float32), "y": np.int32(3)}, mesh, "shard_map")
+    with pytest.raises(ValueError, match=r"'x' has shape \(4,\).*\(steps, batch\)"):
+        parallel.shard_batch({"x": np.zeros((4,), np.float32)}, mesh, "shard_map", stacked=True)
