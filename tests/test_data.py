@@ -112,10 +112,11 @@ def test_row_indices_of_a_resident_split_are_the_host_pipelines_rows_singly_and_
     for p in range(processes):
         kwargs = dict(seed=2, process_index=p, process_count=processes)
         host = data.train_iterator(_arrays(), 8, **kwargs)  # y is the row number; 12 batches an epoch
-        want = [(next(host)["y"].copy(), host.get_state()) for _ in range(30)]
+        want = [(next(host)["y"].copy(), host.get_state()) for _ in range(60)]
         rows = data.train_iterator(_arrays(), 8, indices_only=True, **kwargs)
         got = [(next(rows)["index"], rows.get_state()) for _ in range(3)]
-        for count in (4, 10, 13):  # batches 3-6 in epoch 0, 7-16 across its end, 17-29 across the next
+        # batches 3-6 in epoch 0, 7-16 across its end, 17-29 across the next, 30-59 over three epochs
+        for count in (4, 10, 13, 30):
             stacked, states = rows.next_stacked(count)
             assert stacked["index"].dtype == np.int32 and stacked["index"].shape == (count, 8 // processes)
             got += list(zip(stacked["index"], states))

@@ -71,11 +71,15 @@ class _EpochBatches:
 
     def stacked(self, first: int, count: int) -> np.ndarray:
         """This process's rows of global batches `first`..`first + count - 1`, as one (count, local) array."""
-        epoch, position = divmod(first, self.batches_per_epoch)
-        if self.num_examples > PERMUTATION_LIMIT or position + count > self.batches_per_epoch:
+        if self.num_examples > PERMUTATION_LIMIT:
             return np.stack([self(b) for b in range(first, first + count)])
-        size = self.global_batch_size  # one epoch: a single slice of its order
-        return self._epoch_order(epoch)[position * size:(position + count) * size].reshape(count, size)[:, self.part]
+        size, parts, batch = self.global_batch_size, [], first
+        while batch < first + count:  # one slice of each epoch's order (a small split ends an epoch every few calls)
+            epoch, position = divmod(batch, self.batches_per_epoch)
+            n = min(first + count - batch, self.batches_per_epoch - position)
+            parts.append(self._epoch_order(epoch)[position * size:(position + n) * size].reshape(n, size))
+            batch += n
+        return (parts[0] if len(parts) == 1 else np.concatenate(parts))[:, self.part]
 
 
 class RowIndexIterator:
