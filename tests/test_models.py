@@ -73,3 +73,29 @@ def test_registry_errors_name_the_problem():
         models.build("mlp", width=3)
     assert {"mlp", "cnn", "cnn1d"} <= set(models.names())
     assert "axis_name" in models.fields("cnn") and "axis_name" not in models.fields("mlp")
+
+
+@pytest.mark.parametrize("rate", [0.1, 0.5, 0.03])
+def test_dropout_drops_at_its_rate_and_keeps_the_mean(rate):
+    """16-bit draws: the dropped fraction is the rate, kept entries are scaled so the mean is unchanged."""
+    x = jnp.ones((1001, 999), jnp.float32)  # an odd element count: the last 32-bit draw is half used
+    y = models.Dropout(rate).apply({}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(3)})
+    dropped = float(jnp.mean(y == 0))
+    assert abs(dropped - rate) < 0.003 and abs(float(jnp.mean(y)) - 1.0) < 0.005
+    kept = np.unique(np.asarray(y[y != 0]))
+    np.testing.assert_allclose(kept, [1 / (round((1 - rate) * 65536) / 65536)], rtol=1e-6)
+    other = models.Dropout(rate).apply({}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(4)})
+    assert float(jnp.mean((y == 0) != (other == 0))) > rate  # another key, another mask
+
+
+def test_dropout_modes_broadcast_and_dtype():
+    x = jnp.arange(2 * 3 * 4, dtype=jnp.bfloat16).reshape(2, 3, 4) + 1
+    rngs = {"dropout": jax.random.PRNGKey(0)}
+    chex.assert_trees_all_equal(models.Dropout(0.5).apply({}, x, deterministic=True), x)
+    chex.assert_trees_all_equal(models.Dropout(0.0).apply({}, x, deterministic=False, rngs=rngs), x)
+    chex.assert_trees_all_equal(models.Dropout(1.0).apply({}, x, deterministic=False, rngs=rngs), jnp.zeros_like(x))
+    per_example = models.Dropout(0.5, broadcast_dims=(1, 2)).apply(
+        {}, jnp.ones((64, 3, 4)), deterministic=False, rngs=rngs)
+    assert all(len(np.unique(np.asarray(row))) == 1 for row in per_example)  # one draw per example
+    assert 0 < float(jnp.mean(per_example[:, 0, 0] == 0)) < 1
+    assert models.Dropout(0.2).apply({}, x, deterministic=False, rngs=rngs).dtype == jnp.bfloat16

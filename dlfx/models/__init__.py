@@ -9,6 +9,7 @@ from dlfx import imports
 from dlfx.errors import ConfigError
 from dlfx.models.autoencoder import Autoencoder
 from dlfx.models.cnn import CNN, CNN1D
+from dlfx.models.dropout import Dropout
 from dlfx.models.mlp import MLP
 from dlfx.models.resnet import ResNet
 from dlfx.models.rnn import RNN
@@ -32,7 +33,7 @@ REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     "autoencoder": (Autoencoder, {}),
 }
 
-__all__ = ["Autoencoder", "Block", "CNN", "CNN1D", "GPT", "MLP", "REGISTRY", "RNN", "ResNet", "TransformerEncoder", "ViT",
+__all__ = ["Autoencoder", "Block", "CNN", "CNN1D", "Dropout", "GPT", "MLP", "REGISTRY", "RNN", "ResNet", "TransformerEncoder", "ViT",
            "build", "fields", "names", "resolve"]
 
 

@@ -5,6 +5,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from dlfx.models.dropout import Dropout
+
 
 def _norm(use_batch_norm: bool, train: bool, axis_name: str | None, momentum: float, dtype: Any,
           param_dtype: Any, name: str) -> nn.Module:
@@ -46,7 +48,7 @@ class CNN(nn.Module):
         x = x.reshape((x.shape[0], -1))
         x = nn.Dense(self.hidden_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="dense")(x)
         x = nn.relu(x)
-        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        x = Dropout(self.dropout_rate, deterministic=not train)(x)
         x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="head")(x)
         return x.astype(jnp.float32)
 
@@ -80,6 +82,6 @@ class CNN1D(nn.Module):
                       self.param_dtype, f"bn{i + 1}")(x)
             x = nn.relu(x)
         x = x.reshape((x.shape[0], -1))
-        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        x = Dropout(self.dropout_rate, deterministic=not train)(x)
         x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="head")(x)
         return x.astype(jnp.float32)

@@ -5,6 +5,8 @@ from typing import Any, Sequence
 import flax.linen as nn
 import jax.numpy as jnp
 
+from dlfx.models.dropout import Dropout
+
 
 class MLP(nn.Module):
     """Flattens its input, then Dense-ReLU-Dropout layers and a linear `head`."""
@@ -21,6 +23,6 @@ class MLP(nn.Module):
         for i, width in enumerate(self.hidden_dims):
             x = nn.Dense(width, dtype=self.dtype, param_dtype=self.param_dtype, name=f"dense{i + 1}")(x)
             x = nn.relu(x)
-            x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+            x = Dropout(self.dropout_rate, deterministic=not train)(x)
         x = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="head")(x)
         return x.astype(jnp.float32)

@@ -10,6 +10,8 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from dlfx.models.dropout import Dropout
+
 STAGES = {10: ((1, 1, 1, 1), "basic"), 18: ((2, 2, 2, 2), "basic"), 34: ((3, 4, 6, 3), "basic"), 50: ((3, 4, 6, 3), "bottleneck")}
 
 
@@ -43,7 +45,7 @@ class ResidualBlock(nn.Module):
             x = self.conv(out_features, k1, strides=s, padding=pad1, name="downsample_conv")(x)
             x = self.norm(name="downsample_bn")(x)
         # stochastic depth: drop the whole residual branch per example
-        y = nn.Dropout(self.drop_path_rate, broadcast_dims=tuple(range(1, y.ndim)), deterministic=not train)(y)
+        y = Dropout(self.drop_path_rate, broadcast_dims=tuple(range(1, y.ndim)), deterministic=not train)(y)
         return nn.relu(x + y)
 
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from dlfx.models.dropout import Dropout
 from dlfx.models.transformer import sample_logits
 
 CELLS = {"lstm": nn.OptimizedLSTMCell, "gru": nn.GRUCell}
@@ -56,7 +57,7 @@ class RNN(nn.Module):
                 initial = None if carries is None else carries[i]
                 carry, x = nn.RNN(cell(name=f"cell{i}"), return_carry=True)(x, initial_carry=initial)
                 new_carries.append(carry)
-            x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+            x = Dropout(self.dropout_rate, deterministic=not train)(x)
         if self.vocab_size:
             logits = nn.Dense(self.vocab_size, dtype=self.dtype, param_dtype=self.param_dtype, name="head")(x)
         else:

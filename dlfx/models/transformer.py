@@ -15,6 +15,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from dlfx.models.dropout import Dropout
+
 ATTENTION = ("auto", "xla", "cudnn")  # `attention` field: which kernel jax.nn.dot_product_attention uses
 
 
@@ -88,7 +90,7 @@ class SelfAttention(nn.Module):
                 scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
             weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
             self.sow("intermediates", "attention_weights", weights)
-            weights = nn.Dropout(self.dropout_rate, deterministic=not train)(weights)
+            weights = Dropout(self.dropout_rate, deterministic=not train)(weights)
             out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
         elif from_cache:
             out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
@@ -122,8 +124,8 @@ class Block(nn.Module):
                                  param_dtype=self.param_dtype)
 
         def branch(y):
-            y = nn.Dropout(self.dropout_rate, deterministic=not train)(y)
-            return nn.Dropout(self.drop_path_rate, broadcast_dims=tuple(range(1, y.ndim)), deterministic=not train)(y)
+            y = Dropout(self.dropout_rate, deterministic=not train)(y)
+            return Dropout(self.drop_path_rate, broadcast_dims=tuple(range(1, y.ndim)), deterministic=not train)(y)
 
         y = SelfAttention(self.num_heads, self.max_len, self.causal, self.decode, self.dropout_rate, self.attention,
                           self.dtype, self.param_dtype, name="attn")(norm(name="ln1")(x), train)
@@ -207,7 +209,7 @@ class TransformerEncoder(nn.Module):
             raise ValueError(f"sequence length {length} exceeds max_len={self.max_len}")
         wpe = self.param("wpe", nn.initializers.normal(0.02), (self.max_len, self.embed_dim), self.param_dtype)
         x = (x + wpe[:length]).astype(self.dtype)
-        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        x = Dropout(self.dropout_rate, deterministic=not train)(x)
         x = Stack(self.num_layers, _block_kwargs(self, causal=False), self.drop_path_rate, self.remat,
                   self.scan_layers, name="h")(x, train)
         x = nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype, param_dtype=self.param_dtype, name="ln_f")(x)
@@ -251,7 +253,7 @@ class GPT(nn.Module):
         wpe = self.param("wpe", nn.initializers.normal(0.01), (self.max_len, self.embed_dim), self.param_dtype)
         positions = lax.dynamic_slice_in_dim(wpe, start, length) if self.decode else wpe[:length]
         x = (wte(tokens) + positions).astype(self.dtype)
-        x = nn.Dropout(self.dropout_rate, deterministic=not train)(x)
+        x = Dropout(self.dropout_rate, deterministic=not train)(x)
         x = Stack(self.num_layers, _block_kwargs(self, causal=True, decode=self.decode), self.drop_path_rate,
                   self.remat, self.scan_layers, name="h")(x, train)
         x = nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype, param_dtype=self.param_dtype, name="ln_f")(x)
