@@ -84,24 +84,28 @@ def place(split: Any, mesh: Mesh) -> dict[str, jax.Array]:
 
 def gather(tables: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
     """Inside a compiled step: the examples at `batch['index']`, from the device-resident split. With a
-    `batch['slot']` (shape (1,)), `index` holds the rows of several steps (steps, batch) and the step takes
-    row `slot` of it (`slotted`)."""
+    `batch['slot']` (one element), `index` holds the rows of several steps (steps, batch), or of several
+    multi-step calls (calls, steps, batch), and the step or call takes entry `slot` of it (`slotted`)."""
     index = batch[INDEX_KEY]
     if SLOT_KEY in batch:
-        index = jax.lax.dynamic_index_in_dim(index, batch[SLOT_KEY][0], axis=0, keepdims=False)
+        index = jax.lax.dynamic_index_in_dim(index, batch[SLOT_KEY].reshape(-1)[0], axis=0, keepdims=False)
     return {k: jnp.take(v, index, axis=0) for k, v in tables.items()}
 
 
-def slotted(mesh: Mesh) -> Callable[[Mapping[str, jax.Array]], list[dict[str, jax.Array]]]:
+def slotted(mesh: Mesh, stacked: bool = False) -> Callable[[Mapping[str, jax.Array]], list[dict[str, jax.Array]]]:
     """`split(chunk)`: per-step batches of a placed chunk of row indices (steps, batch), each the whole chunk
-    and its step's slot (device arrays made once): no device program per chunk, unlike splitting it."""
-    sharding = NamedSharding(mesh, P(tuple(mesh.axis_names)))
+    and its step's slot (device arrays made once): no device program per chunk, unlike splitting it.
+    `stacked`: the chunk holds several multi-step calls (calls, steps, batch), split into per-call batches
+    (their slot has shape (1, 1), laid out like a stack of batches)."""
+    axes = tuple(mesh.axis_names)
+    sharding = NamedSharding(mesh, P(None, axes) if stacked else P(axes))
     slots: list[jax.Array] = []
 
     def split(chunk: Mapping[str, jax.Array]) -> list[dict[str, jax.Array]]:
-        steps = len(chunk[INDEX_KEY])
-        while len(slots) < steps:
-            slots.append(jax.device_put(np.full((1,), len(slots), np.int32), sharding))
-        return [{INDEX_KEY: chunk[INDEX_KEY], SLOT_KEY: slots[j]} for j in range(steps)]
+        count = len(chunk[INDEX_KEY])
+        while len(slots) < count:
+            slot = np.full((1, 1) if stacked else (1,), len(slots), np.int32)
+            slots.append(jax.device_put(slot, sharding))
+        return [{INDEX_KEY: chunk[INDEX_KEY], SLOT_KEY: slots[j]} for j in range(count)]
 
     return split
