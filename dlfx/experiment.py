@@ -69,10 +69,18 @@ class Experiment:
             self.model, self.tx, self.schedule, self.task, parallel.step_axis(self.mode),
             c.optimizer.freeze, c.optimizer.grad_accum_steps, guard_nonfinite=c.train.nan_policy == "skip",
             preprocess=self.preprocess)
+        if tables is not None:  # each step gathers its own rows: memory of one batch at any steps per call
+            step_fn = steps.gathering(step_fn, data.resident.gather)
         packed = steps.pack_metrics(step_fn, self.metric_names)
-        call_fn = steps.scan_steps(packed) if num_steps > 1 else packed
-        if tables is not None:  # a multi-step call gathers the rows of all its steps at once, before its scan
-            call_fn = steps.gathering(call_fn, data.resident.gather)
+        if num_steps == 1:
+            call_fn = packed
+        elif tables is None:
+            call_fn = steps.scan_steps(packed)
+        else:
+            scanned = steps.scan_steps(packed)
+
+            def call_fn(state, batch, tables):  # several calls' row indices and a slot: this call's come first
+                return scanned(state, data.resident.call_rows(batch), tables)
         compiled = self.compile(call_fn, donate_state=True, stacked=num_steps > 1, tables=tables is not None)
         if tables is None:
             return compiled

@@ -432,3 +432,19 @@ def test_sigterm_while_a_stalled_worker_holds_the_next_batch_saves_and_stops(rep
     assert summary["status"] == "preempted" and 0 < summary["step"] < 50
     assert str(summary["step"]) in os.listdir(tmp_path / "w" / "checkpoints")
     assert not [p for p in __import__("multiprocessing").active_children() if p.name.startswith("grain")]
+
+
+def test_releasing_a_pipeline_stops_only_its_own_worker_processes(tmp_path):
+    """A pipeline without workers, made before one with a worker, leaves that worker running when released."""
+    from dlfx.data import prefetch
+
+    arrays = {"x": np.arange(64, dtype=np.float32).reshape(32, 2), "y": np.arange(32)}
+    plain = prefetch.DevicePrefetcher(data.train_iterator(arrays, 8, seed=0), lambda b: b)
+    pooled = prefetch.DevicePrefetcher(data.train_iterator(arrays, 8, seed=0, workers=1), lambda b: b)
+    next(plain), next(pooled)
+    assert prefetch._grain_workers()
+    plain.release()
+    assert prefetch._grain_workers()  # the other pipeline's worker still runs
+    next(pooled)
+    pooled.release()
+    assert not prefetch._grain_workers()

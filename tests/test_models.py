@@ -98,4 +98,11 @@ def test_dropout_modes_broadcast_and_dtype():
         {}, jnp.ones((64, 3, 4)), deterministic=False, rngs=rngs)
     assert all(len(np.unique(np.asarray(row))) == 1 for row in per_example)  # one draw per example
     assert 0 < float(jnp.mean(per_example[:, 0, 0] == 0)) < 1
+    negative = models.Dropout(0.5, broadcast_dims=(-2, -1)).apply({}, jnp.ones((64, 3, 4)), deterministic=False,
+                                                                  rngs=rngs)
+    chex.assert_trees_all_equal(negative, per_example)  # dims counted from the end: the same mask
+    with_key = [models.Dropout(0.5).apply({}, jnp.ones((64, 4)), deterministic=False, rng=jax.random.PRNGKey(k))
+                for k in (7, 7, 8)]  # a key passed to the call, as nn.Dropout takes one
+    chex.assert_trees_all_equal(with_key[0], with_key[1])
+    assert not np.array_equal(with_key[0], with_key[2])
     assert models.Dropout(0.2).apply({}, x, deterministic=False, rngs=rngs).dtype == jnp.bfloat16

@@ -28,12 +28,13 @@ def test_resident_split_trains_bit_identically_to_the_host_pipeline_and_resumes_
         repo_root, tmp_path, extra):
     # 8 devices (shard_map), 4 steps per call (calls of 1 up to the log points); or one device, one step per
     # call, the row indices of 16 steps in one transfer (read inline); or one device, 4-step calls read inline
-    # 8 calls per transfer (steps 0-31; the calls before the end do not fill a transfer); dropout, batch norm
+    # 8 calls per transfer (steps 0-31; the 4 calls before the end go in a zero-padded one); dropout, batch norm
     on_dir = str(tmp_path / "on")
     on = runner.train(tiny_config(repo_root, "data.on_device=on", *extra), on_dir)
     off = runner.train(tiny_config(repo_root, "data.on_device=off", *extra), str(tmp_path / "off"))
     assert build(tiny_config(repo_root, *extra)).resident  # auto picks it for the digits
     chex.assert_trees_all_equal(on["state"], off["state"])
+    assert on["step_traces"] == off["step_traces"]  # padded chunks of calls: one program per call length
     # a checkpoint written with the data on the devices resumes with the data on the host: same position
     last = max(int(p) for p in os.listdir(os.path.join(on_dir, "checkpoints")) if p.isdigit())
     shutil.rmtree(os.path.join(on_dir, "checkpoints", str(last)))

@@ -26,8 +26,9 @@ class DevicePrefetcher:
     global batch counter), placed by `place_stack`: the batches of one multi-step call.
     With `chunk` > 1 (and no `group`), `chunk` batches travel in one stacked transfer (`place_stack`) and
     `unstack` splits them on the device into per-step batches: one transfer per chunk instead of per step.
-    With `call_chunk` > 1 (and a `group`), runs of `call_chunk` calls of equal length travel in one transfer
-    (calls, steps, batch, ...), handed out per call by `split_calls` (row indices of a device-resident split).
+    With `call_chunk` > 1 (and a `group`), up to `call_chunk` multi-step calls of equal length travel in one
+    transfer (call_chunk, steps, batch, ...), handed out per call by `split_calls` (row indices of a
+    device-resident split).
     With `threaded=False` the consumer reads and places the batches itself, an item (or a chunk) at a time:
     for a feed that cannot stall (row indices of a device-resident split), where a thread's hand-offs cost
     more than the read (a 1.5 ms step on 2 CPU cores ran 5-10 % faster inline with chunks of 16).
@@ -54,10 +55,21 @@ class DevicePrefetcher:
         self._stuck = False
         self._threaded = threaded
         self._ready: collections.deque = collections.deque()  # inline: placed items not handed out yet
-        self._others = {p.pid for p in multiprocessing.active_children()}  # worker processes that are not ours
+        # grain starts its worker processes inside a read: those that appear while this prefetcher reads are its
+        # own (`release` stops them); `_reading` holds the ones alive when the read under way began
+        self._ours: set[int] = set()
+        self._reading: set[int] | None = None
 
     def _read(self, position: int) -> tuple[list[tuple[Any, Any]], int]:
         """The next items [(placed batch, grain state after it)] read at batch `position`, and the batches read."""
+        self._reading = before = _grain_workers()
+        try:
+            return self._read_items(position)
+        finally:
+            self._ours |= _grain_workers() - before
+            self._reading = None
+
+    def _read_items(self, position: int) -> tuple[list[tuple[Any, Any]], int]:
         if self._group and self._call_chunk > 1:
             calls = self._read_calls(position)
             if calls is not None:
@@ -73,14 +85,23 @@ class DevicePrefetcher:
         return [(placed, states[-1])], count  # one stacked transfer for the steps of one call
 
     def _read_calls(self, position: int) -> tuple[list[tuple[Any, Any]], int] | None:
-        """`call_chunk` multi-step calls of equal length in one transfer (calls, steps, batch), each handed out
-        by `split_calls` with the state after its last batch; None where the next calls differ in length."""
-        steps, calls = self._group(position), self._call_chunk
-        if steps == 1 or any(self._group(position + j * steps) != steps for j in range(1, calls)):
+        """The next multi-step calls of equal length, up to `call_chunk`, in one transfer (call_chunk, steps,
+        batch; zero-padded, so a call has one shape per length), each handed out by `split_calls` with the
+        state after its last batch; None for a one-step call."""
+        steps = self._group(position)
+        if steps == 1:
             return None
+        calls = 1
+        while calls < self._call_chunk and self._group(position + calls * steps) == steps:
+            calls += 1
         batches, states = self._next_stacked(calls * steps)
-        placed = self._place_stack({k: v.reshape(calls, steps, *v.shape[1:]) for k, v in batches.items()})
-        return list(zip(self._split_calls(placed), states[steps - 1::steps])), calls * steps
+        padded = {}
+        for key, value in batches.items():
+            value = value.reshape(calls, steps, *value.shape[1:])
+            padding = [(0, self._call_chunk - calls)] + [(0, 0)] * (value.ndim - 1)
+            padded[key] = np.pad(value, padding) if calls < self._call_chunk else value
+        placed = self._place_stack(padded)
+        return list(zip(self._split_calls(placed)[:calls], states[steps - 1::steps])), calls * steps
 
     def _next_stacked(self, count: int) -> tuple[dict[str, np.ndarray], list[Any]]:
         """The next `count` batches stacked on a new leading axis, and the iterator state after each."""
@@ -168,8 +189,10 @@ class DevicePrefetcher:
             self._iterator.close()  # grain joins its workers, and kills one that does not stop
         # a stuck reader waits on a stalled worker and holds the iterator's locks: stop grain's worker processes.
         # Either way each one is reaped here, so none outlives the run (grain's kill does not wait for the exit).
+        reading = self._reading
+        ours = self._ours | (_grain_workers() - reading if reading is not None else set())
         for process in multiprocessing.active_children():
-            if process.name.startswith("grain") and process.pid not in self._others:
+            if process.pid in ours:
                 process.kill()
                 process.join(timeout=JOIN_SECONDS)
 
@@ -186,6 +209,11 @@ class DevicePrefetcher:
 
     def start_prefetch(self) -> None:
         """Called by grain's checkpoint handler after a restore; reading starts at the next `next()`."""
+
+
+def _grain_workers() -> set[int]:
+    """Pids of this process's live grain worker processes."""
+    return {p.pid for p in multiprocessing.active_children() if p.name.startswith("grain")}
 
 
 WAIT_POLL_SECONDS = 0.5

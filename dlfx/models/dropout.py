@@ -29,8 +29,8 @@ def keep_mask(key: jax.Array, keep_prob: float, shape: Sequence[int]) -> tuple[j
 
 
 class Dropout(nn.Module):
-    """`nn.Dropout`'s interface (`rate`, `broadcast_dims`, `deterministic`, the `dropout` rng) with 16-bit
-    draws (`keep_mask`); the mean of the output equals the input's exactly."""
+    """`nn.Dropout`'s interface (`rate`, `broadcast_dims`, `deterministic`, the `dropout` rng or an `rng`
+    argument) with 16-bit draws (`keep_mask`); the mean of the output equals the input's exactly."""
 
     rate: float
     broadcast_dims: Sequence[int] = ()
@@ -38,14 +38,16 @@ class Dropout(nn.Module):
     rng_collection: str = "dropout"
 
     @nn.compact
-    def __call__(self, inputs: jax.Array, deterministic: bool | None = None) -> jax.Array:
+    def __call__(self, inputs: jax.Array, deterministic: bool | None = None, rng: jax.Array | None = None) -> jax.Array:
         deterministic = nn.merge_param("deterministic", self.deterministic, deterministic)
         if self.rate == 0.0 or deterministic:
             return inputs
         if self.rate >= 1.0:
             return jnp.zeros_like(inputs)
-        shape = tuple(1 if d in self.broadcast_dims else n for d, n in enumerate(inputs.shape))
-        mask, keep = keep_mask(self.make_rng(self.rng_collection), 1.0 - self.rate, shape)
+        broadcast = {d % inputs.ndim for d in self.broadcast_dims}  # negative dims count from the end
+        shape = tuple(1 if d in broadcast else n for d, n in enumerate(inputs.shape))
+        key = self.make_rng(self.rng_collection) if rng is None else rng
+        mask, keep = keep_mask(key, 1.0 - self.rate, shape)
         if keep == 0.0:
             return jnp.zeros_like(inputs)
         return lax.select(jnp.broadcast_to(mask, inputs.shape), inputs / keep,
