@@ -106,3 +106,19 @@ def test_dropout_modes_broadcast_and_dtype():
     chex.assert_trees_all_equal(with_key[0], with_key[1])
     assert not np.array_equal(with_key[0], with_key[2])
     assert models.Dropout(0.2).apply({}, x, deterministic=False, rngs=rngs).dtype == jnp.bfloat16
+
+
+def test_dropout_masks_of_a_sharded_batch_are_drawn_in_parts():
+    """Under jit with the batch split over 8 devices, each device hashes only its rows' random bits."""
+    from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+    sharding = NamedSharding(Mesh(np.array(jax.devices()[:8]), ("data",)), P("data"))
+    drop = jax.jit(lambda x, key: models.Dropout(0.1).apply({}, x, deterministic=False, rngs={"dropout": key}),
+                   in_shardings=(sharding, None), out_shardings=sharding)
+    x = jax.device_put(jnp.ones((64, 3, 10)), sharding)
+    text = drop.lower(x, jax.random.PRNGKey(0)).compile().as_text()
+    assert not any(op in text for op in ("all-gather", "all-reduce", "all-to-all", "collective-permute"))
+    chex.assert_trees_all_equal(drop(x, jax.random.PRNGKey(0)), jax.jit(drop.__wrapped__)(np.ones((64, 3, 10), np.float32),
+                                                                          jax.random.PRNGKey(0)))
+    scalar = models.Dropout(0.5).apply({}, jnp.float32(2.0), deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
+    assert scalar.shape == () and float(scalar) in (0.0, 4.0)
