@@ -86,15 +86,13 @@ def gather(tables: Mapping[str, jax.Array], batch: Mapping[str, jax.Array]) -> d
     """Inside a compiled step: the examples at `batch['index']`, from the device-resident split. With a
     `batch['slot']` (shape (1,)), `index` holds the rows of several steps (steps, batch) and the step takes
     row `slot` of it (`slotted`)."""
-    index = batch[INDEX_KEY]
-    if SLOT_KEY in batch:
-        index = jax.lax.dynamic_index_in_dim(index, batch[SLOT_KEY][0], axis=0, keepdims=False)
+    index = call_rows(batch)[INDEX_KEY]
     return {k: jnp.take(v, index, axis=0) for k, v in tables.items()}
 
 
 def call_rows(batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """Inside a compiled multi-step call: its row indices (steps, batch), entry `slot` of a chunk of several
-    calls' (calls, steps, batch) where the batch has a slot; else the batch as it is."""
+    """Inside a compiled call: its row indices, entry `slot` of a chunk of several steps' (steps, batch) or
+    several multi-step calls' (calls, steps, batch) where the batch has a slot; else the batch as it is."""
     if SLOT_KEY not in batch:
         return dict(batch)
     index = jax.lax.dynamic_index_in_dim(batch[INDEX_KEY], batch[SLOT_KEY].reshape(-1)[0], axis=0, keepdims=False)
