@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from dlfx import models
+from dlfx.models.dropout import keep_mask, random_bits
 from dlfx.errors import ConfigError
 
 
@@ -77,13 +78,19 @@ def test_registry_errors_name_the_problem():
 
 @pytest.mark.parametrize("rate", [0.1, 0.5, 0.03])
 def test_dropout_drops_at_its_rate_and_keeps_the_mean(rate):
-    """16-bit draws: the dropped fraction is the rate, kept entries are scaled so the mean is unchanged."""
-    x = jnp.ones((1001, 999), jnp.float32)  # an odd element count: the last 32-bit draw is half used
+    """The dropped fraction is the rate, kept entries are scaled so the mean is unchanged, and the bits are
+    `jax.random.bits`."""
+    x = jnp.ones((1001, 999), jnp.float32)
     y = models.Dropout(rate).apply({}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(3)})
     dropped = float(jnp.mean(y == 0))
     assert abs(dropped - rate) < 0.003 and abs(float(jnp.mean(y)) - 1.0) < 0.005
     kept = np.unique(np.asarray(y[y != 0]))
-    np.testing.assert_allclose(kept, [1 / (round((1 - rate) * 65536) / 65536)], rtol=1e-6)
+    np.testing.assert_allclose(kept, [1 / (round((1 - rate) * 2**32) / 2**32)], rtol=1e-6)
+    key = jax.random.fold_in(jax.random.key(3), 1)
+    bits = jax.jit(random_bits, static_argnums=1)(key, x.shape)  # the fused rounds, as in a train step
+    chex.assert_trees_all_equal(bits, jax.random.bits(key, x.shape, jnp.uint32))
+    mask, keep = keep_mask(key, 1 - rate, x.shape)
+    chex.assert_trees_all_equal(mask, bits < np.uint32(round((1 - rate) * 2**32)))
     other = models.Dropout(rate).apply({}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(4)})
     assert float(jnp.mean((y == 0) != (other == 0))) > rate  # another key, another mask
 
@@ -106,6 +113,9 @@ def test_dropout_modes_broadcast_and_dtype():
     chex.assert_trees_all_equal(with_key[0], with_key[1])
     assert not np.array_equal(with_key[0], with_key[2])
     assert models.Dropout(0.2).apply({}, x, deterministic=False, rngs=rngs).dtype == jnp.bfloat16
+    rbg = jax.random.key(5, impl="rbg")  # another generator: its own jax.random.bits
+    y = models.Dropout(0.5).apply({}, jnp.ones((64, 4)), deterministic=False, rng=rbg)
+    chex.assert_trees_all_equal(y != 0, jax.random.bits(rbg, (64, 4), jnp.uint32) < np.uint32(2**31))
 
 
 def test_dropout_masks_of_a_sharded_batch_are_drawn_in_parts():

@@ -1,57 +1,66 @@
-"""Inverted dropout that draws 16 random bits per element: a quarter of the threefry blocks of `nn.Dropout`."""
+"""Inverted dropout whose random bits are JAX's threefry, written out so XLA fuses them into the select."""
 
 from __future__ import annotations
 
+import math
 from typing import Sequence
 
 import flax.linen as nn
 import jax
-import jax.extend
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-KEEP_BITS = 16  # keep probabilities are rounded to a multiple of 2**-16; outputs are scaled by the rounded one
+KEEP_BITS = 32  # keep probabilities are rounded to a multiple of 2**-32; outputs are scaled by the rounded one
+_ROTATIONS = ((13, 15, 26, 6), (17, 29, 16, 24))  # Threefry-2x32, 20 rounds, as jax.random uses it
+
+
+def random_bits(key: jax.Array, shape: Sequence[int]) -> jax.Array:
+    """`jax.random.bits(key, shape, jnp.uint32)` for a threefry key (under the default partitionable threefry),
+    as plain integer ops that XLA fuses into their consumer.
+
+    `jax.random.bits` goes through the `threefry2x32` primitive, which XLA:CPU runs as a rolled loop over
+    whole arrays and the GPU as a kernel of its own, so every draw is written to memory and read back. Here
+    the 20 rounds are spelled out and each element hashes its own count, so a mask is computed where it is
+    used. Counts come from an iota per axis, so a sharded mask is drawn in parts. A key of another generator,
+    or a shape of 2**32 elements or more, goes through `jax.random.bits`.
+    """
+    shape = tuple(shape)
+    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
+    data = jax.random.key_data(key) if typed else key
+    if (typed and "threefry" not in str(jax.random.key_impl(key))) or data.shape != (2,) \
+            or math.prod(shape) >= 1 << 32 or not jax.config.jax_threefry_partitionable:
+        return jax.random.bits(key, shape, jnp.uint32)
+    count, stride = jnp.zeros(shape, jnp.uint32), 1
+    for axis in reversed(range(len(shape))):
+        count = count + lax.broadcasted_iota(jnp.uint32, shape, axis) * np.uint32(stride)
+        stride *= shape[axis]
+    first, second = _threefry2x32(data[0], data[1], jnp.zeros(shape, jnp.uint32), count)
+    return first ^ second
+
+
+def _threefry2x32(k0: jax.Array, k1: jax.Array, x0: jax.Array, x1: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The Threefry-2x32 block function (Salmon et al., 2011), unrolled."""
+    keys = (k0, k1, k0 ^ k1 ^ np.uint32(0x1BD11BDA))
+    x0, x1 = x0 + keys[0], x1 + keys[1]
+    for i in range(5):
+        for r in _ROTATIONS[i % 2]:
+            x0 = x0 + x1
+            x1 = x0 ^ ((x1 << np.uint32(r)) | (x1 >> np.uint32(32 - r)))
+        x0, x1 = x0 + keys[(i + 1) % 3], x1 + keys[(i + 2) % 3] + np.uint32(i + 1)
+    return x0, x1
 
 
 def keep_mask(key: jax.Array, keep_prob: float, shape: Sequence[int]) -> tuple[jax.Array, float]:
-    """A boolean mask of `shape`, each entry True with probability `keep_prob` rounded to 2**-16, and that
-    rounded probability.
-
-    JAX's partitionable threefry (`jax.random.bits`) hashes one block per element and keeps 32 bits of its 64,
-    and `nn.Dropout` compares a float32 uniform per element; here each block's two 32-bit words give four
-    elements their 16 bits: a quarter of the blocks. The counts are laid out over the mask's own leading axes,
-    so a mask sharded on its batch axis is drawn in parts, as `jax.random.bits` is.
-    """
-    threshold = round(keep_prob * (1 << KEEP_BITS))
-    shape = tuple(shape)
-    lead, last = shape[:-1], (shape[-1] if shape else 1)
-    blocks = (*lead, (last + 3) // 4)
-    first, second = _block_words(key, blocks)
-    values = jnp.stack([first & 0xFFFF, first >> 16, second & 0xFFFF, second >> 16], axis=-1)
-    values = values.reshape(*lead, blocks[-1] * 4)[..., :last].reshape(shape)
-    return values < threshold, threshold / (1 << KEEP_BITS)
-
-
-def _block_words(key: jax.Array, shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
-    """Both 32-bit words of one threefry block per entry of `shape` (block i of the flat layout hashes count
-    i); `jax.random.bits` for a key of another generator."""
-    typed = jnp.issubdtype(key.dtype, jax.dtypes.prng_key)
-    data = jax.random.key_data(key) if typed else key
-    if (typed and "threefry" not in str(jax.random.key_impl(key))) or data.shape != (2,):
-        words = jax.random.bits(key, (*shape, 2), jnp.uint32)
-        return words[..., 0], words[..., 1]
-    count, stride = jnp.zeros(shape, jnp.uint32), 1
-    for axis in reversed(range(len(shape))):
-        count = count + lax.broadcasted_iota(jnp.uint32, shape, axis) * np.uint32(stride % (1 << 32))
-        stride *= shape[axis]
-    first, second = jax.extend.random.threefry2x32_p.bind(data[0], data[1], jnp.zeros(shape, jnp.uint32), count)
-    return first, second
+    """A boolean mask of `shape`, each entry True with probability `keep_prob` rounded to 2**-32 (and below 1),
+    and that rounded probability; the bits are `random_bits(key, shape)`."""
+    threshold = min(round(keep_prob * (1 << KEEP_BITS)), (1 << KEEP_BITS) - 1)
+    return random_bits(key, shape) < np.uint32(threshold), threshold / (1 << KEEP_BITS)
 
 
 class Dropout(nn.Module):
     """`nn.Dropout`'s interface (`rate`, `broadcast_dims`, `deterministic`, the `dropout` rng or an `rng`
-    argument) with 16-bit draws (`keep_mask`); the mean of the output equals the input's exactly."""
+    argument) with fused threefry bits (`keep_mask`); the mean of the output equals the input's exactly."""
 
     rate: float
     broadcast_dims: Sequence[int] = ()
