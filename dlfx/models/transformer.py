@@ -85,13 +85,18 @@ class SelfAttention(nn.Module):
         mask = (k_pos[None, :] <= q_pos[:, None])[None, None] if causal else None  # (1, 1, q, k)
         explicit = self.is_mutable_collection("intermediates") or (train and self.dropout_rate > 0)
         if explicit:
-            scores = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / math.sqrt(head_dim)
+            # heads ahead of positions, so both products batch over leading axes; one transpose moves q, k and v
+            if from_cache:
+                q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
+            else:
+                q, k, v = qkv.transpose(2, 0, 3, 1, 4)
+            scores = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32) / math.sqrt(head_dim)
             if causal:
                 scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
             weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
             self.sow("intermediates", "attention_weights", weights)
             weights = Dropout(self.dropout_rate, deterministic=not train)(weights)
-            out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+            out = jnp.einsum("bhqk,bhkd->bhqd", weights, v).transpose(0, 2, 1, 3)
         elif from_cache:
             out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
         else:
