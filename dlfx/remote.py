@@ -6,11 +6,17 @@ folder: every `PUSH_SECONDS`, after every checkpoint save, and at the end. Reade
 `runs`, `plot`, `load_run`) pull the run's small files the same way. Checkpoints never pass through a
 mirror: Orbax reads and writes `REMOTE/checkpoints` itself. The remote folder's `.lock` names the host and
 process that trains there; one not refreshed for `STALE_SECONDS` belongs to a run that is gone.
+
+A mirror whose process died (SIGKILL, out of memory) stays behind in the temporary folder with what it had not
+pushed yet. The next run on this machine that takes over the dead writer's lock first pushes that mirror's
+files, as the writer would have at its end, and deletes it; a dead reader's mirror holds nothing of its own
+and is deleted by the next mirror made here.
 """
 
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
@@ -29,6 +35,8 @@ PUSH_SECONDS = 30.0
 STALE_SECONDS = 600.0
 LOCK = ".lock"
 MARKER = ".dlfx_mirror_of"  # beside a mirror (in its temporary parent): the URL of the folder it copies
+OWNER = ".dlfx_mirror_owner"  # beside it too: the process that made the mirror, and whether it writes
+PREFIX = "dlfx-mirror-"
 NEVER_PULLED = ("checkpoints", "corrupt_checkpoints")  # Orbax reads them in place
 NOT_READ = NEVER_PULLED + ("events", "plots")  # what readers do not need
 
@@ -64,6 +72,43 @@ def _fail(what: str, path: str, error: Exception) -> ConfigError:
     return ConfigError(f"cannot {what} {path}: {one_line(error)}")
 
 
+def _process() -> dict:
+    """This process, as a mirror's owner file and a remote lock name it."""
+    from dlfx.workdir import _boot_id, _start_ticks
+
+    return {"host": socket.gethostname(), "boot": _boot_id(), "pid": os.getpid(), "start": _start_ticks(os.getpid())}
+
+
+def _gone(held: dict) -> bool:
+    """Whether `held` names a process of this machine that no longer runs (in this boot: not alive, or its pid
+    taken by a later process; or of an earlier boot)."""
+    from dlfx.workdir import _alive, _boot_id, _start_ticks
+
+    pid, boot = held.get("pid"), _boot_id()
+    if held.get("host") != socket.gethostname() or not isinstance(pid, int) or boot == "-":
+        return False
+    if held.get("boot") != boot:
+        return held.get("boot") not in (None, "-")
+    start = held.get("start", "-")
+    return not _alive(pid) or (start != "-" and _start_ticks(pid) not in ("-", start))
+
+
+def _orphans() -> list[tuple[str, dict, str]]:
+    """(temporary folder, owner, URL) of every mirror in the temporary folder whose process is gone."""
+    found = []
+    for root in glob.glob(os.path.join(tempfile.gettempdir(), PREFIX + "*")):
+        try:
+            with open(os.path.join(root, OWNER)) as f:
+                owner = json.load(f)
+            with open(os.path.join(root, MARKER)) as f:
+                url = f.read().strip()
+        except (OSError, ValueError):
+            continue  # being made, or not ours
+        if isinstance(owner, dict) and _gone(owner):
+            found.append((root, owner, url))
+    return found
+
+
 def _pull(remote: epath.Path, local: str, skip: tuple[str, ...]) -> None:
     for path in remote.iterdir():
         if path.name in skip or path.name == LOCK:
@@ -88,7 +133,10 @@ class Mirror:
 
     def __init__(self, url: str, writer: bool = False, skip: tuple[str, ...] = NEVER_PULLED):
         self.remote, self.url, self.writer = epath.Path(url), url.rstrip("/"), writer
-        self.root = tempfile.mkdtemp(prefix="dlfx-mirror-")
+        for root, owner, _ in _orphans():
+            if not owner.get("writer"):
+                shutil.rmtree(root, ignore_errors=True)  # a dead reader's pull: nothing of its own
+        self.root = tempfile.mkdtemp(prefix=PREFIX)
         self.local = os.path.join(self.root, self.remote.name or "run")
         self._sent: dict[str, tuple[int, int]] = {}
         self._lock_held, self._push_lock = False, threading.Lock()
@@ -96,6 +144,8 @@ class Mirror:
         try:
             with open(os.path.join(self.root, MARKER), "w") as f:
                 f.write(self.url)
+            with open(os.path.join(self.root, OWNER), "w") as f:
+                json.dump(dict(_process(), writer=writer), f)
             try:
                 exists = self.remote.exists()
                 if exists and not self.remote.is_dir():
@@ -122,18 +172,7 @@ class Mirror:
 
     # --- the remote lock -------------------------------------------------------------------------
     def _owner(self) -> dict:
-        from dlfx.workdir import _boot_id
-
-        return {"host": socket.gethostname(), "boot": _boot_id(), "pid": os.getpid(), "time": time.time()}
-
-    @staticmethod
-    def _gone(held: dict) -> bool:
-        """Whether a lock names a process of this machine's current boot that no longer runs."""
-        from dlfx.workdir import _alive, _boot_id
-
-        pid = held.get("pid")
-        return (held.get("host") == socket.gethostname() and held.get("boot") == _boot_id() != "-"
-                and isinstance(pid, int) and not _alive(pid))
+        return dict(_process(), time=time.time())
 
     def _take_lock(self) -> None:
         lock = self.remote / LOCK
@@ -145,7 +184,7 @@ class Mirror:
             raise _fail("read the lock", str(lock), e) from None
         if isinstance(held, dict) and (held.get("host"), held.get("pid")) != (socket.gethostname(), os.getpid()):
             age = time.time() - float(held.get("time") or 0)
-            gone = self._gone(held)
+            gone = _gone(held)
             if age < STALE_SECONDS and not gone:
                 raise ConfigError(f"{self.url} is in use by process {held.get('pid')} on host {held.get('host')} "
                                   f"(its lock {lock} was refreshed {age:.0f} s ago); wait for it, or remove the "
@@ -156,6 +195,35 @@ class Mirror:
                   f"{held.get('host')}, {why}", file=sys.stderr)
         self._write_lock()
         self._lock_held = True
+        if isinstance(held, dict) and _gone(held):
+            self._finish_push_of(held)
+
+    def _finish_push_of(self, held: dict) -> None:
+        """Push what the dead writer `held` left unpushed in its mirror here (every file of a started run, as
+        its own last push would have), then delete that mirror."""
+        for root, owner, url in _orphans():
+            if url != self.url or not owner.get("writer") or owner.get("pid") != held.get("pid"):
+                continue
+            local = os.path.join(root, self.remote.name or "run")
+            if os.path.isfile(os.path.join(local, "status.json")):
+                try:
+                    for folder, subdirs, files in os.walk(local):
+                        if folder == local:
+                            subdirs[:] = [d for d in subdirs if d not in NEVER_PULLED]
+                        for name in files:
+                            if name == LOCK or name.endswith(".tmp"):
+                                continue
+                            rel = os.path.relpath(os.path.join(folder, name), local)
+                            target = self.remote / rel
+                            target.parent.mkdir(parents=True, exist_ok=True)
+                            with open(os.path.join(folder, name), "rb") as f:
+                                target.write_bytes(f.read())
+                except Exception as e:
+                    raise _fail(f"copy the files that process {held.get('pid')} left in {local} to", self.url,
+                                e) from None
+                print(f"dlfx: warning: copied to {self.url} what process {held.get('pid')} had not pushed "
+                      f"before it stopped (its mirror {local})", file=sys.stderr)
+            shutil.rmtree(root, ignore_errors=True)
 
     def _write_lock(self) -> None:
         try:

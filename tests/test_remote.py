@@ -162,3 +162,52 @@ def test_a_mirror_pushes_what_changed_and_names_its_origin(tmp_path, gcs):
         mirror.close()
     assert (gcs / "bucket" / "m" / "metrics.jsonl").read_text().count("step") == 2
     assert not (gcs / "bucket" / "m" / ".lock").exists() and not os.path.exists(mirror.root)
+
+
+def test_a_dead_writers_mirror_is_pushed_by_the_run_that_takes_over_and_a_dead_readers_is_deleted(
+        tmp_path, gcs, monkeypatch, capsys):
+    monkeypatch.setattr(remote.tempfile, "tempdir", str(tmp_path / "tmp"))  # only this test's mirrors
+    os.makedirs(tmp_path / "tmp")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+
+    def as_dead(mirror):
+        """Leave `mirror` as a SIGKILLed process leaves it: no last push, its owner (and lock) a dead pid."""
+        if mirror._thread is not None:
+            mirror._stop.set()
+            mirror._wake.set()
+            mirror._thread.join()
+        owner_file = os.path.join(mirror.root, remote.OWNER)
+        with open(owner_file) as f:
+            owner = dict(json.load(f), pid=dead.pid, start="-")
+        with open(owner_file, "w") as f:
+            json.dump(owner, f)
+        if mirror.writer:
+            (gcs / "bucket" / "k" / ".lock").write_text(json.dumps(dict(owner, time=time.time())))
+
+    writer = remote.Mirror("gs://bucket/k", writer=True)
+    os.makedirs(writer.local)
+    for name, text in [("status.json", '{"status": "running"}'), ("metrics.jsonl", '{"step": 1}\n')]:
+        with open(os.path.join(writer.local, name), "w") as f:
+            f.write(text)
+    writer.push()
+    with open(os.path.join(writer.local, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 2}\n')  # logged, not yet pushed when the process died
+    as_dead(writer)
+    reader = remote.Mirror("gs://bucket/k")
+    as_dead(reader)
+    alive = remote.Mirror("gs://bucket/k")  # a live reader's mirror stays
+    assert os.path.isdir(writer.root) and not os.path.exists(reader.root)  # the next mirror sweeps dead readers'
+
+    taker = remote.Mirror("gs://bucket/k", writer=True)
+    try:
+        err = capsys.readouterr().err
+        assert "which is no longer running" in err and f"what process {dead.pid} had not pushed" in err
+        assert (gcs / "bucket" / "k" / "metrics.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n'
+        with open(os.path.join(taker.local, "metrics.jsonl")) as f:
+            assert f.read().count("step") == 2  # pulled after the dead writer's files were pushed
+        assert not os.path.exists(writer.root) and os.path.isdir(alive.root)
+    finally:
+        taker.close()
+        alive.close()
+    assert os.listdir(tmp_path / "tmp") == []
