@@ -61,7 +61,8 @@ def _check_finite(key: str, value: Any) -> None:
 
 
 def _check_attention(config: ml_collections.ConfigDict, value: Any) -> None:
-    """`model.attention`: a known kernel; cuDNN with bfloat16 (where it can run: `check_training_devices`)."""
+    """`model.attention`: a known kernel; cuDNN with bfloat16, splash per device on lengths it tiles (where they
+    can run: `check_training_devices`)."""
     from dlfx.models.transformer import ATTENTION
 
     if value not in ATTENTION:
@@ -69,15 +70,29 @@ def _check_attention(config: ml_collections.ConfigDict, value: Any) -> None:
     if value == "cudnn" and config.precision.compute_dtype != "bfloat16":
         raise ConfigError(f"config.model.attention='cudnn' needs config.precision.compute_dtype='bfloat16', "
                           f"got {config.precision.compute_dtype!r}")
+    if value == "splash":
+        from dlfx.models.transformer import SPLASH_BLOCK
+
+        if config.parallel.mode == "fsdp":  # a Pallas call is not split by the partitioner: it runs per device
+            raise ConfigError("config.model.attention='splash' runs the kernel on each device's part of the batch: "
+                              "use config.parallel.mode=auto, shard_map or pmap, not 'fsdp'")
+        length = config.data.get("seq_len")
+        if config.model.name == "gpt" and isinstance(length, int) and length % SPLASH_BLOCK:
+            raise ConfigError(f"config.model.attention='splash' needs config.data.seq_len to be a multiple of "
+                              f"{SPLASH_BLOCK}, got {length}")
 
 
 def check_training_devices(config: ml_collections.ConfigDict) -> None:
-    """What only training refuses (evaluating or sampling the run elsewhere is fine): cuDNN attention off a GPU."""
+    """What only training refuses (evaluating or sampling the run elsewhere is fine): cuDNN attention off a GPU,
+    splash attention off a TPU."""
     import jax
 
     if config.model.get("attention") == "cudnn" and jax.default_backend() != "gpu":
         raise ConfigError(f"config.model.attention='cudnn' needs a CUDA GPU, but this run's backend is "
                           f"{jax.default_backend()}; use 'auto' (cuDNN on a GPU, XLA elsewhere)")
+    if config.model.get("attention") == "splash" and jax.default_backend() != "tpu":
+        raise ConfigError(f"config.model.attention='splash' needs a TPU, but this run's backend is "
+                          f"{jax.default_backend()}; use 'auto' (XLA's attention there)")
 
 
 def _check_model(config: ml_collections.ConfigDict) -> None:

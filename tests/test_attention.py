@@ -3,6 +3,7 @@
 import chex
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from dlfx import config as dlfx_config
@@ -86,7 +87,7 @@ def test_auto_picks_cudnn_only_on_a_gpu_for_half_precision(monkeypatch):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("model.attention=flash", "config.model.attention='flash' is not one of auto, xla, cudnn"),
+    ("model.attention=flash", "config.model.attention='flash' is not one of auto, xla, cudnn, splash"),
     ("precision.compute_dtype=float16", "use 'bfloat16'"),
     ("model.attention=cudnn", "needs config.precision.compute_dtype='bfloat16'"),
 ])
@@ -117,3 +118,61 @@ def test_gpt2_124m_config_has_gpt2_small_shape(repo_root):
     model = models.build("gpt", vocab_size=50257, dtype=jnp.bfloat16, **kwargs)  # GPT-2's own vocabulary
     shapes = jax.eval_shape(model.init, jax.random.PRNGKey(0), jnp.zeros((1, 8), jnp.int32))["params"]
     assert sum(x.size for x in jax.tree.leaves(shapes)) == 124_439_808  # GPT-2 small, tied head
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_splash_kernel_equals_xla_attention(causal):
+    """The Pallas splash kernel, run by the Pallas interpreter on this CPU: outputs and gradients."""
+    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 128, 2, 32)) for i in range(3))
+
+    def loss(attend):
+        return lambda q, k, v: jnp.sum(jnp.sin(attend(q, k, v)))
+
+    def splash(q, k, v):
+        return transformer.splash_attention(q, k, v, causal, interpret=True)
+
+    def xla(q, k, v):
+        return jax.nn.dot_product_attention(q, k, v, is_causal=causal)
+
+    chex.assert_trees_all_close(jax.jit(splash)(q, k, v), xla(q, k, v), rtol=1e-5, atol=1e-5)
+    chex.assert_trees_all_close(jax.jit(jax.grad(loss(splash), argnums=(0, 1, 2)))(q, k, v),
+                                jax.grad(loss(xla), argnums=(0, 1, 2))(q, k, v), rtol=1e-4, atol=1e-4)
+    if causal:  # inside the shard_map step (check_vma off, as dlfx runs it): each device attends its rows
+        from jax.sharding import Mesh, PartitionSpec as P
+
+        mesh = Mesh(np.array(jax.devices()[:2]), ("data",))
+        per_device = jax.jit(jax.shard_map(splash, mesh=mesh, in_specs=P("data"), out_specs=P("data"),
+                                           check_vma=False))
+        chex.assert_trees_all_close(per_device(q, k, v), xla(q, k, v), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match=r"multiple of 128; got inputs of shape \(2, 96, 2, 32\)"):
+        transformer.splash_attention(q[:, :96], k[:, :96], v[:, :96], causal, interpret=True)
+
+
+def test_splash_is_chosen_on_a_tpu_and_runs_inside_the_model(repo_root, tmp_path, monkeypatch):
+    assert transformer.fused_implementation("splash", jnp.bfloat16, 64) == "xla"  # off a TPU: the same math
+    model = models.build("gpt", vocab_size=11, max_len=128, num_layers=1, num_heads=2, embed_dim=16,
+                         attention="splash")
+    tokens = jnp.arange(256).reshape(2, 128) % 11
+    variables = {"params": model.init(jax.random.PRNGKey(0), tokens)["params"]}
+    on_cpu = model.apply(variables, tokens)
+    monkeypatch.setattr(transformer, "fused_implementation", lambda *args: "splash")  # as on a TPU
+    calls, real = [], transformer.splash_attention
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(transformer, "splash_attention", spy)
+    chex.assert_trees_all_close(model.apply(variables, tokens), on_cpu, rtol=1e-5, atol=1e-5)
+    assert calls == [{"interpret": True}]  # the kernel ran (interpreted, as this is no TPU)
+
+    from dlfx import runner
+
+    for overrides, message in [(["data.seq_len=100"], "config.data.seq_len to be a multiple of 128, got 100"),
+                               (["parallel.mode=fsdp"], "not 'fsdp'")]:
+        with pytest.raises(ConfigError, match=message):
+            dlfx_config.load(f"{repo_root}/configs/char_gpt.py", ["model.attention=splash", *overrides])
+    config = dlfx_config.load(f"{repo_root}/configs/char_gpt.py", ["model.attention=splash"])
+    with pytest.raises(ConfigError, match="needs a TPU, but this run's backend is cpu"):
+        runner.train(config, str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()

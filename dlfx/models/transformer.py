@@ -17,15 +17,19 @@ from jax import lax
 
 from dlfx.models.dropout import Dropout
 
-ATTENTION = ("auto", "xla", "cudnn")  # `attention` field: which kernel jax.nn.dot_product_attention uses
+ATTENTION = ("auto", "xla", "cudnn", "splash")  # `attention` field: which fused kernel attention runs on
+SPLASH_BLOCK = 128  # the splash kernel's default block: sequence lengths must be a multiple of it
 
 
 def fused_implementation(attention: str, dtype: Any, head_dim: int) -> str:
-    """The `implementation` for jax.nn.dot_product_attention: cuDNN flash attention where it applies, else XLA."""
+    """Which fused kernel runs attention: 'cudnn' (flash attention on a GPU), 'splash' (Pallas on a TPU) or
+    'xla'; `auto` picks cuDNN where it applies, else XLA."""
     if attention not in ATTENTION:
         raise ValueError(f"attention={attention!r} is not one of {', '.join(ATTENTION)}")
     if attention == "cudnn" and jax.default_backend() != "gpu":
         return "xla"  # a run trained with cuDNN, evaluated or sampled off a GPU: the same math
+    if attention == "splash":
+        return "splash" if jax.default_backend() == "tpu" else "xla"  # likewise off a TPU
     if attention == "cudnn" and not (head_dim <= 128 and head_dim % 8 == 0):
         raise ValueError(f"attention='cudnn' needs heads of at most 128 channels, a multiple of 8; got {head_dim}")
     if attention != "auto":
@@ -35,11 +39,28 @@ def fused_implementation(attention: str, dtype: Any, head_dim: int) -> str:
     return "cudnn" if cudnn_ok else "xla"
 
 
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool, interpret: bool = False) -> jax.Array:
+    """Softmax attention over (batch, length, heads, head_dim) inputs by JAX's Pallas splash-attention kernel
+    (TPU); `interpret=True` runs the kernel through the Pallas interpreter on any backend (slow: for tests)."""
+    from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+    batch, length, heads, head_dim = q.shape
+    if length % SPLASH_BLOCK:
+        raise ValueError(f"attention='splash' needs a sequence length that is a multiple of {SPLASH_BLOCK}; "
+                         f"got inputs of shape {tuple(q.shape)}")
+    mask = splash.CausalMask((length, length)) if causal else splash.FullMask((length, length))
+    kernel = splash.make_splash_mha(splash.MultiHeadMask([mask] * heads), head_shards=1, q_seq_shards=1,
+                                    interpret=interpret)
+    q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))  # the kernel takes (heads, length, head_dim)
+    out = jax.vmap(kernel)((q * (1.0 / math.sqrt(head_dim))).astype(k.dtype), k, v)
+    return out.transpose(0, 2, 1, 3)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention; with `decode=True` keys/values are appended to a 'cache' collection.
 
     Attention runs fused through `jax.nn.dot_product_attention` (`attention`: auto = cuDNN flash attention on
-    a GPU for bf16/fp16, XLA otherwise). The explicit softmax(QK^T)V path, which materialises the weights, is
+    a GPU for bf16/fp16, XLA otherwise) or, with `attention='splash'` on a TPU, JAX's Pallas splash kernel. The explicit softmax(QK^T)V path, which materialises the weights, is
     taken only when the weights are needed: when 'intermediates' is mutable (they are sown there, e.g. for
     `dlfx interpret --method attention`) or when dropout applies to them (training with `dropout_rate > 0`).
     Decoding from a filled KV cache always uses the XLA kernel with an explicit position mask.
@@ -99,9 +120,10 @@ class SelfAttention(nn.Module):
             out = jnp.einsum("bhqk,bhkd->bhqd", weights, v).transpose(0, 2, 1, 3)
         elif from_cache:
             out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+        elif (kernel := fused_implementation(self.attention, q.dtype, head_dim)) == "splash":
+            out = splash_attention(q, k, v, causal, interpret=jax.default_backend() != "tpu")
         else:
-            out = jax.nn.dot_product_attention(
-                q, k, v, is_causal=causal, implementation=fused_implementation(self.attention, q.dtype, head_dim))
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=kernel)
         out = out.reshape(batch, length, embed)
         return dense(embed, name="proj")(out)
 
