@@ -93,6 +93,14 @@ def _gone(held: dict) -> bool:
     return not _alive(pid) or (start != "-" and _start_ticks(pid) not in ("-", start))
 
 
+def _same_process(a: dict, b: dict) -> bool:
+    """Whether two records (a mirror's owner, a lock) name one process: the same pid, host and boot, and the
+    same start ticks where both record them."""
+    if any(a.get(k) != b.get(k) for k in ("pid", "host", "boot")):
+        return False
+    return "-" in (a.get("start", "-"), b.get("start", "-")) or a.get("start") == b.get("start")
+
+
 def _orphans() -> list[tuple[str, dict, str]]:
     """(temporary folder, owner, URL) of every mirror in the temporary folder whose process is gone."""
     found = []
@@ -197,16 +205,23 @@ class Mirror:
         self._lock_held = True
         if isinstance(held, dict) and _gone(held):
             self._finish_push_of(held)
+        for root, owner, url in _orphans():
+            if url == self.url and owner.get("writer"):  # a dead writer of this folder the lock no longer named
+                print(f"dlfx: warning: {root} holds files of an earlier run in {self.url} whose process "
+                      f"{owner.get('pid')} stopped without copying them; they were not copied, because the lock "
+                      "no longer named that process (a later run may have replaced them): copy what you need "
+                      "and delete it", file=sys.stderr)
 
     def _finish_push_of(self, held: dict) -> None:
         """Push what the dead writer `held` left unpushed in its mirror here (every file of a started run, as
-        its own last push would have), then delete that mirror."""
+        its own last push would have), then delete that mirror. If the push fails, the dead writer's lock is
+        put back, so the next run retries."""
         for root, owner, url in _orphans():
-            if url != self.url or not owner.get("writer") or owner.get("pid") != held.get("pid"):
+            if url != self.url or not owner.get("writer") or not _same_process(owner, held):
                 continue
             local = os.path.join(root, self.remote.name or "run")
-            if os.path.isfile(os.path.join(local, "status.json")):
-                try:
+            try:
+                if os.path.isfile(os.path.join(local, "status.json")):
                     for folder, subdirs, files in os.walk(local):
                         if folder == local:
                             subdirs[:] = [d for d in subdirs if d not in NEVER_PULLED]
@@ -214,15 +229,21 @@ class Mirror:
                             if name == LOCK or name.endswith(".tmp"):
                                 continue
                             rel = os.path.relpath(os.path.join(folder, name), local)
+                            with open(os.path.join(folder, name), "rb") as f:
+                                content = f.read()
                             target = self.remote / rel
                             target.parent.mkdir(parents=True, exist_ok=True)
-                            with open(os.path.join(folder, name), "rb") as f:
-                                target.write_bytes(f.read())
-                except Exception as e:
-                    raise _fail(f"copy the files that process {held.get('pid')} left in {local} to", self.url,
-                                e) from None
-                print(f"dlfx: warning: copied to {self.url} what process {held.get('pid')} had not pushed "
-                      f"before it stopped (its mirror {local})", file=sys.stderr)
+                            target.write_bytes(content)
+                    print(f"dlfx: warning: copied to {self.url} what process {held.get('pid')} had not pushed "
+                          f"before it stopped (its mirror {local})", file=sys.stderr)
+            except FileNotFoundError:
+                continue  # deleted while read: another run took it over at the same moment and pushed it
+            except Exception as e:
+                with contextlib.suppress(Exception):
+                    (self.remote / LOCK).write_text(json.dumps(held))
+                self._lock_held = False
+                raise _fail(f"copy the files that process {held.get('pid')} left in {local} to", self.url,
+                            e) from None
             shutil.rmtree(root, ignore_errors=True)
 
     def _write_lock(self) -> None:
@@ -232,10 +253,14 @@ class Mirror:
             raise _fail("write the lock in", self.url, e) from None
 
     def _release_lock(self) -> None:
+        """Remove the remote lock if it still names this process (another may have taken it over since)."""
         if self._lock_held:
             self._lock_held = False
             with contextlib.suppress(Exception):
-                (self.remote / LOCK).unlink()
+                held = json.loads((self.remote / LOCK).read_text())
+                if (held.get("host"), held.get("pid"), held.get("start")) == \
+                        (socket.gethostname(), os.getpid(), _process()["start"]):
+                    (self.remote / LOCK).unlink()
 
     # --- pushing -----------------------------------------------------------------------------------
     def _snapshot(self) -> dict[str, tuple[int, int]]:

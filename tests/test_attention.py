@@ -165,6 +165,9 @@ def test_splash_is_chosen_on_a_tpu_and_runs_inside_the_model(repo_root, tmp_path
     monkeypatch.setattr(transformer, "splash_attention", spy)
     chex.assert_trees_all_close(model.apply(variables, tokens), on_cpu, rtol=1e-5, atol=1e-5)
     assert calls == [{"interpret": True}]  # the kernel ran (interpreted, as this is no TPU)
+    prompt = tokens[:, :5]  # sampling on a TPU: decoding goes through XLA, prompts of any length
+    sampled, _ = transformer.generate(model, variables["params"], prompt, 4, jax.random.PRNGKey(0), temperature=0.0)
+    assert sampled.shape == (2, 4) and len(calls) == 1
 
     from dlfx import runner
 

@@ -90,6 +90,7 @@ def test_dropout_drops_at_its_rate_and_keeps_the_mean(rate):
     bits = jax.jit(random_bits, static_argnums=1)(key, x.shape)  # the fused rounds, as in a train step
     chex.assert_trees_all_equal(bits, jax.random.bits(key, x.shape, jnp.uint32))
     mask, keep = keep_mask(key, 1 - rate, x.shape)
+    assert random_bits(key, (0, 1 << 16, 1 << 16)).shape == (0, 1 << 16, 1 << 16)  # empty, counts past 2**32
     chex.assert_trees_all_equal(mask, bits < np.uint32(round((1 - rate) * 2**32)))
     other = models.Dropout(rate).apply({}, x, deterministic=False, rngs={"dropout": jax.random.PRNGKey(4)})
     assert float(jnp.mean((y == 0) != (other == 0))) > rate  # another key, another mask

@@ -171,7 +171,7 @@ def test_a_dead_writers_mirror_is_pushed_by_the_run_that_takes_over_and_a_dead_r
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
 
-    def as_dead(mirror):
+    def as_dead(mirror, start="-"):
         """Leave `mirror` as a SIGKILLed process leaves it: no last push, its owner (and lock) a dead pid."""
         if mirror._thread is not None:
             mirror._stop.set()
@@ -179,7 +179,7 @@ def test_a_dead_writers_mirror_is_pushed_by_the_run_that_takes_over_and_a_dead_r
             mirror._thread.join()
         owner_file = os.path.join(mirror.root, remote.OWNER)
         with open(owner_file) as f:
-            owner = dict(json.load(f), pid=dead.pid, start="-")
+            owner = dict(json.load(f), pid=dead.pid, start=start)
         with open(owner_file, "w") as f:
             json.dump(owner, f)
         if mirror.writer:
@@ -193,21 +193,35 @@ def test_a_dead_writers_mirror_is_pushed_by_the_run_that_takes_over_and_a_dead_r
     writer.push()
     with open(os.path.join(writer.local, "metrics.jsonl"), "a") as f:
         f.write('{"step": 2}\n')  # logged, not yet pushed when the process died
-    as_dead(writer)
+    as_dead(writer, start="200")
+    earlier = str(tmp_path / "tmp" / "dlfx-mirror-earlier")  # the same pid in an earlier container: not this one
+    shutil.copytree(writer.root, earlier)
+    with open(os.path.join(earlier, remote.OWNER), "w") as f:
+        json.dump({"host": socket.gethostname(), "boot": workdir._boot_id(), "pid": dead.pid, "start": "100",
+                   "writer": True}, f)
     reader = remote.Mirror("gs://bucket/k")
     as_dead(reader)
     alive = remote.Mirror("gs://bucket/k")  # a live reader's mirror stays
     assert os.path.isdir(writer.root) and not os.path.exists(reader.root)  # the next mirror sweeps dead readers'
 
+    real_write = type(remote.epath.Path("gs://bucket/k")).write_bytes
+    monkeypatch.setattr(type(remote.epath.Path("gs://bucket/k")), "write_bytes",
+                        lambda self, data: (_ for _ in ()).throw(OSError("bucket unreachable")))
+    with pytest.raises(ConfigError, match=f"cannot copy the files that process {dead.pid} left in .* unreachable"):
+        remote.Mirror("gs://bucket/k", writer=True)
+    assert json.loads((gcs / "bucket" / "k" / ".lock").read_text())["pid"] == dead.pid  # put back: retried
+    monkeypatch.setattr(type(remote.epath.Path("gs://bucket/k")), "write_bytes", real_write)
+    capsys.readouterr()
     taker = remote.Mirror("gs://bucket/k", writer=True)
     try:
         err = capsys.readouterr().err
         assert "which is no longer running" in err and f"what process {dead.pid} had not pushed" in err
+        assert f"{earlier} holds files of an earlier run in gs://bucket/k" in err  # named, kept, not pushed
         assert (gcs / "bucket" / "k" / "metrics.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n'
         with open(os.path.join(taker.local, "metrics.jsonl")) as f:
             assert f.read().count("step") == 2  # pulled after the dead writer's files were pushed
-        assert not os.path.exists(writer.root) and os.path.isdir(alive.root)
+        assert not os.path.exists(writer.root) and os.path.isdir(alive.root) and os.path.isdir(earlier)
     finally:
         taker.close()
         alive.close()
-    assert os.listdir(tmp_path / "tmp") == []
+    assert os.listdir(tmp_path / "tmp") == ["dlfx-mirror-earlier"]

@@ -33,8 +33,8 @@ def random_bits(key: jax.Array, shape: Sequence[int]) -> jax.Array:
         return jax.random.bits(key, shape, jnp.uint32)
     count, stride = jnp.zeros(shape, jnp.uint32), 1
     for axis in reversed(range(len(shape))):
-        count = count + lax.broadcasted_iota(jnp.uint32, shape, axis) * np.uint32(stride)
-        stride *= shape[axis]
+        count = count + lax.broadcasted_iota(jnp.uint32, shape, axis) * np.uint32(stride % (1 << 32))
+        stride *= shape[axis]  # past 2**32 only beside an empty axis, where no count is used
     first, second = _threefry2x32(data[0], data[1], jnp.zeros(shape, jnp.uint32), count)
     return first ^ second
 
@@ -60,7 +60,8 @@ def keep_mask(key: jax.Array, keep_prob: float, shape: Sequence[int]) -> tuple[j
 
 class Dropout(nn.Module):
     """`nn.Dropout`'s interface (`rate`, `broadcast_dims`, `deterministic`, the `dropout` rng or an `rng`
-    argument) with fused threefry bits (`keep_mask`); the mean of the output equals the input's exactly."""
+    argument) with fused threefry bits (`keep_mask`); kept values are scaled by 1 / the rounded keep probability,
+    so the expected output equals the input (up to rounding that scale to the input's dtype, e.g. bfloat16)."""
 
     rate: float
     broadcast_dims: Sequence[int] = ()
