@@ -3,6 +3,7 @@
 #
 #   bash benchmarks/gpu_session.sh prepare      # here, with the package index: cp312 wheels into .gpu_wheels/
 #   bash benchmarks/gpu_session.sh run [OUT]    # on the GPU machine (no package index; carry .gpu_wheels)
+#   bash benchmarks/gpu_session.sh flags [OUT]  # a second call if time is left: the gpt124m step under XLA flags
 #
 # The GPU image has jax with its CUDA plugin, flax, optax, chex, torch and Python 3.12, but lacks grain,
 # array-record, portpicker, ml-collections, mnist1d and tensorboardX, and its orbax-checkpoint is older than the
@@ -20,7 +21,7 @@ case "${1:-}" in
       grain array-record portpicker ml-collections mnist1d tensorboardX "orbax-checkpoint>=0.12.8"
     ls "$WHEELS"
     ;;
-  run)
+  run|flags)
     out="${2:-${OUT:-gpu_out}}"
     mkdir -p "$out"
     site=$(mktemp -d)
@@ -34,6 +35,16 @@ flax.__version__, 'orbax', o.__version__)"; } > "$out/device.txt" 2>&1
       shift 2
       timeout "$limit" "$@" > "$out/$name.txt" 2>&1 || echo "$name: exit $?" >> "$out/failed.txt"
     }
+    if [ "$1" = flags ]; then  # each XLA flag set against the default, on the same warm card
+      for flags in "" --xla_gpu_enable_triton_gemm=false --xla_gpu_enable_latency_hiding_scheduler=true \
+          --xla_gpu_enable_command_buffer=; do
+        name="flags_$(echo "${flags:-default}" | tr -c 'a-z0-9_\n' '_')"
+        XLA_FLAGS="$flags" measure "$name" 130 python3 -m benchmarks.run --models gpt124m --steps 10 --repeats 3 \
+          --runner-steps 20 --runner-repeats 1 --peak-tflops 989
+      done
+      grep -h "^| gpt124m" "$out"/flags_*.txt /dev/null || true
+      exit 0
+    fi
     # GPT-2-small shape: dlfx bare/runner/baseline with MFU, then the PyTorch peer (bf16 autocast, SDPA,
     # fused AdamW, torch.compile) on the same card
     measure gpt124m 200 python3 -m benchmarks.run --models gpt124m --steps 10 --repeats 3 --runner-steps 200 \
@@ -49,7 +60,7 @@ flax.__version__, 'orbax', o.__version__)"; } > "$out/device.txt" 2>&1
     grep -h "^|" "$out"/*.txt || true
     ;;
   *)
-    echo "usage: bash benchmarks/gpu_session.sh prepare | run [OUT]" >&2
+    echo "usage: bash benchmarks/gpu_session.sh prepare | run [OUT] | flags [OUT]" >&2
     exit 2
     ;;
 esac
