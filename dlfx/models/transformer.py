@@ -60,9 +60,10 @@ class SelfAttention(nn.Module):
     """Multi-head self-attention; with `decode=True` keys/values are appended to a 'cache' collection.
 
     Attention runs fused through `jax.nn.dot_product_attention` (`attention`: auto = cuDNN flash attention on
-    a GPU for bf16/fp16, XLA otherwise) or, with `attention='splash'` on a TPU, JAX's Pallas splash kernel. The explicit softmax(QK^T)V path, which materialises the weights, is
-    taken only when the weights are needed: when 'intermediates' is mutable (they are sown there, e.g. for
-    `dlfx interpret --method attention`) or when dropout applies to them (training with `dropout_rate > 0`).
+    a GPU for bf16/fp16, XLA otherwise) or, with `attention='splash'` on a TPU, JAX's Pallas splash kernel.
+    The explicit softmax(QK^T)V path, which materialises the weights, is taken only when the weights are
+    needed: when 'intermediates' is mutable (they are sown there, e.g. for `dlfx interpret --method
+    attention`) or when dropout applies to them (training with `dropout_rate > 0`).
     Decoding from a filled KV cache always uses the XLA kernel with an explicit position mask.
     """
 
