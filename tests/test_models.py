@@ -1,6 +1,7 @@
 """Model registry, shapes, train/eval behaviour and precision options."""
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -133,3 +134,18 @@ def test_dropout_masks_of_a_sharded_batch_are_drawn_in_parts():
                                                                           jax.random.PRNGKey(0)))
     scalar = models.Dropout(0.5).apply({}, jnp.float32(2.0), deterministic=False, rngs={"dropout": jax.random.PRNGKey(1)})
     assert scalar.shape == () and float(scalar) in (0.0, 4.0)
+
+
+def test_dense_flattens_leading_axes_with_nn_dense_parameters_outputs_and_gradients():
+    from dlfx.models.dense import Dense, flat_dot_general
+
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 7, 4))
+    ours, theirs = Dense(6, name="d"), nn.Dense(6, name="d")
+    params = theirs.init(jax.random.PRNGKey(1), x)
+    chex.assert_trees_all_equal_shapes_and_dtypes(ours.init(jax.random.PRNGKey(1), x), params)
+    chex.assert_trees_all_close(ours.apply(params, x), theirs.apply(params, x), rtol=1e-6, atol=1e-6)
+    grads = [jax.grad(lambda p, m=m: jnp.sum(jnp.sin(m.apply(p, x))))(params) for m in (ours, theirs)]
+    chex.assert_trees_all_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
+    w = jnp.ones((7, 4))  # any other contraction is lax.dot_general's own
+    numbers = (((1,), (0,)), ((), ()))
+    chex.assert_trees_all_equal(flat_dot_general(x[0], w, numbers), jax.lax.dot_general(x[0], w, numbers))

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from dlfx.models.dense import Dense
 from dlfx.models.dropout import Dropout
 from dlfx.models.transformer import sample_logits
 
@@ -59,7 +60,7 @@ class RNN(nn.Module):
                 new_carries.append(carry)
             x = Dropout(self.dropout_rate, deterministic=not train)(x)
         if self.vocab_size:
-            logits = nn.Dense(self.vocab_size, dtype=self.dtype, param_dtype=self.param_dtype, name="head")(x)
+            logits = Dense(self.vocab_size, dtype=self.dtype, param_dtype=self.param_dtype, name="head")(x)
         else:
             logits = nn.Dense(self.num_classes, dtype=self.dtype, param_dtype=self.param_dtype, name="head")(x.mean(1))
         logits = logits.astype(jnp.float32)

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from dlfx.models.dense import Dense
 from dlfx.models.dropout import Dropout
 
 ATTENTION = ("auto", "xla", "cudnn", "splash")  # `attention` field: which fused kernel attention runs on
@@ -82,7 +83,7 @@ class SelfAttention(nn.Module):
         if embed % self.num_heads:
             raise ValueError(f"embed_dim={embed} is not divisible by num_heads={self.num_heads}")
         head_dim = embed // self.num_heads
-        dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+        dense = functools.partial(Dense, dtype=self.dtype, param_dtype=self.param_dtype)
         qkv = dense(3 * embed, name="qkv")(x).reshape(batch, length, 3, self.num_heads, head_dim)
         q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
         q_pos = jnp.arange(length)
@@ -149,7 +150,7 @@ class Block(nn.Module):
 
     @nn.compact
     def __call__(self, x: jnp.ndarray, train: bool = False) -> jnp.ndarray:
-        dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=self.param_dtype)
+        dense = functools.partial(Dense, dtype=self.dtype, param_dtype=self.param_dtype)
         norm = functools.partial(nn.LayerNorm, epsilon=self.layer_norm_epsilon, dtype=self.dtype,
                                  param_dtype=self.param_dtype)
 
@@ -233,7 +234,7 @@ class TransformerEncoder(nn.Module):
             x = nn.Embed(self.vocab_size, self.embed_dim, param_dtype=self.param_dtype, name="wte")(x)
         else:
             x = x[..., None] if x.ndim == 2 else x
-            x = nn.Dense(self.embed_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="embed")(x)
+            x = Dense(self.embed_dim, dtype=self.dtype, param_dtype=self.param_dtype, name="embed")(x)
         length = x.shape[1]
         if length > self.max_len:
             raise ValueError(f"sequence length {length} exceeds max_len={self.max_len}")
@@ -287,7 +288,8 @@ class GPT(nn.Module):
         x = Stack(self.num_layers, _block_kwargs(self, causal=True, decode=self.decode), self.drop_path_rate,
                   self.remat, self.scan_layers, name="h")(x, train)
         x = nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype, param_dtype=self.param_dtype, name="ln_f")(x)
-        return wte.attend(x.astype(self.param_dtype)).astype(jnp.float32)
+        logits = wte.attend(x.reshape(-1, x.shape[-1]).astype(self.param_dtype))  # 2-D: see dense.flat_dot_general
+        return logits.reshape(*x.shape[:-1], self.vocab_size).astype(jnp.float32)
 
 
 def sample_logits(logits: jnp.ndarray, rng: jnp.ndarray, temperature: float) -> jnp.ndarray:
