@@ -9,19 +9,16 @@ import jax
 from jax import lax
 
 
-def flat_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, precision: Any = None,
-                     preferred_element_type: Any = None) -> jax.Array:
+def flat_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, **kwargs: Any) -> jax.Array:
     """`lax.dot_general` for a dense layer, (..., in) x (in, out), with the leading axes of `lhs` merged first:
     the same numbers, but the weight gradient is then a plain 2-D product of (rows, in) and (rows, out), which
     XLA:CPU runs faster than the contraction over two axes that differentiating the 3-D product gives. Any
-    other contraction goes to `lax.dot_general` as it is."""
+    other contraction goes to `lax.dot_general` as it is; keyword arguments (`precision`, ...) pass through."""
     (lhs_contract, rhs_contract), batch = dimension_numbers
     if lhs.ndim <= 2 or rhs.ndim != 2 or any(batch) or tuple(lhs_contract) != (lhs.ndim - 1,) \
             or tuple(rhs_contract) != (0,):
-        return lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                               preferred_element_type=preferred_element_type)
-    out = lax.dot_general(lhs.reshape(-1, lhs.shape[-1]), rhs, (((1,), (0,)), ((), ())), precision=precision,
-                          preferred_element_type=preferred_element_type)
+        return lax.dot_general(lhs, rhs, dimension_numbers, **kwargs)
+    out = lax.dot_general(lhs.reshape(-1, lhs.shape[-1]), rhs, (((1,), (0,)), ((), ())), **kwargs)
     return out.reshape(*lhs.shape[:-1], rhs.shape[-1])
 
 
