@@ -9,8 +9,8 @@ process that trains there; one not refreshed for `STALE_SECONDS` belongs to a ru
 
 A mirror whose process died (SIGKILL, out of memory) stays behind in the temporary folder with what it had not
 pushed yet. The next run on this machine that takes over the dead writer's lock first pushes that mirror's
-files, as the writer would have at its end, and deletes it; a dead reader's mirror holds nothing of its own
-and is deleted by the next mirror made here.
+files, as the writer would have at its end, and deletes it. A dead reader's mirror, or one whose pull had not
+finished (maybe half-written files), holds nothing of its own and is deleted by the next mirror made here.
 """
 
 from __future__ import annotations
@@ -142,8 +142,8 @@ class Mirror:
     def __init__(self, url: str, writer: bool = False, skip: tuple[str, ...] = NEVER_PULLED):
         self.remote, self.url, self.writer = epath.Path(url), url.rstrip("/"), writer
         for root, owner, _ in _orphans():
-            if not owner.get("writer"):
-                shutil.rmtree(root, ignore_errors=True)  # a dead reader's pull: nothing of its own
+            if not owner.get("writer") or not owner.get("pulled"):
+                shutil.rmtree(root, ignore_errors=True)  # a dead reader's or an unfinished pull: nothing of its own
         self.root = tempfile.mkdtemp(prefix=PREFIX)
         self.local = os.path.join(self.root, self.remote.name or "run")
         self._sent: dict[str, tuple[int, int]] = {}
@@ -152,8 +152,7 @@ class Mirror:
         try:
             with open(os.path.join(self.root, MARKER), "w") as f:
                 f.write(self.url)
-            with open(os.path.join(self.root, OWNER), "w") as f:
-                json.dump(dict(_process(), writer=writer), f)
+            self._write_owner(pulled=False)
             try:
                 exists = self.remote.exists()
                 if exists and not self.remote.is_dir():
@@ -170,6 +169,7 @@ class Mirror:
                 except Exception as e:
                     raise _fail("read the run folder", url, e) from None
                 self._sent = self._snapshot()
+            self._write_owner(pulled=True)  # from here on the mirror may hold lines of its own
         except BaseException:
             self._release_lock()
             shutil.rmtree(self.root, ignore_errors=True)
@@ -177,6 +177,14 @@ class Mirror:
         if writer:
             self._thread = threading.Thread(target=self._pusher, daemon=True, name="dlfx-push")
             self._thread.start()
+
+    def _write_owner(self, pulled: bool) -> None:
+        """Record this process beside the mirror, and whether the pull is done (a mirror whose process died
+        before that holds nothing of its own, maybe half-written files)."""
+        path = os.path.join(self.root, OWNER)
+        with open(path + ".tmp", "w") as f:
+            json.dump(dict(_process(), writer=self.writer, pulled=pulled), f)
+        os.replace(path + ".tmp", path)
 
     # --- the remote lock -------------------------------------------------------------------------
     def _owner(self) -> dict:
@@ -217,7 +225,7 @@ class Mirror:
         its own last push would have), then delete that mirror. If the push fails, the dead writer's lock is
         put back, so the next run retries."""
         for root, owner, url in _orphans():
-            if url != self.url or not owner.get("writer") or not _same_process(owner, held):
+            if url != self.url or not owner.get("writer") or not owner.get("pulled") or not _same_process(owner, held):
                 continue
             local = os.path.join(root, self.remote.name or "run")
             try:

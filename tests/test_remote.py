@@ -198,8 +198,15 @@ def test_a_dead_writers_mirror_is_pushed_by_the_run_that_takes_over_and_a_dead_r
     shutil.copytree(writer.root, earlier)
     with open(os.path.join(earlier, remote.OWNER), "w") as f:
         json.dump({"host": socket.gethostname(), "boot": workdir._boot_id(), "pid": dead.pid, "start": "100",
-                   "writer": True}, f)
+                   "writer": True, "pulled": True}, f)
+    half = str(tmp_path / "tmp" / "dlfx-mirror-half")  # killed during its pull: files maybe half-written
+    shutil.copytree(writer.root, half)
+    with open(os.path.join(half, remote.OWNER), "w") as f:
+        json.dump({"host": socket.gethostname(), "boot": workdir._boot_id(), "pid": dead.pid, "start": "200",
+                   "writer": True, "pulled": False}, f)
+    open(os.path.join(half, "k", "metrics.jsonl"), "w").close()
     reader = remote.Mirror("gs://bucket/k")
+    assert not os.path.exists(half)  # swept: it has nothing of its own
     as_dead(reader)
     alive = remote.Mirror("gs://bucket/k")  # a live reader's mirror stays
     assert os.path.isdir(writer.root) and not os.path.exists(reader.root)  # the next mirror sweeps dead readers'

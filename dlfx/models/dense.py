@@ -13,7 +13,9 @@ def flat_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, **k
     """`lax.dot_general` for a dense layer, (..., in) x (in, out), with the leading axes of `lhs` merged first:
     the same numbers, but the weight gradient is then a plain 2-D product of (rows, in) and (rows, out), which
     XLA:CPU runs faster than the contraction over two axes that differentiating the 3-D product gives. Any
-    other contraction goes to `lax.dot_general` as it is; keyword arguments (`precision`, ...) pass through."""
+    other contraction goes to `lax.dot_general` as it is; keyword arguments (`precision`, ...) pass through.
+    Merging the axes keeps a sharding of the leading (batch) axis, as dlfx shards activations; an activation
+    sharded on a later leading axis would be gathered first."""
     (lhs_contract, rhs_contract), batch = dimension_numbers
     if lhs.ndim <= 2 or rhs.ndim != 2 or any(batch) or tuple(lhs_contract) != (lhs.ndim - 1,) \
             or tuple(rhs_contract) != (0,):
