@@ -117,6 +117,23 @@ def _orphans() -> list[tuple[str, dict, str]]:
     return found
 
 
+def _snapshot(local: str) -> dict[str, tuple[int, int]]:
+    """{relative path: (size, mtime_ns)} of the files a mirror at `local` pushes (checkpoints, temporary and lock
+    files left out)."""
+    found = {}
+    for folder, subdirs, files in os.walk(local):
+        if folder == local:
+            subdirs[:] = [d for d in subdirs if d not in NEVER_PULLED]
+        for name in files:
+            if name == LOCK or name.endswith(".tmp"):
+                continue
+            path = os.path.join(folder, name)
+            with contextlib.suppress(FileNotFoundError):
+                stat = os.stat(path)
+                found[os.path.relpath(path, local)] = (stat.st_size, stat.st_mtime_ns)
+    return found
+
+
 def _pull(remote: epath.Path, local: str, skip: tuple[str, ...]) -> None:
     for path in remote.iterdir():
         if path.name in skip or path.name == LOCK:
@@ -168,7 +185,7 @@ class Mirror:
                     _pull(self.remote, self.local, skip)
                 except Exception as e:
                     raise _fail("read the run folder", url, e) from None
-                self._sent = self._snapshot()
+                self._sent = _snapshot(self.local)
             self._write_owner(pulled=True)  # from here on the mirror may hold lines of its own
         except BaseException:
             self._release_lock()
@@ -230,18 +247,12 @@ class Mirror:
             local = os.path.join(root, self.remote.name or "run")
             try:
                 if os.path.isfile(os.path.join(local, "status.json")):
-                    for folder, subdirs, files in os.walk(local):
-                        if folder == local:
-                            subdirs[:] = [d for d in subdirs if d not in NEVER_PULLED]
-                        for name in files:
-                            if name == LOCK or name.endswith(".tmp"):
-                                continue
-                            rel = os.path.relpath(os.path.join(folder, name), local)
-                            with open(os.path.join(folder, name), "rb") as f:
-                                content = f.read()
-                            target = self.remote / rel
-                            target.parent.mkdir(parents=True, exist_ok=True)
-                            target.write_bytes(content)
+                    for rel in _snapshot(local):
+                        with open(os.path.join(local, rel), "rb") as f:
+                            content = f.read()
+                        target = self.remote / rel
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        target.write_bytes(content)
                     print(f"dlfx: warning: copied to {self.url} what process {held.get('pid')} had not pushed "
                           f"before it stopped (its mirror {local})", file=sys.stderr)
             except FileNotFoundError:
@@ -271,27 +282,12 @@ class Mirror:
                     (self.remote / LOCK).unlink()
 
     # --- pushing -----------------------------------------------------------------------------------
-    def _snapshot(self) -> dict[str, tuple[int, int]]:
-        """{relative path: (size, mtime_ns)} of the mirror's files (temporary and lock files left out)."""
-        found = {}
-        for folder, subdirs, files in os.walk(self.local):
-            if folder == self.local:
-                subdirs[:] = [d for d in subdirs if d not in NEVER_PULLED]
-            for name in files:
-                if name == LOCK or name.endswith(".tmp"):
-                    continue
-                path = os.path.join(folder, name)
-                with contextlib.suppress(FileNotFoundError):
-                    stat = os.stat(path)
-                    found[os.path.relpath(path, self.local)] = (stat.st_size, stat.st_mtime_ns)
-        return found
-
     def push(self) -> None:
         """Copy every file that changed since the last push to the remote folder; refresh the lock."""
         if not os.path.isfile(os.path.join(self.local, "status.json")):
             return  # the run has not started (or its start-up failed): nothing of it belongs remote
         with self._push_lock:
-            now = self._snapshot()
+            now = _snapshot(self.local)
             for rel, stamp in now.items():
                 if self._sent.get(rel) == stamp:
                     continue
