@@ -215,9 +215,9 @@ class Mirror:
             held = None  # half-written: stale
         except Exception as e:
             raise _fail("read the lock", str(lock), e) from None
+        gone = isinstance(held, dict) and _gone(held)
         if isinstance(held, dict) and (held.get("host"), held.get("pid")) != (socket.gethostname(), os.getpid()):
             age = time.time() - float(held.get("time") or 0)
-            gone = _gone(held)
             if age < STALE_SECONDS and not gone:
                 raise ConfigError(f"{self.url} is in use by process {held.get('pid')} on host {held.get('host')} "
                                   f"(its lock {lock} was refreshed {age:.0f} s ago); wait for it, or remove the "
@@ -228,7 +228,7 @@ class Mirror:
                   f"{held.get('host')}, {why}", file=sys.stderr)
         self._write_lock()
         self._lock_held = True
-        if isinstance(held, dict) and _gone(held):
+        if gone:
             self._finish_push_of(held)
         for root, owner, url in _orphans():
             if url == self.url and owner.get("writer"):  # a dead writer of this folder the lock no longer named

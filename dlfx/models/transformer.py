@@ -122,12 +122,14 @@ class SelfAttention(nn.Module):
             out = jnp.einsum("bhqk,bhkd->bhqd", weights, v).transpose(0, 2, 1, 3)
         elif from_cache:
             out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
-        elif (kernel := fused_implementation(self.attention, q.dtype, head_dim)) == "splash" and not self.decode:
-            out = splash_attention(q, k, v, causal, interpret=jax.default_backend() != "tpu")
-        elif kernel == "splash":  # sampling: the cache's first call and prompts of any length, through XLA
-            out = jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="xla")
         else:
-            out = jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=kernel)
+            kernel = fused_implementation(self.attention, q.dtype, head_dim)
+            if kernel == "splash" and self.decode:
+                kernel = "xla"  # sampling: the cache's first call and prompts of any length
+            if kernel == "splash":
+                out = splash_attention(q, k, v, causal, interpret=jax.default_backend() != "tpu")
+            else:
+                out = jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=kernel)
         out = out.reshape(batch, length, embed)
         return dense(embed, name="proj")(out)
 
