@@ -31,7 +31,6 @@ import sys
 import time
 
 import jax
-import numpy as np
 
 from benchmarks.run import MODELS
 from dlfx import config as config_lib, data, parallel
@@ -131,7 +130,7 @@ def profile(exp, batches: list, fresh, folder: str, steps: int, top: int) -> str
             continue
         args = e.get("args", {})
         hlo = args.get("hlo_op") or e["name"]
-        key = (e["name"][:40], _short(names.get(hlo, hlo)))
+        key = (re.sub(r"[._]\d+$", "", e["name"])[:40], _short(names.get(hlo, hlo)))
         by_op[key] += e.get("dur", 0)
         count[key] += 1
         streams[(e.get("pid"), e.get("tid"))] += e.get("dur", 0)
