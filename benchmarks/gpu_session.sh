@@ -38,10 +38,10 @@ flax.__version__, 'orbax', o.__version__)"; } > "$out/device.txt" 2>&1
     }
     if [ "$1" = small ]; then
       # small models: runner / bare, saves at most every 5 s (the CNN's saves every 200 steps held it at 0.50)
-      measure small 150 python3 -m benchmarks.run --models mlp,cnn,gpt --steps 20 --repeats 3 --runner-steps 300 \
+      measure small 130 python3 -m benchmarks.run --models mlp,cnn,gpt --steps 20 --repeats 3 --runner-steps 300 \
         --runner-repeats 1 --set train.checkpoint_min_interval_s=5
       # the same with steps per call chosen from the measured step time
-      measure small_auto 100 python3 -m benchmarks.run --models cnn,gpt --steps 20 --repeats 3 --runner-steps 300 \
+      measure small_auto 90 python3 -m benchmarks.run --models cnn,gpt --steps 20 --repeats 3 --runner-steps 300 \
         --runner-repeats 1 --set train.checkpoint_min_interval_s=5 --set train.steps_per_call=0
     else
       # GPT-2-small shape: dlfx bare/runner/baseline with MFU, then the PyTorch peer (bf16 autocast, SDPA,

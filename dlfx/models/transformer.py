@@ -284,14 +284,19 @@ class GPT(nn.Module):
         wte = nn.Embed(self.vocab_size, self.embed_dim, embedding_init=nn.initializers.normal(0.02),
                        param_dtype=self.param_dtype, name="wte")
         wpe = self.param("wpe", nn.initializers.normal(0.01), (self.max_len, self.embed_dim), self.param_dtype)
-        positions = lax.dynamic_slice_in_dim(wpe, start, length) if self.decode else wpe[:length]
-        x = (wte(tokens) + positions).astype(self.dtype)
+        x = add_positions(wte(tokens), wpe, start, self.decode).astype(self.dtype)
         x = Dropout(self.dropout_rate, deterministic=not train)(x)
         x = Stack(self.num_layers, _block_kwargs(self, causal=True, decode=self.decode), self.drop_path_rate,
                   self.remat, self.scan_layers, name="h")(x, train)
         x = nn.LayerNorm(epsilon=self.layer_norm_epsilon, dtype=self.dtype, param_dtype=self.param_dtype, name="ln_f")(x)
         logits = wte.attend(x.reshape(-1, x.shape[-1]).astype(self.param_dtype))  # 2-D: see dense.flat_dot_general
         return logits.reshape(*x.shape[:-1], self.vocab_size).astype(jnp.float32)
+
+
+def add_positions(x: jnp.ndarray, wpe: jnp.ndarray, start: jnp.ndarray, decode: bool) -> jnp.ndarray:
+    """x (batch, length, dim) plus the position embeddings of positions start.. (from `wpe`)."""
+    length = x.shape[1]
+    return x + (lax.dynamic_slice_in_dim(wpe, start, length) if decode else wpe[:length])
 
 
 def sample_logits(logits: jnp.ndarray, rng: jnp.ndarray, temperature: float) -> jnp.ndarray:

@@ -1,0 +1,119 @@
+"""Does the position embedding's gradient set the GPT's activation layout on a GPU?
+
+On an H200 the gpt124m step kept its residual stream batch-minor (`bf16[1024,768,32]`): XLA's layout choice
+for the one reduction over the batch axis (the gradient of the broadcast position embeddings) spread along
+the residual chain, and every dense layer's input and output went through a transposing fusion. This
+compiles the step with `transformer.add_positions` swapped for variants whose gradient is no reduction over
+the batch axis, counts the transposing fusions in each compiled step, and times them in rotating windows:
+
+    python -m experiments.gpu_position_grad [--model gpt124m] [--steps 10] [--windows 5]
+
+Variants: `add` (the default: broadcast add), `gather` (positions gathered per token: a scatter-add
+gradient), `dot` (a custom VJP summing the batch axis with a matmul) and `none` (no position embedding: the
+bound, not a model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from benchmarks.run import MODELS
+from dlfx import config as config_lib, data, parallel
+from dlfx.experiment import build
+from dlfx.models import transformer
+
+
+def gather_positions(x, wpe, start, decode):
+    """Positions gathered for every token: the gradient is a scatter-add into `wpe`."""
+    index = start + jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
+    return x + jnp.take(wpe, index, axis=0)
+
+
+@jax.custom_vjp
+def _add_rows(x, rows):
+    return x + rows
+
+
+def _add_rows_fwd(x, rows):
+    return x + rows, None
+
+
+def _add_rows_bwd(_, g):
+    ones = jnp.ones((g.shape[0],), g.dtype)
+    return g, lax.dot_general(ones, g, (((0,), (0,)), ((), ())))
+
+
+_add_rows.defvjp(_add_rows_fwd, _add_rows_bwd)
+
+
+def dot_positions(x, wpe, start, decode):
+    """A broadcast add whose `wpe` gradient sums the batch axis with a matmul."""
+    rows = lax.dynamic_slice_in_dim(wpe, start, x.shape[1]) if decode else wpe[:x.shape[1]]
+    return _add_rows(x, rows)
+
+
+VARIANTS = {"add": transformer.add_positions, "gather": gather_positions, "dot": dot_positions,
+            "none": lambda x, wpe, start, decode: x}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Compile each variant, count its transposing fusions, time them in rotating windows."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="gpt124m")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--windows", type=int, default=5)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    args = parser.parse_args(argv)
+    spec, overrides, _ = MODELS[args.model]
+    config = config_lib.load(spec, list(overrides) + ["train.epochs=0", "train.steps=1000", "train.eval_every=0"])
+    runs, info = {}, {}
+    original = transformer.add_positions
+    for name in args.variants.split(","):
+        transformer.add_positions = VARIANTS[name]
+        try:
+            exp = build(config)
+            it = data.train_iterator(exp.dataset.train, config.data.batch_size, exp.data_seed)
+            batches = [parallel.shard_batch(next(it), exp.mesh, exp.mode) for _ in range(4)]
+            start = time.perf_counter()
+            compiled = exp.train_step().lower(exp.abstract_state, batches[0]).compile()
+            text = compiled.as_text()
+            info[name] = (time.perf_counter() - start, text.count("input_transpose_fusion"), text.count(" transpose("))
+            state, out = exp.init(), None
+            for i in range(2):
+                state, out = compiled(state, batches[i])
+            jax.block_until_ready(out)
+            runs[name] = [compiled, state, batches, [], float(out[0])]
+        finally:
+            transformer.add_positions = original
+    names = list(runs)
+    for r in range(args.windows):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            compiled, state, batches, times, _ = runs[name]
+            start = time.perf_counter()
+            for i in range(args.steps):
+                state, out = compiled(state, batches[i % len(batches)])
+            jax.block_until_ready(out)
+            times.append(time.perf_counter() - start)
+            runs[name][1] = state
+    base = runs[names[0]][3]
+    print(f"{args.model} on {jax.devices()[0].device_kind}, jax {jax.__version__}; {args.windows} rotating windows "
+          f"of {args.steps} steps")
+    print("| variant | compile s | transposing fusions | transposes | first loss | steps/s | paired ratio to first |")
+    print("|---|---|---|---|---|---|---|")
+    for name in names:
+        times = runs[name][3]
+        paired = statistics.median(b / t for b, t in zip(base, times))
+        print(f"| {name} | {info[name][0]:.1f} | {info[name][1]} | {info[name][2]} | {runs[name][4]:.4f} | "
+              f"{args.steps / statistics.median(times):.2f} | {paired:.3f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
