@@ -1,6 +1,6 @@
 """Does the position embedding's gradient set the GPT's activation layout on a GPU?
 
-On an H200 the gpt124m step kept its residual stream batch-minor (`bf16[1024,768,32]`): XLA's layout choice
+On an H200 the gpt124m step (with the plain broadcast add) kept its residual stream batch-minor (`bf16[1024,768,32]`): XLA's layout choice
 for the one reduction over the batch axis (the gradient of the broadcast position embeddings) spread along
 the residual chain, and every dense layer's input and output went through a transposing fusion. This
 compiles the step with `transformer.add_positions` swapped for variants whose gradient is no reduction over
@@ -8,9 +8,10 @@ the batch axis, counts the transposing fusions in each compiled step, and times 
 
     python -m experiments.gpu_position_grad [--model gpt124m] [--steps 10] [--windows 5]
 
-Variants: `add` (the default: broadcast add), `gather` (positions gathered per token: a scatter-add
-gradient), `dot` (a custom VJP summing the batch axis with a matmul) and `none` (no position embedding: the
-bound, not a model).
+Variants: `broadcast` (the plain broadcast add: its gradient reduces the batch axis), `add` (dlfx's
+`add_positions` since this study: a custom JVP whose transpose is a matmul with ones), `gather` (positions
+gathered per token: a scatter-add gradient), `dot` (a custom VJP summing the batch axis with a matmul) and
+`none` (no position embedding: the bound, not a model).
 """
 
 from __future__ import annotations
@@ -59,8 +60,13 @@ def dot_positions(x, wpe, start, decode):
     return _add_rows(x, rows)
 
 
-VARIANTS = {"add": transformer.add_positions, "gather": gather_positions, "dot": dot_positions,
-            "none": lambda x, wpe, start, decode: x}
+def broadcast_positions(x, wpe, start, decode):
+    """The plain broadcast add (dlfx before this study): its `wpe` gradient reduces the batch axis."""
+    return x + (lax.dynamic_slice_in_dim(wpe, start, x.shape[1]) if decode else wpe[:x.shape[1]])
+
+
+VARIANTS = {"broadcast": broadcast_positions, "add": transformer.add_positions, "gather": gather_positions,
+            "dot": dot_positions, "none": lambda x, wpe, start, decode: x}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -179,3 +179,31 @@ def test_splash_is_chosen_on_a_tpu_and_runs_inside_the_model(repo_root, tmp_path
     with pytest.raises(ConfigError, match="needs a TPU, but this run's backend is cpu"):
         runner.train(config, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
+
+
+def test_position_rows_differentiate_like_a_broadcast_add_with_a_matmul_gradient(monkeypatch):
+    """add_positions on a GPU: values, gradients and forward-mode tangents of x + wpe[:T]; the wpe gradient
+    is a dot."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    kx, kp, kt = jax.random.split(jax.random.key(0), 3)
+    x, wpe = jax.random.normal(kx, (3, 5, 4)), jax.random.normal(kp, (7, 4))
+    start = jnp.zeros((), jnp.int32)
+
+    def loss(add, x, wpe):
+        return jnp.sum(jnp.tanh(add(x, wpe)) ** 2)
+
+    def plain(x, wpe):
+        return x + wpe[:5]
+
+    def ours(x, wpe):
+        return transformer.add_positions(x, wpe, start, False)
+
+    chex.assert_trees_all_close(ours(x, wpe), plain(x, wpe))
+    chex.assert_trees_all_close(jax.grad(loss, argnums=(1, 2))(ours, x, wpe),
+                                jax.grad(loss, argnums=(1, 2))(plain, x, wpe), rtol=1e-6)
+    tangents = (jax.random.normal(kt, x.shape), jnp.ones_like(wpe))
+    chex.assert_trees_all_close(jax.jvp(ours, (x, wpe), tangents), jax.jvp(plain, (x, wpe), tangents), rtol=1e-6)
+    decoded = transformer.add_positions(x, wpe, jnp.asarray(2, jnp.int32), True)
+    chex.assert_trees_all_close(decoded, x + wpe[2:7])
+    assert "dot_general" not in str(jax.make_jaxpr(plain)(x, wpe))  # the only matmul is the gradient's
+    assert "dot_general" in str(jax.make_jaxpr(jax.grad(lambda w: loss(ours, x, w)))(wpe))
