@@ -241,7 +241,7 @@ class TransformerEncoder(nn.Module):
         if length > self.max_len:
             raise ValueError(f"sequence length {length} exceeds max_len={self.max_len}")
         wpe = self.param("wpe", nn.initializers.normal(0.02), (self.max_len, self.embed_dim), self.param_dtype)
-        x = (x + wpe[:length]).astype(self.dtype)
+        x = add_positions(x, wpe).astype(self.dtype)
         x = Dropout(self.dropout_rate, deterministic=not train)(x)
         x = Stack(self.num_layers, _block_kwargs(self, causal=False), self.drop_path_rate, self.remat,
                   self.scan_layers, name="h")(x, train)
@@ -308,8 +308,9 @@ def _add_rows_jvp(primals: tuple, tangents: tuple) -> tuple:
     return x + rows, dx + jnp.einsum("b,td->btd", jnp.ones(x.shape[:1], drows.dtype), drows)
 
 
-def add_positions(x: jnp.ndarray, wpe: jnp.ndarray, start: jnp.ndarray, decode: bool) -> jnp.ndarray:
-    """x (batch, length, dim) plus the position embeddings of positions start.. (from `wpe`)."""
+def add_positions(x: jnp.ndarray, wpe: jnp.ndarray, start: Any = 0, decode: bool = False) -> jnp.ndarray:
+    """x (batch, length, dim) plus the position embeddings (rows of `wpe`) of positions start.., or of
+    0.. outside decoding."""
     length = x.shape[1]
     rows = lax.dynamic_slice_in_dim(wpe, start, length) if decode else wpe[:length]
     # the matmul gradient only where it was measured to pay: on XLA:CPU the char-GPT step ran 0.96-0.97x
