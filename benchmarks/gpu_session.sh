@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_session.sh prepare      # here, with the package index: cp312 wheels into .gpu_wheels/
 #   bash benchmarks/gpu_session.sh run [OUT]    # on the GPU machine (no package index; carry .gpu_wheels):
 #                                               # gpt124m, the PyTorch peer, the step probe (XLA options, profile)
-#   bash benchmarks/gpu_session.sh small [OUT]  # a second call, right after (the machine is still warm): small models
+#   bash benchmarks/gpu_session.sh small [OUT]  # a second call: small models, char-GPT's steps per call
 #
 # The GPU image has jax with its CUDA plugin, flax, optax, chex, torch and Python 3.12, but lacks grain,
 # array-record, portpicker, ml-collections, mnist1d and tensorboardX, and its orbax-checkpoint is older than the
@@ -37,12 +37,16 @@ flax.__version__, 'orbax', o.__version__)"; } > "$out/device.txt" 2>&1
       timeout "$limit" "$@" > "$out/$name.txt" 2>&1 || echo "$name: exit $?" >> "$out/failed.txt"
     }
     if [ "$1" = small ]; then
-      # small models: runner / bare, saves at most every 5 s (the CNN's saves every 200 steps held it at 0.50)
+      # small models: runner / bare (steps per call auto), saves at most every 5 s
       measure small 130 python3 -m benchmarks.run --models mlp,cnn,gpt --steps 20 --repeats 3 --runner-steps 300 \
         --runner-repeats 1 --set train.checkpoint_min_interval_s=5
-      # the same with steps per call chosen from the measured step time
-      measure small_auto 90 python3 -m benchmarks.run --models cnn,gpt --steps 20 --repeats 3 --runner-steps 300 \
-        --runner-repeats 1 --set train.checkpoint_min_interval_s=5 --set train.steps_per_call=0
+      # char-GPT's runner ran at 0.59 of its bare step (H200, 4 steps a call): is a scanned call slower per
+      # step than one-step calls, and does a CUDA graph over the loop body help?
+      graph=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL
+      for k in 1 4 16; do
+        measure "gpt_calls_$k" 60 python3 -m benchmarks.step_probe --model gpt --steps 96 --steps-per-call $k \
+          --windows 5 --option "loop_in_graph:xla_gpu_enable_command_buffer=$graph"
+      done
     else
       # GPT-2-small shape: dlfx bare/runner/baseline with MFU, then the PyTorch peer (bf16 autocast, SDPA,
       # fused AdamW, torch.compile) on the same card
@@ -50,14 +54,9 @@ flax.__version__, 'orbax', o.__version__)"; } > "$out/device.txt" 2>&1
         --runner-repeats 1 --peak-tflops 989
       measure torch_peer 130 python3 -m benchmarks.torch_peer --models gpt124m --device cuda --compile --steps 10 \
         --repeats 3 --runner-steps 200
-      # the gpt124m step under XLA GPU options against the default, in one process, then its kernel profile
-      measure probe 200 python3 -m benchmarks.step_probe --model gpt124m --steps 10 --windows 5 \
-        --option triton_gemm_off:xla_gpu_enable_triton_gemm=false \
-        --option cublaslt:xla_gpu_enable_cublaslt=true \
-        --option command_buffer_off:xla_gpu_enable_command_buffer= \
-        --option cudnn_layer_norm:xla_gpu_enable_cudnn_layer_norm=true \
-        --option cudnn_gemm_fusion:xla_gpu_cudnn_gemm_fusion_level=2 \
-        --profile "$site/probe" --top 45
+      # the gpt124m step's kernel profile, and the XLA option that came closest last time (H200: 1.007)
+      measure probe 120 python3 -m benchmarks.step_probe --model gpt124m --steps 10 --windows 5 \
+        --option cudnn_gemm_fusion:xla_gpu_cudnn_gemm_fusion_level=2 --profile "$site/probe" --top 45
       cp "$site"/probe/trace.json.gz "$site"/probe/step_hlo.txt.gz "$out"/ 2>/dev/null || true
     fi
     grep -h "^|" "$out"/*.txt || true

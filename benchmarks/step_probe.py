@@ -31,6 +31,7 @@ import sys
 import time
 
 import jax
+import numpy as np
 
 from benchmarks.run import MODELS
 from dlfx import config as config_lib, data, parallel
@@ -38,31 +39,34 @@ from dlfx.experiment import build
 
 
 def parse_option(text: str) -> tuple[str, dict]:
-    """'name:key=value,key=value' -> (name, {key: value}); true/false become bools, digits ints."""
+    """'name:key=value;key=value' -> (name, {key: value}); true/false become bools, digits ints (a value may
+    hold commas: XLA's list-valued options)."""
     name, _, rest = text.partition(":")
     options = {}
-    for item in filter(None, rest.split(",")):
+    for item in filter(None, rest.split(";")):
         key, eq, value = item.partition("=")
         if not eq:
-            raise SystemExit(f"--option {text!r}: expected name:key=value[,key=value]")
+            raise SystemExit(f"--option {text!r}: expected name:key=value[;key=value]")
         value = value.strip()
         options[key.strip()] = {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)
     return name, options
 
 
-def _window(step, state, batches, steps: int):
-    """Run `steps` steps; the new state and the seconds they took."""
+def _window(step, state, batches, calls: int):
+    """Run `calls` calls; the new state and the seconds they took."""
     start = time.perf_counter()
     out = None
-    for i in range(steps):
+    for i in range(calls):
         state, out = step(state, batches[i % len(batches)])
     jax.block_until_ready(out)
     return state, time.perf_counter() - start
 
 
-def time_variants(exp, batches: list, fresh, variants: dict[str, dict], steps: int, windows: int) -> list[dict]:
-    """Compile each variant, then time them in rotating order; one row per variant (errors included)."""
-    step = exp.train_step()
+def time_variants(exp, batches: list, fresh, variants: dict[str, dict], calls: int, windows: int,
+                  per_call: int = 1) -> list[dict]:
+    """Compile each variant (`per_call` steps a call), then time them in rotating order; one row per variant
+    (errors included)."""
+    step = exp.train_step(per_call)
     lowered = step.lower(exp.abstract_state, batches[0])
     runs, rows = {}, {}
     for name, options in variants.items():
@@ -79,12 +83,12 @@ def time_variants(exp, batches: list, fresh, variants: dict[str, dict], steps: i
     for r in range(windows):
         for name in names[r % len(names):] + names[:r % len(names)]:
             compiled, state, times = runs[name]
-            runs[name][1], seconds = _window(compiled, state, batches, steps)
+            runs[name][1], seconds = _window(compiled, state, batches, calls)
             times.append(seconds)
     base = runs[names[0]][2] if names else []
     for name in names:
         times = runs[name][2]
-        rows[name]["steps_per_s"] = steps / statistics.median(times)
+        rows[name]["steps_per_s"] = calls * per_call / statistics.median(times)
         rows[name]["paired"] = statistics.median(b / t for b, t in zip(base, times))
     return list(rows.values())
 
@@ -105,16 +109,17 @@ def _short(op_name: str) -> str:
     return re.sub(r"(h_|/)\d+(/|$)", r"\1*\2", op_name)[-110:]
 
 
-def profile(exp, batches: list, fresh, folder: str, steps: int, top: int) -> str:
-    """Trace `steps` default steps into `folder`; a text report of device time per step."""
-    step = exp.train_step()
+def profile(exp, batches: list, fresh, folder: str, calls: int, top: int, per_call: int = 1) -> str:
+    """Trace `calls` default calls into `folder`; a text report of device time per step."""
+    step = exp.train_step(per_call)
+    steps = calls * per_call
     compiled = step.lower(exp.abstract_state, batches[0]).compile()
     with gzip.open(os.path.join(folder, "step_hlo.txt.gz"), "wt") as f:
         f.write(compiled.as_text())
     names = _op_names(compiled.as_text())
     state, _ = _window(compiled, jax.device_put(fresh, exp.state_sharding), batches, 3)
     with jax.profiler.trace(folder, create_perfetto_trace=True):
-        state, wall = _window(compiled, state, batches, steps)
+        state, wall = _window(compiled, state, batches, calls)
     found = glob.glob(os.path.join(folder, "**", "*.trace.json.gz"), recursive=True)
     if not found:
         return f"no trace file under {folder}"
@@ -149,9 +154,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="gpt124m", help=f"of {','.join(MODELS)}")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    parser.add_argument("--option", action="append", default=[], metavar="NAME:KEY=VALUE[,KEY=VALUE]",
+    parser.add_argument("--option", action="append", default=[], metavar="NAME:KEY=VALUE[;KEY=VALUE]",
                         help="a variant compiled with these XLA options (repeatable)")
     parser.add_argument("--steps", type=int, default=10, help="steps per timed window")
+    parser.add_argument("--steps-per-call", type=int, default=1,
+                        help="steps per compiled call (the runner's multi-step calls: lax.scan over stacked batches)")
     parser.add_argument("--windows", type=int, default=5, help="rounds; each times every variant once")
     parser.add_argument("--profile", default=None, metavar="DIR", help="trace the default step into DIR")
     parser.add_argument("--profile-steps", type=int, default=3)
@@ -162,15 +169,22 @@ def main(argv: list[str] | None = None) -> int:
                                                                          "train.eval_every=0"])
     exp = build(config)
     it = data.train_iterator(exp.dataset.train, config.data.batch_size, exp.data_seed)
-    batches = [parallel.shard_batch(next(it), exp.mesh, exp.mode) for _ in range(4)]
+    k = args.steps_per_call
+    if k > 1:  # stacks of k batches, as the runner's multi-step calls take them
+        groups = [[next(it) for _ in range(k)] for _ in range(2)]
+        batches = [parallel.shard_batch({key: np.stack([b[key] for b in g]) for key in g[0]}, exp.mesh, exp.mode,
+                                        stacked=True) for g in groups]
+    else:
+        batches = [parallel.shard_batch(next(it), exp.mesh, exp.mode) for _ in range(4)]
+    calls = max(1, args.steps // k)
     fresh = jax.device_get(exp.init())
     variants = dict([("default", {})] + [parse_option(o) for o in args.option])
-    rows = time_variants(exp, batches, fresh, variants, args.steps, args.windows)
+    rows = time_variants(exp, batches, fresh, variants, calls, args.windows, k)
     print(f"{args.model} on {jax.devices()[0].device_kind}, jax {jax.__version__}; {args.windows} rotating windows "
-          f"of {args.steps} steps" + (f"; overrides {' '.join(args.set)}" if args.set else ""))
+          f"of {calls * k} steps, {k} per call" + (f"; overrides {' '.join(args.set)}" if args.set else ""))
     print("| variant | options | compile s | steps/s | paired ratio to default |\n|---|---|---|---|---|")
     for r in rows:
-        opts = ",".join(f"{k}={v}" for k, v in r["options"].items()) or "-"
+        opts = "; ".join(f"{k}={v}" for k, v in r["options"].items()) or "-"
         if "error" in r:
             print(f"| {r['variant']} | {opts} | failed: {r['error']} | | |")
         else:
@@ -178,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.flush()
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)
-        print(profile(exp, batches, fresh, args.profile, args.profile_steps, args.top))
+        print(profile(exp, batches, fresh, args.profile, max(1, args.profile_steps // k), args.top, k))
     return 0
 
 
