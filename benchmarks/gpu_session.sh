@@ -30,7 +30,7 @@ case "${1:-}" in
     export PYTHONPATH="$PWD:$site${PYTHONPATH:+:$PYTHONPATH}"
     { nvidia-smi --query-gpu=name,memory.total --format=csv || true
       python3 -c "import jax, flax, orbax.checkpoint as o; print('jax', jax.__version__, jax.devices(), 'flax', \
-flax.__version__, 'orbax', o.__version__)"; } > "$out/device.txt" 2>&1
+flax.__version__, 'orbax', o.__version__)" || echo "device: exit $?" >> "$out/failed.txt"; } > "$out/device.txt" 2>&1
     measure() {  # name, seconds, command...
       local name=$1 limit=$2
       shift 2
@@ -54,6 +54,8 @@ flax.__version__, 'orbax', o.__version__)"; } > "$out/device.txt" 2>&1
         --runner-repeats 1 --peak-tflops 989
       measure torch_peer 130 python3 -m benchmarks.torch_peer --models gpt124m --device cuda --compile --steps 10 \
         --repeats 3 --runner-steps 200
+      # the committed position-embedding gradient (custom JVP) against the plain add and the measured VJP form
+      measure posgrad 120 python3 -m experiments.gpu_position_grad --variants broadcast,add,dot --steps 10 --windows 5
       # the gpt124m step's kernel profile, and the XLA option that came closest last time (H200: 1.007)
       measure probe 120 python3 -m benchmarks.step_probe --model gpt124m --steps 10 --windows 5 \
         --option cudnn_gemm_fusion:xla_gpu_cudnn_gemm_fusion_level=2 --profile "$site/probe" --top 45

@@ -4,15 +4,17 @@
         --option triton_gemm_off:xla_gpu_enable_triton_gemm=false \
         --option cublaslt:xla_gpu_enable_cublaslt=true --profile OUT/trace
 
-Every variant compiles the same dlfx step (`exp.train_step()`) with its own XLA compiler options, so all of
-them are timed in one process on the same warm device: `--windows` rounds of `--steps` steps each, the order
-rotating every round, then steps/s from the median window and the median of each variant's paired ratio to
-the default's window of the same round. An option the compiler does not know fails only its own variant.
+Every variant compiles the runner's own call (`exp.train_step(k, tables)`: `--steps-per-call` steps, rows
+gathered inside the call when the train split lives on the device) with its own XLA compiler options
+(`name:key=value;key=value`), so all of them are timed in one process on the same warm device, cycling four
+batches from the runner's feed: `--windows` rounds of `--steps` steps each, the order rotating every round,
+then steps/s from the median window and the median of each variant's paired ratio to the default's window of
+the same round. An option the compiler does not know fails only its own variant.
 
 `--profile DIR` traces `--profile-steps` default steps (`jax.profiler.trace`) and prints where the device
 time goes: the sum of device-side events per step against the step's wall time (what is left is idle time:
 launch gaps, host syncs), then the heaviest events grouped by their HLO op's name (from the compiled HLO's
-metadata). DIR keeps the trace (`trace.json.gz`, for https://ui.perfetto.dev) and the compiled HLO
+metadata). DIR keeps the trace (`trace.json.gz`, Perfetto's JSON) and the compiled HLO
 (`step_hlo.txt.gz`).
 """
 
@@ -29,18 +31,17 @@ import shutil
 import statistics
 import sys
 import time
+from typing import Any, Callable
 
 import jax
-import numpy as np
 
 from benchmarks.run import MODELS
-from dlfx import config as config_lib, data, parallel
+from dlfx import config as config_lib, data, feed
 from dlfx.experiment import build
 
 
 def parse_option(text: str) -> tuple[str, dict]:
-    """'name:key=value;key=value' -> (name, {key: value}); true/false become bools, digits ints (a value may
-    hold commas: XLA's list-valued options)."""
+    """'name:key=value;key=value' -> (name, {key: value}); true/false become bools, digits ints."""
     name, _, rest = text.partition(":")
     options = {}
     for item in filter(None, rest.split(";")):
@@ -52,7 +53,7 @@ def parse_option(text: str) -> tuple[str, dict]:
     return name, options
 
 
-def _window(step, state, batches, calls: int):
+def _window(step: Callable, state: Any, batches: list, calls: int) -> tuple[Any, float]:
     """Run `calls` calls; the new state and the seconds they took."""
     start = time.perf_counter()
     out = None
@@ -62,23 +63,31 @@ def _window(step, state, batches, calls: int):
     return state, time.perf_counter() - start
 
 
-def time_variants(exp, batches: list, fresh, variants: dict[str, dict], calls: int, windows: int,
-                  per_call: int = 1) -> list[dict]:
-    """Compile each variant (`per_call` steps a call), then time them in rotating order; one row per variant
-    (errors included)."""
-    step = exp.train_step(per_call)
-    lowered = step.lower(exp.abstract_state, batches[0])
+def compile_call(exp: Any, batches: list, per_call: int, tables: Any, options: dict) -> tuple[Callable, str]:
+    """The runner's compiled call (`per_call` steps; rows gathered from `tables` when the split lives on the
+    device) under XLA `options`, as `call(state, batch)`, and its compiled HLO text."""
+    step = exp.train_step(per_call, tables)
+    extra = () if tables is None else (tables,)
+    lowered = step.lower(exp.abstract_state, batches[0], *extra)
+    compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
+    return (lambda state, batch: compiled(state, batch, *extra)), compiled.as_text()
+
+
+def time_variants(exp: Any, batches: list, fresh: Any, variants: dict[str, dict], calls: int, windows: int,
+                  per_call: int = 1, tables: Any = None) -> list[dict]:
+    """Compile each variant, then time `calls` calls of each in rotating order; one row per variant."""
     runs, rows = {}, {}
     for name, options in variants.items():
         start = time.perf_counter()
         try:
-            compiled = lowered.compile(compiler_options=options) if options else lowered.compile()
+            compiled, _ = compile_call(exp, batches, per_call, tables, options)
+            compile_s = time.perf_counter() - start
             state, _ = _window(compiled, jax.device_put(fresh, exp.state_sharding), batches, 2)
         except Exception as e:  # an unknown or malformed option fails this variant alone
             rows[name] = {"variant": name, "options": options, "error": f"{type(e).__name__}: {str(e)[:200]}"}
             continue
         runs[name] = [compiled, state, []]
-        rows[name] = {"variant": name, "options": options, "compile_s": time.perf_counter() - start}
+        rows[name] = {"variant": name, "options": options, "compile_s": compile_s}
     names = list(runs)
     for r in range(windows):
         for name in names[r % len(names):] + names[:r % len(names)]:
@@ -109,29 +118,32 @@ def _short(op_name: str) -> str:
     return re.sub(r"(h_|/)\d+(/|$)", r"\1*\2", op_name)[-110:]
 
 
-def profile(exp, batches: list, fresh, folder: str, calls: int, top: int, per_call: int = 1) -> str:
+def profile(exp: Any, batches: list, fresh: Any, folder: str, calls: int, top: int, per_call: int = 1,
+            tables: Any = None) -> str:
     """Trace `calls` default calls into `folder`; a text report of device time per step."""
-    step = exp.train_step(per_call)
     steps = calls * per_call
-    compiled = step.lower(exp.abstract_state, batches[0]).compile()
+    compiled, hlo = compile_call(exp, batches, per_call, tables, {})
     with gzip.open(os.path.join(folder, "step_hlo.txt.gz"), "wt") as f:
-        f.write(compiled.as_text())
-    names = _op_names(compiled.as_text())
+        f.write(hlo)
+    names = _op_names(hlo)
     state, _ = _window(compiled, jax.device_put(fresh, exp.state_sharding), batches, 3)
     with jax.profiler.trace(folder, create_perfetto_trace=True):
         state, wall = _window(compiled, state, batches, calls)
-    found = glob.glob(os.path.join(folder, "**", "*.trace.json.gz"), recursive=True)
+    found = glob.glob(os.path.join(folder, "plugins", "**", "*.trace.json.gz"), recursive=True)
     if not found:
         return f"no trace file under {folder}"
-    shutil.copy(found[0], os.path.join(folder, "trace.json.gz"))  # next to the HLO, out of the dated folders
-    trace = json.load(gzip.open(found[0]))
+    newest = max(found, key=os.path.getmtime)  # a reused folder keeps earlier runs' traces
+    shutil.copy(newest, os.path.join(folder, "trace.json.gz"))  # next to the HLO, out of the dated folders
+    trace = json.load(gzip.open(newest))
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     process = {e["pid"]: e.get("args", {}).get("name", "") for e in events if e.get("ph") == "M"
                and e.get("name") == "process_name"}
     device_pids = {pid for pid, name in process.items() if "/device:" in name and "host" not in name.lower()}
+    if not device_pids:  # e.g. CUPTI could not trace: host events are no device time
+        return f"profile: no device events in the trace (processes: {sorted(set(process.values()))[:8]})"
     by_op, count, streams = collections.Counter(), collections.Counter(), collections.Counter()
     for e in events:
-        if e.get("ph") != "X" or (device_pids and e.get("pid") not in device_pids) or e["name"].startswith("$"):
+        if e.get("ph") != "X" or e.get("pid") not in device_pids:
             continue
         args = e.get("args", {})
         hlo = args.get("hlo_op") or e["name"]
@@ -168,23 +180,26 @@ def main(argv: list[str] | None = None) -> int:
     config = config_lib.load(spec, list(overrides) + list(args.set) + ["train.epochs=0", "train.steps=1000",
                                                                          "train.eval_every=0"])
     exp = build(config)
-    it = data.train_iterator(exp.dataset.train, config.data.batch_size, exp.data_seed)
     k = args.steps_per_call
-    if k > 1:  # stacks of k batches, as the runner's multi-step calls take them
-        groups = [[next(it) for _ in range(k)] for _ in range(2)]
-        batches = [parallel.shard_batch({key: np.stack([b[key] for b in g]) for key in g[0]}, exp.mesh, exp.mode,
-                                        stacked=True) for g in groups]
-    else:
-        batches = [parallel.shard_batch(next(it), exp.mesh, exp.mode) for _ in range(4)]
+    # the runner's own call and feed: a split that lives on the device is gathered inside the call from row
+    # indices; four placed batches (stacks of k for multi-step calls) are cycled
+    tables = data.resident.place(exp.dataset.train, exp.mesh) if exp.resident else None
+    prefetcher = feed.device_prefetcher(exp, exp.train_iterator(), group=(lambda position: k) if k > 1 else None)
+    batches = [next(prefetcher) for _ in range(4)]
+    prefetcher.close()
     calls = max(1, args.steps // k)
     fresh = jax.device_get(exp.init())
-    variants = dict([("default", {})] + [parse_option(o) for o in args.option])
-    rows = time_variants(exp, batches, fresh, variants, calls, args.windows, k)
+    variants = [parse_option(o) for o in args.option]
+    if any(name == "default" for name, _ in variants):
+        raise SystemExit("--option: 'default' names the variant without options; choose another name")
+    rows = time_variants(exp, batches, fresh, dict([("default", {})] + variants), calls, args.windows, k, tables)
     print(f"{args.model} on {jax.devices()[0].device_kind}, jax {jax.__version__}; {args.windows} rotating windows "
-          f"of {calls * k} steps, {k} per call" + (f"; overrides {' '.join(args.set)}" if args.set else ""))
-    print("| variant | options | compile s | steps/s | paired ratio to default |\n|---|---|---|---|---|")
+          f"of {calls * k} steps, {k} per call" + (", rows gathered on the device" if tables is not None else "")
+          + (f"; overrides {' '.join(args.set)}" if args.set else ""))
+    base = next((r["variant"] for r in rows if "error" not in r), "-")
+    print(f"| variant | options | compile s | steps/s | paired ratio to {base} |\n|---|---|---|---|---|")
     for r in rows:
-        opts = "; ".join(f"{k}={v}" for k, v in r["options"].items()) or "-"
+        opts = "; ".join(f"{key}={value}" for key, value in r["options"].items()) or "-"
         if "error" in r:
             print(f"| {r['variant']} | {opts} | failed: {r['error']} | | |")
         else:
@@ -192,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.stdout.flush()
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)
-        print(profile(exp, batches, fresh, args.profile, max(1, args.profile_steps // k), args.top, k))
+        print(profile(exp, batches, fresh, args.profile, max(1, args.profile_steps // k), args.top, k, tables))
     return 0
 
 

@@ -20,6 +20,7 @@ import argparse
 import statistics
 import sys
 import time
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,22 +32,22 @@ from dlfx.experiment import build
 from dlfx.models import transformer
 
 
-def gather_positions(x, wpe, start, decode):
+def gather_positions(x: jax.Array, wpe: jax.Array, start: Any = 0, decode: bool = False) -> jax.Array:
     """Positions gathered for every token: the gradient is a scatter-add into `wpe`."""
     index = start + jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
     return x + jnp.take(wpe, index, axis=0)
 
 
 @jax.custom_vjp
-def _add_rows(x, rows):
+def _add_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
     return x + rows
 
 
-def _add_rows_fwd(x, rows):
+def _add_rows_fwd(x: jax.Array, rows: jax.Array) -> tuple[jax.Array, None]:
     return x + rows, None
 
 
-def _add_rows_bwd(_, g):
+def _add_rows_bwd(_: None, g: jax.Array) -> tuple[jax.Array, jax.Array]:
     ones = jnp.ones((g.shape[0],), g.dtype)
     return g, lax.dot_general(ones, g, (((0,), (0,)), ((), ())))
 
@@ -54,13 +55,13 @@ def _add_rows_bwd(_, g):
 _add_rows.defvjp(_add_rows_fwd, _add_rows_bwd)
 
 
-def dot_positions(x, wpe, start, decode):
+def dot_positions(x: jax.Array, wpe: jax.Array, start: Any = 0, decode: bool = False) -> jax.Array:
     """A broadcast add whose `wpe` gradient sums the batch axis with a matmul."""
     rows = lax.dynamic_slice_in_dim(wpe, start, x.shape[1]) if decode else wpe[:x.shape[1]]
     return _add_rows(x, rows)
 
 
-def broadcast_positions(x, wpe, start, decode):
+def broadcast_positions(x: jax.Array, wpe: jax.Array, start: Any = 0, decode: bool = False) -> jax.Array:
     """The plain broadcast add (dlfx before this study): its `wpe` gradient reduces the batch axis."""
     return x + (lax.dynamic_slice_in_dim(wpe, start, x.shape[1]) if decode else wpe[:x.shape[1]])
 

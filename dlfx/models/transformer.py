@@ -305,12 +305,12 @@ def _add_rows_jvp(primals: tuple, tangents: tuple) -> tuple:
     # whole residual stream out batch-minor and wrapped every dense layer in transposes (H200, gpt124m:
     # 683 transposing fusions; without them the step ran 1.08x).
     (x, rows), (dx, drows) = primals, tangents
-    return x + rows, dx + jnp.einsum("b,td->btd", jnp.ones(x.shape[:1], drows.dtype), drows)
+    ones = jnp.ones(x.shape[:1], drows.dtype)  # HIGHEST: no TF32 rounding of a float32 gradient on a GPU
+    return x + rows, dx + jnp.einsum("b,td->btd", ones, drows, precision=lax.Precision.HIGHEST)
 
 
 def add_positions(x: jnp.ndarray, wpe: jnp.ndarray, start: Any = 0, decode: bool = False) -> jnp.ndarray:
-    """x (batch, length, dim) plus the position embeddings (rows of `wpe`) of positions start.., or of
-    0.. outside decoding."""
+    """x (batch, length, dim) plus the position embeddings (rows of `wpe`) from `start` (decoding) or 0."""
     length = x.shape[1]
     rows = lax.dynamic_slice_in_dim(wpe, start, length) if decode else wpe[:length]
     # the matmul gradient only where it was measured to pay: on XLA:CPU the char-GPT step ran 0.96-0.97x
