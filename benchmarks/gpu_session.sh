@@ -42,6 +42,8 @@ flax.__version__, 'orbax', o.__version__)" || echo "device: exit $?" >> "$out/fa
         --runner-repeats 1 --set train.checkpoint_min_interval_s=5
       # char-GPT's runner ran at 0.59 of its bare step (H200, 4 steps a call): is a scanned call slower per
       # step than one-step calls, and does a CUDA graph over the loop body help?
+      # ... and where the runner's own loop spends its host time on that model
+      measure runner_profile 90 python3 -m benchmarks.runner_profile --model gpt --steps 3000 --top 30
       graph=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL
       for k in 1 4 16; do
         measure "gpt_calls_$k" 60 python3 -m benchmarks.step_probe --model gpt --steps 96 --steps-per-call $k \
