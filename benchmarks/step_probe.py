@@ -73,6 +73,23 @@ def compile_call(exp: Any, batches: list, per_call: int, tables: Any, options: d
     return (lambda state, batch: compiled(state, batch, *extra)), compiled.as_text()
 
 
+def rotate(runs: dict[str, list], calls: int, windows: int) -> dict[str, list[float]]:
+    """`windows` rounds timing `calls` calls of every run (`[call, state, batches]`, its state kept up to
+    date), the order rotating each round; each run's window seconds, round by round."""
+    names, times = list(runs), {name: [] for name in runs}
+    for r in range(windows):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            call, state, batches = runs[name]
+            runs[name][1], seconds = _window(call, state, batches, calls)
+            times[name].append(seconds)
+    return times
+
+
+def paired_ratio(base: list[float], times: list[float]) -> float:
+    """Median over the rounds of base window / this window: the speed-up over the base run."""
+    return statistics.median(b / t for b, t in zip(base, times))
+
+
 def time_variants(exp: Any, batches: list, fresh: Any, variants: dict[str, dict], calls: int, windows: int,
                   per_call: int = 1, tables: Any = None) -> list[dict]:
     """Compile each variant, then time `calls` calls of each in rotating order; one row per variant."""
@@ -86,19 +103,12 @@ def time_variants(exp: Any, batches: list, fresh: Any, variants: dict[str, dict]
         except Exception as e:  # an unknown or malformed option fails this variant alone
             rows[name] = {"variant": name, "options": options, "error": f"{type(e).__name__}: {str(e)[:200]}"}
             continue
-        runs[name] = [compiled, state, []]
+        runs[name] = [compiled, state, batches]
         rows[name] = {"variant": name, "options": options, "compile_s": compile_s}
-    names = list(runs)
-    for r in range(windows):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            compiled, state, times = runs[name]
-            runs[name][1], seconds = _window(compiled, state, batches, calls)
-            times.append(seconds)
-    base = runs[names[0]][2] if names else []
-    for name in names:
-        times = runs[name][2]
-        rows[name]["steps_per_s"] = calls * per_call / statistics.median(times)
-        rows[name]["paired"] = statistics.median(b / t for b, t in zip(base, times))
+    times = rotate(runs, calls, windows)
+    for name in runs:
+        rows[name]["steps_per_s"] = calls * per_call / statistics.median(times[name])
+        rows[name]["paired"] = paired_ratio(times[next(iter(runs))], times[name])
     return list(rows.values())
 
 

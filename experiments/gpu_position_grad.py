@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from benchmarks import step_probe
 from benchmarks.run import MODELS
 from dlfx import config as config_lib, data, parallel
 from dlfx.experiment import build
@@ -83,42 +84,30 @@ def main(argv: list[str] | None = None) -> int:
     runs, info = {}, {}
     original = transformer.add_positions
     for name in args.variants.split(","):
-        transformer.add_positions = VARIANTS[name]
+        transformer.add_positions = VARIANTS[name]  # read while the step is traced, inside compile_call
         try:
             exp = build(config)
             it = data.train_iterator(exp.dataset.train, config.data.batch_size, exp.data_seed)
             batches = [parallel.shard_batch(next(it), exp.mesh, exp.mode) for _ in range(4)]
             start = time.perf_counter()
-            compiled = exp.train_step().lower(exp.abstract_state, batches[0]).compile()
-            text = compiled.as_text()
-            info[name] = (time.perf_counter() - start, text.count("input_transpose_fusion"), text.count(" transpose("))
-            state, out = exp.init(), None
-            for i in range(2):
-                state, out = compiled(state, batches[i])
-            jax.block_until_ready(out)
-            runs[name] = [compiled, state, batches, [], float(out[0])]
+            compiled, text = step_probe.compile_call(exp, batches, 1, None, {})
+            compile_s = time.perf_counter() - start
         finally:
             transformer.add_positions = original
-    names = list(runs)
-    for r in range(args.windows):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            compiled, state, batches, times, _ = runs[name]
-            start = time.perf_counter()
-            for i in range(args.steps):
-                state, out = compiled(state, batches[i % len(batches)])
-            jax.block_until_ready(out)
-            times.append(time.perf_counter() - start)
-            runs[name][1] = state
-    base = runs[names[0]][3]
+        state, out = exp.init(), None
+        for batch in batches[:2]:
+            state, out = compiled(state, batch)
+        info[name] = (compile_s, text.count("input_transpose_fusion"), text.count(" transpose("), float(out[0]))
+        runs[name] = [compiled, state, batches]
+    times = step_probe.rotate(runs, args.steps, args.windows)
+    base = times[next(iter(runs))]
     print(f"{args.model} on {jax.devices()[0].device_kind}, jax {jax.__version__}; {args.windows} rotating windows "
           f"of {args.steps} steps")
     print("| variant | compile s | transposing fusions | transposes | first loss | steps/s | paired ratio to first |")
     print("|---|---|---|---|---|---|---|")
-    for name in names:
-        times = runs[name][3]
-        paired = statistics.median(b / t for b, t in zip(base, times))
-        print(f"| {name} | {info[name][0]:.1f} | {info[name][1]} | {info[name][2]} | {runs[name][4]:.4f} | "
-              f"{args.steps / statistics.median(times):.2f} | {paired:.3f} |")
+    for name, (compile_s, fusions, transposes, loss) in info.items():
+        print(f"| {name} | {compile_s:.1f} | {fusions} | {transposes} | {loss:.4f} | "
+              f"{args.steps / statistics.median(times[name]):.2f} | {step_probe.paired_ratio(base, times[name]):.3f} |")
     return 0
 
 
