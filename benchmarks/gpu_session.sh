@@ -38,14 +38,14 @@ flax.__version__, 'orbax', o.__version__)" || echo "device: exit $?" >> "$out/fa
     }
     if [ "$1" = small ]; then
       # small models: runner / bare (steps per call auto), saves at most every 5 s
-      measure small 130 python3 -m benchmarks.run --models mlp,cnn,gpt --steps 20 --repeats 3 --runner-steps 300 \
+      measure small 150 python3 -m benchmarks.run --models mlp,cnn,gpt --steps 20 --repeats 3 --runner-steps 300 \
         --runner-repeats 1 --set train.checkpoint_min_interval_s=5
-      # char-GPT's runner ran at 0.59 of its bare step (H200, 4 steps a call): is a scanned call slower per
-      # step than one-step calls, and does a CUDA graph over the loop body help?
+      # char-GPT's runner ran at 0.59 of its bare step (H200, 4 steps a call): is its own call (rows gathered on
+      # the device) slower per step than the bare step, scanned or not, and does a CUDA graph over the loop help?
       # ... and where the runner's own loop spends its host time on that model
       measure runner_profile 90 python3 -m benchmarks.runner_profile --model gpt --steps 3000 --top 30
       graph=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL
-      for k in 1 4 16; do
+      for k in 1 8; do
         measure "gpt_calls_$k" 60 python3 -m benchmarks.step_probe --model gpt --steps 96 --steps-per-call $k \
           --windows 5 --option "loop_in_graph:xla_gpu_enable_command_buffer=$graph"
       done
