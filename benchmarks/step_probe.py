@@ -113,12 +113,13 @@ def time_variants(exp: Any, batches: list, fresh: Any, variants: dict[str, dict]
 
 
 def _op_names(hlo_text: str) -> dict[str, str]:
-    """Instruction name -> its op_name metadata, from compiled HLO text."""
+    """Instruction name -> its op_name metadata, from compiled HLO text; also under the name with '.' as '_',
+    as XLA:GPU names a fusion's kernel (`loop_add_fusion.3` runs as `loop_add_fusion_3`)."""
     names = {}
     for line in hlo_text.splitlines():
         m = re.match(r'\s*(?:ROOT )?%?([\w.\-]+) = .*?op_name="([^"]+)"', line)
         if m:
-            names[m.group(1)] = m.group(2)
+            names[m.group(1)] = names[m.group(1).replace(".", "_")] = m.group(2)
     return names
 
 
@@ -144,7 +145,12 @@ def profile(exp: Any, batches: list, fresh: Any, folder: str, calls: int, top: i
         return f"no trace file under {folder}"
     newest = max(found, key=os.path.getmtime)  # a reused folder keeps earlier runs' traces
     shutil.copy(newest, os.path.join(folder, "trace.json.gz"))  # next to the HLO, out of the dated folders
-    trace = json.load(gzip.open(newest))
+    return device_time_table(newest, names, steps, 1e3 * wall / steps, top)
+
+
+def device_time_table(trace_path: str, names: dict[str, str], steps: int, wall_ms: float, top: int) -> str:
+    """Device time per step of a perfetto trace (`jax.profiler.trace`) grouped by kernel and HLO op name."""
+    trace = json.load(gzip.open(trace_path))
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     process = {e["pid"]: e.get("args", {}).get("name", "") for e in events if e.get("ph") == "M"
                and e.get("name") == "process_name"}
@@ -155,19 +161,19 @@ def profile(exp: Any, batches: list, fresh: Any, folder: str, calls: int, top: i
     for e in events:
         if e.get("ph") != "X" or e.get("pid") not in device_pids:
             continue
-        args = e.get("args", {})
-        hlo = args.get("hlo_op") or e["name"]
+        # a kernel's own name first: inside a command buffer (a CUDA graph) `hlo_op` names only the buffer
+        hlo = e["name"] if e["name"] in names else e.get("args", {}).get("hlo_op") or e["name"]
         key = (re.sub(r"[._]\d+$", "", e["name"])[:40], _short(names.get(hlo, hlo)))
         by_op[key] += e.get("dur", 0)
         count[key] += 1
         streams[(e.get("pid"), e.get("tid"))] += e.get("dur", 0)
     busy = max(streams.values(), default=0) / steps / 1e3
-    lines = [f"profile: {steps} steps, wall {1e3 * wall / steps:.2f} ms/step; busiest device stream "
+    lines = [f"profile: {steps} steps, wall {wall_ms:.2f} ms/step; busiest device stream "
              f"{busy:.2f} ms/step; device events {sum(count.values()) / steps:.0f}/step, all streams "
              f"{sum(by_op.values()) / steps / 1e3:.2f} ms/step; processes: {sorted(set(process.values()))[:8]}",
              "| ms/step | events/step | event | op |", "|---|---|---|---|"]
     for key, us in by_op.most_common(top):
-        lines.append(f"| {us / steps / 1e3:.3f} | {count[key] / steps:.0f} | {key[0]} | {key[1]} |")
+        lines.append(f"| {us / steps / 1e3:.3f} | {count[key] / steps:g} | {key[0]} | {key[1]} |")
     return "\n".join(lines)
 
 
