@@ -58,13 +58,12 @@ _add_rows.defvjp(_add_rows_fwd, _add_rows_bwd)
 
 def dot_positions(x: jax.Array, wpe: jax.Array, start: Any = 0, decode: bool = False) -> jax.Array:
     """A broadcast add whose `wpe` gradient sums the batch axis with a matmul."""
-    rows = lax.dynamic_slice_in_dim(wpe, start, x.shape[1]) if decode else wpe[:x.shape[1]]
-    return _add_rows(x, rows)
+    return _add_rows(x, transformer.position_rows(wpe, x.shape[1], start, decode))
 
 
 def broadcast_positions(x: jax.Array, wpe: jax.Array, start: Any = 0, decode: bool = False) -> jax.Array:
     """The plain broadcast add (dlfx before this study): its `wpe` gradient reduces the batch axis."""
-    return x + (lax.dynamic_slice_in_dim(wpe, start, x.shape[1]) if decode else wpe[:x.shape[1]])
+    return x + transformer.position_rows(wpe, x.shape[1], start, decode)
 
 
 VARIANTS = {"broadcast": broadcast_positions, "add": transformer.add_positions, "gather": gather_positions,

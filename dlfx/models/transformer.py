@@ -309,10 +309,14 @@ def _add_rows_jvp(primals: tuple, tangents: tuple) -> tuple:
     return x + rows, dx + jnp.einsum("b,td->btd", ones, drows, precision=lax.Precision.HIGHEST)
 
 
+def position_rows(wpe: jnp.ndarray, length: int, start: Any = 0, decode: bool = False) -> jnp.ndarray:
+    """The `length` rows of `wpe` from `start` (decoding, a traced position) or from 0."""
+    return lax.dynamic_slice_in_dim(wpe, start, length) if decode else wpe[:length]
+
+
 def add_positions(x: jnp.ndarray, wpe: jnp.ndarray, start: Any = 0, decode: bool = False) -> jnp.ndarray:
     """x (batch, length, dim) plus the position embeddings (rows of `wpe`) from `start` (decoding) or 0."""
-    length = x.shape[1]
-    rows = lax.dynamic_slice_in_dim(wpe, start, length) if decode else wpe[:length]
+    rows = position_rows(wpe, x.shape[1], start, decode)
     # the matmul gradient only where it was measured to pay: on XLA:CPU the char-GPT step ran 0.96-0.97x
     return _add_rows(x, rows) if jax.default_backend() == "gpu" else x + rows
 
