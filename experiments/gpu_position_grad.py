@@ -33,10 +33,15 @@ from dlfx.experiment import build
 from dlfx.models import transformer
 
 
-def gather_positions(x: jax.Array, wpe: jax.Array, start: Any = 0, decode: bool = False) -> jax.Array:
+def _as(x: jax.Array, dtype: Any) -> jax.Array:
+    return x if dtype is None else x.astype(dtype)
+
+
+def gather_positions(x: jax.Array, wpe: jax.Array, start: Any = 0, decode: bool = False,
+                     dtype: Any = None) -> jax.Array:
     """Positions gathered for every token: the gradient is a scatter-add into `wpe`."""
     index = start + jnp.broadcast_to(jnp.arange(x.shape[1]), x.shape[:2])
-    return x + jnp.take(wpe, index, axis=0)
+    return _as(x + jnp.take(wpe, index, axis=0), dtype)
 
 
 @jax.custom_vjp
@@ -56,18 +61,20 @@ def _add_rows_bwd(_: None, g: jax.Array) -> tuple[jax.Array, jax.Array]:
 _add_rows.defvjp(_add_rows_fwd, _add_rows_bwd)
 
 
-def dot_positions(x: jax.Array, wpe: jax.Array, start: Any = 0, decode: bool = False) -> jax.Array:
+def dot_positions(x: jax.Array, wpe: jax.Array, start: Any = 0, decode: bool = False,
+                  dtype: Any = None) -> jax.Array:
     """A broadcast add whose `wpe` gradient sums the batch axis with a matmul."""
-    return _add_rows(x, transformer.position_rows(wpe, x.shape[1], start, decode))
+    return _as(_add_rows(x, transformer.position_rows(wpe, x.shape[1], start, decode)), dtype)
 
 
-def broadcast_positions(x: jax.Array, wpe: jax.Array, start: Any = 0, decode: bool = False) -> jax.Array:
+def broadcast_positions(x: jax.Array, wpe: jax.Array, start: Any = 0, decode: bool = False,
+                        dtype: Any = None) -> jax.Array:
     """The plain broadcast add (dlfx before this study): its `wpe` gradient reduces the batch axis."""
-    return x + transformer.position_rows(wpe, x.shape[1], start, decode)
+    return _as(x + transformer.position_rows(wpe, x.shape[1], start, decode), dtype)
 
 
 VARIANTS = {"broadcast": broadcast_positions, "add": transformer.add_positions, "gather": gather_positions,
-            "dot": dot_positions, "none": lambda x, wpe, start, decode: x}
+            "dot": dot_positions, "none": lambda x, wpe, start=0, decode=False, dtype=None: _as(x, dtype)}
 
 
 def main(argv: list[str] | None = None) -> int:

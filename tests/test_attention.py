@@ -207,3 +207,15 @@ def test_position_rows_differentiate_like_a_broadcast_add_with_a_matmul_gradient
     chex.assert_trees_all_close(decoded, x + wpe[2:7])
     assert "dot_general" not in str(jax.make_jaxpr(ours)(x, wpe))  # the forward adds; the matmul is the gradient's
     assert "dot_general" in str(jax.make_jaxpr(jax.grad(lambda w: loss(ours, x, w)))(wpe))
+    # a 16-bit result (the GPT's: a float32 sum cast to bfloat16) sums at the default precision, which XLA:GPU
+    # keeps a matmul; a float32 one at HIGHEST (no TF32 rounding); both with the plain add's gradients
+    def ours16(x, wpe):
+        return transformer.add_positions(x, wpe, start, False, jnp.bfloat16).astype(jnp.float32)
+
+    def plain16(x, wpe):
+        return plain(x, wpe).astype(jnp.bfloat16).astype(jnp.float32)
+
+    for add, highest in ((ours, True), (ours16, False)):
+        assert ("Precision.HIGHEST" in str(jax.make_jaxpr(jax.grad(lambda w: loss(add, x, w)))(wpe))) == highest
+    chex.assert_trees_all_close(jax.grad(loss, argnums=(1, 2))(ours16, x, wpe),
+                                jax.grad(loss, argnums=(1, 2))(plain16, x, wpe), rtol=1e-6)

@@ -241,7 +241,7 @@ class TransformerEncoder(nn.Module):
         if length > self.max_len:
             raise ValueError(f"sequence length {length} exceeds max_len={self.max_len}")
         wpe = self.param("wpe", nn.initializers.normal(0.02), (self.max_len, self.embed_dim), self.param_dtype)
-        x = add_positions(x, wpe).astype(self.dtype)
+        x = add_positions(x, wpe, dtype=self.dtype)
         x = Dropout(self.dropout_rate, deterministic=not train)(x)
         x = Stack(self.num_layers, _block_kwargs(self, causal=False), self.drop_path_rate, self.remat,
                   self.scan_layers, name="h")(x, train)
@@ -284,7 +284,7 @@ class GPT(nn.Module):
         wte = nn.Embed(self.vocab_size, self.embed_dim, embedding_init=nn.initializers.normal(0.02),
                        param_dtype=self.param_dtype, name="wte")
         wpe = self.param("wpe", nn.initializers.normal(0.01), (self.max_len, self.embed_dim), self.param_dtype)
-        x = add_positions(wte(tokens), wpe, start, self.decode).astype(self.dtype)
+        x = add_positions(wte(tokens), wpe, start, self.decode, self.dtype)
         x = Dropout(self.dropout_rate, deterministic=not train)(x)
         x = Stack(self.num_layers, _block_kwargs(self, causal=True, decode=self.decode), self.drop_path_rate,
                   self.remat, self.scan_layers, name="h")(x, train)
@@ -293,20 +293,24 @@ class GPT(nn.Module):
         return logits.reshape(*x.shape[:-1], self.vocab_size).astype(jnp.float32)
 
 
-@jax.custom_jvp
-def _add_rows(x: jnp.ndarray, rows: jnp.ndarray) -> jnp.ndarray:
-    return x + rows
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _add_rows(x: jnp.ndarray, rows: jnp.ndarray, dtype: Any) -> jnp.ndarray:
+    return (x + rows).astype(dtype)
 
 
 @_add_rows.defjvp
-def _add_rows_jvp(primals: tuple, tangents: tuple) -> tuple:
+def _add_rows_jvp(dtype: Any, primals: tuple, tangents: tuple) -> tuple:
     # The rows' tangent is broadcast over the batch as an outer product with ones, so their gradient (its
     # transpose) sums the batch axis with a matmul. As a reduction over the batch axis, XLA:GPU laid the
     # whole residual stream out batch-minor and wrapped every dense layer in transposes (H200, gpt124m:
     # 683 transposing fusions; without them the step ran 1.08x).
+    # At HIGHEST precision XLA:GPU makes the matmul a reduction again (683 in a deviceless compile), so
+    # HIGHEST (no TF32 rounding) only for a float32 result: a 16-bit result's cotangents are exact in TF32.
     (x, rows), (dx, drows) = primals, tangents
-    ones = jnp.ones(x.shape[:1], drows.dtype)  # HIGHEST: no TF32 rounding of a float32 gradient on a GPU
-    return x + rows, dx + jnp.einsum("b,td->btd", ones, drows, precision=lax.Precision.HIGHEST)
+    ones = jnp.ones(x.shape[:1], drows.dtype)
+    precision = lax.Precision.HIGHEST if jnp.finfo(dtype).bits >= 32 else None
+    spread = jnp.einsum("b,td->btd", ones, drows, precision=precision)
+    return _add_rows(x, rows, dtype), (dx + spread).astype(dtype)
 
 
 def position_rows(wpe: jnp.ndarray, length: int, start: Any = 0, decode: bool = False) -> jnp.ndarray:
@@ -314,11 +318,14 @@ def position_rows(wpe: jnp.ndarray, length: int, start: Any = 0, decode: bool = 
     return lax.dynamic_slice_in_dim(wpe, start, length) if decode else wpe[:length]
 
 
-def add_positions(x: jnp.ndarray, wpe: jnp.ndarray, start: Any = 0, decode: bool = False) -> jnp.ndarray:
-    """x (batch, length, dim) plus the position embeddings (rows of `wpe`) from `start` (decoding) or 0."""
+def add_positions(x: jnp.ndarray, wpe: jnp.ndarray, start: Any = 0, decode: bool = False,
+                  dtype: Any = None) -> jnp.ndarray:
+    """x (batch, length, dim) plus the position embeddings (rows of `wpe`) from `start` (decoding) or 0, as
+    `dtype` (default: the sum's own)."""
     rows = position_rows(wpe, x.shape[1], start, decode)
+    dtype = jnp.result_type(x, rows) if dtype is None else dtype
     # the matmul gradient only where it was measured to pay: on XLA:CPU the char-GPT step ran 0.96-0.97x
-    return _add_rows(x, rows) if jax.default_backend() == "gpu" else x + rows
+    return _add_rows(x, rows, dtype) if jax.default_backend() == "gpu" else (x + rows).astype(dtype)
 
 
 def sample_logits(logits: jnp.ndarray, rng: jnp.ndarray, temperature: float) -> jnp.ndarray:

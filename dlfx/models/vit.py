@@ -46,7 +46,8 @@ class ViT(nn.Module):
             cls = self.param("cls_token", nn.initializers.zeros, (1, 1, self.embed_dim), self.param_dtype)
             x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, self.embed_dim)).astype(x.dtype), x], axis=1)
         pos = self.param("pos_embed", nn.initializers.normal(0.02), (1, x.shape[1], self.embed_dim), self.param_dtype)
-        x = Dropout(self.dropout_rate, deterministic=not train)(add_positions(x, pos[0].astype(self.dtype)))
+        x = add_positions(x, pos[0].astype(self.dtype), dtype=self.dtype)
+        x = Dropout(self.dropout_rate, deterministic=not train)(x)
         block_kwargs = dict(num_heads=self.num_heads, mlp_dim=self.mlp_dim or 4 * self.embed_dim,
                             max_len=x.shape[1], dropout_rate=self.dropout_rate,
                             layer_norm_epsilon=self.layer_norm_epsilon, gelu_approximate=self.gelu_approximate,
