@@ -144,11 +144,13 @@ def build_model(config: ml_collections.ConfigDict, dataset: data.Dataset, mode: 
     return models.build(config.model.name, **kwargs)
 
 
-def build(config: ml_collections.ConfigDict, dataset: data.Dataset | None = None) -> Experiment:
+def build(config: ml_collections.ConfigDict, dataset: data.Dataset | None = None,
+          devices: list | None = None) -> Experiment:
     """Make mesh, data (unless `dataset` is given), model, optimizer and the train state's layout; touches no
-    files and allocates no state (`Experiment.init` does)."""
+    files and allocates no state (`Experiment.init` does). `devices`: lay the run out on these (default
+    `jax.devices()`), e.g. an ahead-of-time topology's, to compile its steps for hardware not present."""
     # --- Devices ---------------------------------------------------------------------------
-    devices = jax.devices()
+    devices = jax.devices() if devices is None else list(devices)
     if config.parallel.num_devices:
         if not 0 < config.parallel.num_devices <= len(devices) or jax.process_count() > 1:
             raise ConfigError(f"config.parallel.num_devices={config.parallel.num_devices}: this host has "

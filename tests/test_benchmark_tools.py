@@ -51,3 +51,59 @@ def test_rotate_times_every_run_each_round_and_keeps_its_state():
     assert [len(t) for t in times.values()] == [4, 4]
     assert float(runs["a"][1]) == 12.0 and float(runs["b"][1]) == 24.0
     assert step_probe.paired_ratio([2.0, 4.0, 6.0], [1.0, 2.0, 2.0]) == 2.0
+
+
+HLO = """HloModule jit_step, is_scheduled=true
+
+%fused_transpose.1 (p0: bf16[4,8]) -> bf16[8,4] {
+  %p0 = bf16[4,8]{1,0} parameter(0)
+  ROOT %t = bf16[8,4]{1,0} transpose(%p0), dimensions={1,0}
+}
+
+%body.2 (arg: (s32[], f32[16])) -> (s32[], f32[16]) {
+  %arg = (s32[], f32[16]{0}) parameter(0)
+  %v = f32[16]{0} get-tuple-element(%arg), index=1
+  %loop_add_fusion.3 = f32[16]{0} fusion(%v, %v), kind=kLoop, calls=%fused_add.3, metadata={op_name="jit(step)/h/h_1/add"}
+  ROOT %out = (s32[], f32[16]{0}) tuple(%v, %loop_add_fusion.3)
+}
+
+ENTRY %main.9 (x: bf16[4,8], w: bf16[8,8], c: (s32[], f32[16])) -> (bf16[4,8], f32[16]) {
+  %x = bf16[4,8]{1,0} parameter(0)
+  %w = bf16[8,8]{1,0} parameter(1)
+  %c = (s32[], f32[16]{0}) parameter(2)
+  %gemm.4 = bf16[4,8]{1,0} fusion(%x, %w), kind=kCustom, calls=%g, backend_config={"fusion_backend_config":{"kind":"__triton_gemm"}}
+  %attn.5 = (bf16[4,8]{1,0}, u8[0]{0}) custom-call(%gemm.4, %x, %x), custom_call_target="__cudnn$fmhaSoftmax", metadata={op_name="jit(step)/h/h_0/attn/dot_product_attention"}
+  %input_transpose_fusion.6 = bf16[8,4]{1,0} fusion(%gemm.4), kind=kInput, calls=%fused_transpose.1, metadata={op_name="jit(step)/h/h_0/mlp/transpose"}
+  %loop_add_fusion.7 = bf16[4,8]{1,0} fusion(%x, %gemm.4), kind=kLoop, calls=%fused_add.7, metadata={op_name="jit(step)/h/h_0/add"}
+  %while.8 = (s32[], f32[16]{0}) while(%c), condition=%cond.9, body=%body.2
+  %r = f32[16]{0} get-tuple-element(%while.8), index=1
+  ROOT %tuple = (bf16[4,8]{1,0}, f32[16]{0}) tuple(%loop_add_fusion.7, %r)
+}
+"""
+
+
+def test_gpu_compile_counts_kernels_by_kind_with_their_bytes_and_model_op():
+    """The deviceless-compile tool's HLO reading: loop bodies are launched, fused computations are not; bytes
+    are each kernel's output plus operands; layers merge in the by-op rows."""
+    from benchmarks import gpu_compile
+
+    rows = gpu_compile.kernels(HLO)
+    assert sorted(rows) == sorted([
+        ("GEMM", "fusion", 64 + 64 + 128),  # no op_name: the opcode; out bf16[4,8] + x + w bf16[8,8]
+        ("attention", "h/h_*/attn/dot_product_attention", 64 + 3 * 64),
+        ("transposing", "h/h_*/mlp/transpose", 64 + 64),
+        ("other memory-bound", "h/h_*/add", 3 * 64),
+        ("other memory-bound", "h/h_*/add", 3 * 64),  # the loop body's f32[16] add: 64 bytes out, 2 x 64 in
+    ])
+    table = gpu_compile.tables(rows, 1e12, top=5)
+    assert "| attention | 1 |" in table and "| transposing | 1 |" in table and "| all | 5 |" in table
+    assert "| `h/h_*/add` | 2 | 0 |" in table  # 384 bytes: 0 MB
+
+
+def test_gpu_compile_says_what_it_needs_without_the_cuda_plugin(capsys, monkeypatch):
+    """Without JAX's CUDA plugin: one line naming the install, exit status 2."""
+    from benchmarks import gpu_compile
+
+    monkeypatch.setattr(gpu_compile.importlib.util, "find_spec", lambda name: None)
+    assert gpu_compile.main(["--model", "gpt"]) == 2
+    assert "jax[cuda13]" in capsys.readouterr().err

@@ -1,0 +1,248 @@
+"""What XLA:GPU makes of a model's train step, compiled on a machine without a GPU (deviceless AOT).
+
+    python -m benchmarks.gpu_compile [--model gpt124m] [--card h200] [--set KEY=VALUE] [--hlo FILE] [--top 25]
+
+Needs JAX's CUDA plugin at the installed jax's version (`pip install "jax[cuda13]==<jax version>"`); no GPU,
+no driver. The step is the runner's (`Experiment.train_step`, with dlfx's GPU code paths, as on a GPU), compiled
+for the card's description without autotuning: fusion and layout decisions are XLA:GPU's own, the GEMM
+kernels are not the ones a card picks after autotuning. Prints the kernels of one step by kind with the bytes
+they read and write (their time at the card's memory bandwidth is a lower bound), the transposing kernels
+(a layout XLA could not keep: the gpt124m step had 683 of them on an H200, and this counts the same 683), and
+the memory-bound kernels grouped by the model op they come from, layers merged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import importlib.util
+import math
+import os
+import re
+import sys
+import time
+from typing import Any
+
+CARDS = {  # XLA's GpuTargetConfig fields of the cards dlfx was measured on (cuDNN and CUDA of the GPU image)
+    "h100": {"core_count": 132, "memory_bandwidth": 3352320000000, "device_memory_size": 84929347584,
+             "description": "NVIDIA H100 80GB HBM3"},
+    "h200": {"core_count": 132, "memory_bandwidth": 4800000000000, "device_memory_size": 150754820096,
+             "description": "NVIDIA H200"},
+}
+FREE = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "conditional", "call",
+        "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency", "copy-done"}
+COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
+BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+         "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+ARRAY = re.compile(r"\b(" + "|".join(BYTES) + r")\[([\d,]*)\]")
+KINDS = ("GEMM", "attention", "transposing", "other memory-bound", "collective")
+
+
+@dataclasses.dataclass
+class Instruction:
+    """One HLO instruction: its name, result shape text, opcode, operand names and the rest of its line."""
+
+    name: str
+    shape: str
+    opcode: str
+    operands: list[str]
+    attrs: str
+
+
+def target_config(card: str) -> str:
+    """The text of XLA's GpuTargetConfig proto for `card` (Hopper: compute capability 9.0)."""
+    c = CARDS[card]
+    return f"""gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: {c['core_count']} fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: {c['memory_bandwidth']} l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: {c['device_memory_size']} shared_memory_per_block_optin: 232448
+  cuda_compute_capability {{ major: 9 }} registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 19 }}
+runtime_version {{ major: 13 minor: 0 }}
+device_description_str: "{c['description']}"
+"""
+
+
+def _balanced(text: str, start: int) -> int:
+    """Index just past the parenthesis group opening at `text[start]`."""
+    depth = 0
+    for i in range(start, len(text)):
+        depth += {"(": 1, ")": -1}.get(text[i], 0)
+        if depth == 0:
+            return i + 1
+    return len(text)
+
+
+def parse_module(text: str) -> dict[str, list[Instruction]]:
+    """Computation name -> its instructions, from an HLO module's text; the entry computation is 'ENTRY'."""
+    computations: dict[str, list[Instruction]] = {}
+    current: list[Instruction] | None = None
+    for line in text.splitlines():
+        header = re.match(r"(ENTRY )?%([\w.\-]+) .*\{$", line)
+        if header and not line.startswith(" "):
+            current = computations.setdefault("ENTRY" if header.group(1) else header.group(2), [])
+            continue
+        found = re.match(r"\s+(?:ROOT )?%([\w.\-]+) = ", line)
+        if current is None or not found:
+            continue
+        rest = line[found.end():]
+        end = _balanced(rest, 0) if rest.startswith("(") else rest.find(" ")
+        shape, rest = rest[:end], rest[end:].lstrip()
+        opcode = re.match(r"([\w\-]+)\(", rest)
+        if not opcode:
+            continue
+        close = _balanced(rest, opcode.end() - 1)
+        operands = re.findall(r"%([\w.\-]+)", rest[opcode.end():close - 1])
+        current.append(Instruction(found.group(1), shape, opcode.group(1), operands, rest[close:]))
+    return computations
+
+
+def launched(computations: dict[str, list[Instruction]]) -> list[str]:
+    """The computations whose instructions run as kernels: the entry, and the bodies of its loops,
+    conditionals and calls (not fused computations, which are parts of one kernel)."""
+    order, todo = [], ["ENTRY"]
+    while todo:
+        name = todo.pop()
+        if name in order or name not in computations:
+            continue
+        order.append(name)
+        for instruction in computations[name]:
+            if instruction.opcode in ("while", "conditional", "call"):
+                todo += re.findall(r"(?:body|condition|to_apply|branch_computations=\{[^}]*|true_computation|"
+                                   r"false_computation)=?%([\w.\-]+)", instruction.attrs)
+                todo += re.findall(r"%([\w.\-]+)", (re.search(r"branch_computations=\{([^}]*)\}",
+                                                              instruction.attrs) or [None, ""])[1])
+    return order
+
+
+def shape_bytes(shape: str) -> int:
+    """Bytes of the arrays in an HLO shape (a tuple's elements summed)."""
+    return sum(BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d) for dtype, dims in ARRAY.findall(shape))
+
+
+def kind(instruction: Instruction) -> str | None:
+    """The kernel kind of a launched instruction (`KINDS`), or None for one that launches nothing."""
+    op, attrs = instruction.opcode, instruction.attrs
+    if op in FREE:
+        return None
+    if op == "custom-call":
+        target = (re.search(r'custom_call_target="([^"]+)"', attrs) or [None, ""])[1]
+        if "fmha" in target or "flash" in target:
+            return "attention"
+        return "GEMM" if re.search(r"gemm|matmul|cublas", target) else "other memory-bound"
+    if op == "fusion" and re.search(r'"kind":"__(triton_gemm|triton_nested_gemm_fusion|cudnn\$fusion|cublas)', attrs):
+        return "GEMM"
+    if op in ("copy", "transpose") or (op == "fusion" and "transpose" in (re.search(r"calls=%([\w.\-]+)", attrs)
+                                                                           or [None, ""])[1]):
+        return "transposing"
+    if op.startswith(COLLECTIVES):
+        return "collective"
+    return "other memory-bound"
+
+
+def op_group(instruction: Instruction) -> str:
+    """The model op a kernel comes from, layers merged (`h_3` -> `h_*`), from its `op_name` metadata."""
+    name = (re.search(r'op_name="([^"]+)"', instruction.attrs) or [None, instruction.opcode])[1]
+    name = re.sub(r"^jit\([^)]*\)/", "", name)
+    return re.sub(r"_\d+(?=/|$)", "_*", name)
+
+
+def kernels(text: str) -> list[tuple[str, str, int]]:
+    """(kind, model op, bytes read and written) of every kernel one call of the compiled module launches
+    (a loop body counted once)."""
+    computations = parse_module(text)
+    rows = []
+    for name in launched(computations):
+        shapes = {i.name: i.shape for i in computations[name]}
+        for instruction in computations[name]:
+            k = kind(instruction)
+            if k is not None:
+                moved = shape_bytes(instruction.shape) + sum(shape_bytes(shapes.get(o, "")) for o in
+                                                             instruction.operands)
+                rows.append((k, op_group(instruction), moved))
+    return rows
+
+
+def tables(rows: list[tuple[str, str, int]], bandwidth: float, top: int) -> str:
+    """Markdown: kernels by kind, then the memory-bound kernels' `top` model ops by bytes."""
+    per_kind: dict[str, list[int]] = {k: [0, 0] for k in KINDS}
+    per_op: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    for k, op, moved in rows:
+        per_kind[k][0] += 1
+        per_kind[k][1] += moved
+        if k in ("transposing", "other memory-bound"):
+            per_op[op][0] += 1
+            per_op[op][1] += moved
+    ms = 1e3 / bandwidth
+    out = [f"| kernels of one step | count | MB read + written | ms at {bandwidth / 1e12:.2f} TB/s |", "|---|---|---|---|"]
+    out += [f"| {k} | {n} | {b / 1e6:,.0f} | {b * ms:.2f} |" for k, (n, b) in per_kind.items()]
+    out += [f"| all | {len(rows)} | {sum(r[2] for r in rows) / 1e6:,.0f} | {sum(r[2] for r in rows) * ms:.2f} |", "",
+            "| memory-bound kernels by model op (layers merged) | count | MB | ms |", "|---|---|---|---|"]
+    ranked = sorted(per_op.items(), key=lambda item: -item[1][1])[:top]
+    out += [f"| `{op}` | {n} | {b / 1e6:,.0f} | {b * ms:.2f} |" for op, (n, b) in ranked]
+    return "\n".join(out)
+
+
+def compile_step(config: Any, card: str) -> str:
+    """The runner's train step of `config` compiled for `card` without a GPU: the optimized HLO text."""
+    import jax
+    from jax.experimental import topologies
+
+    from dlfx import data
+    from dlfx.experiment import build
+
+    topology = topologies.get_topology_desc(platform="cuda", target_config=target_config(card), topology="1x1x1")
+    exp = build(config, devices=topology.devices)
+    spec = data.access.element_spec(exp.dataset.train)
+    batch = {k: jax.ShapeDtypeStruct((config.data.batch_size, *shape), dtype) for k, (shape, dtype) in spec.items()}
+    backend = jax.default_backend
+    jax.default_backend = lambda: "gpu"  # dlfx picks its GPU code paths (cuDNN attention, ...) while tracing
+    try:
+        lowered = exp.train_step().lower(exp.abstract_state, batch)
+    finally:
+        jax.default_backend = backend
+    return lowered.compile().as_text()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Compile the step for the card and print its kernel tables."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="gpt124m", help="a benchmarks.run model")
+    parser.add_argument("--card", default="h200", choices=sorted(CARDS))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--hlo", default=None, metavar="FILE", help="also write the compiled HLO text here")
+    parser.add_argument("--top", type=int, default=25, help="rows of the by-op table")
+    args = parser.parse_args(argv)
+    if not any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (13, 12)):
+        print("benchmarks.gpu_compile: needs JAX's CUDA plugin (pip install \"jax[cuda13]==<the installed jax "
+              "version>\"); it compiles for the GPU without one", file=sys.stderr)
+        return 2
+    import jax
+
+    from benchmarks.run import MODELS
+    from dlfx import config as config_lib
+
+    # CUDA without a device: the plugin registers (no version checks against a driver), the CPU stays the default
+    os.environ.update(JAX_SKIP_CUDA_CONSTRAINTS_CHECK="1", CUDA_VISIBLE_DEVICES="-1")
+    jax.config.update("jax_platforms", "cpu,cuda")
+    spec, overrides, _ = MODELS[args.model]
+    # the plain step on whole batches: a device-resident split would ask the absent card for its memory
+    config = config_lib.load(spec, list(overrides) + ["data.on_device=off"] + list(args.set))
+    start = time.perf_counter()
+    text = compile_step(config, args.card)
+    if args.hlo:
+        with open(args.hlo, "w") as f:
+            f.write(text)
+    print(f"{args.model} train step for an {CARDS[args.card]['description']} (deviceless, no autotuning), "
+          f"compiled in {time.perf_counter() - start:.1f} s\n")
+    print(tables(kernels(text), CARDS[args.card]["memory_bandwidth"], args.top))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
