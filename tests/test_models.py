@@ -149,3 +149,28 @@ def test_dense_flattens_leading_axes_with_nn_dense_parameters_outputs_and_gradie
     w = jnp.ones((7, 4))  # any other contraction is lax.dot_general's own
     numbers = (((1,), (0,)), ((), ()))
     chex.assert_trees_all_equal(flat_dot_general(x[0], w, numbers), jax.lax.dot_general(x[0], w, numbers))
+
+
+@pytest.mark.parametrize("backend", ["cpu", "gpu"])
+@pytest.mark.parametrize("approximate", [True, False])
+def test_dense_gelu_is_nn_dense_then_gelu_with_a_recomputed_gradient_on_gpu(monkeypatch, backend, approximate):
+    """DenseGelu: nn.Dense's parameters (same init), outputs and gradients, bfloat16 too; on a GPU its
+    gradient recomputes the GELU behind an optimization barrier (nothing but the output kept)."""
+    from dlfx.models.dense import DenseGelu
+
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    x = jax.random.normal(jax.random.PRNGKey(0), (3, 5, 4))
+    for dtype, tol in ((jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)):
+        ours, dense = DenseGelu(6, approximate, dtype=dtype, name="fc"), nn.Dense(6, dtype=dtype, name="fc")
+        params = dense.init(jax.random.PRNGKey(1), x)
+        chex.assert_trees_all_equal(ours.init(jax.random.PRNGKey(1), x), params)
+
+        def theirs(p, x):
+            return nn.gelu(dense.apply(p, x), approximate=approximate)
+
+        chex.assert_trees_all_close(ours.apply(params, x), theirs(params, x), rtol=tol, atol=tol)
+        grads = [jax.grad(lambda p, x, f=f: jnp.sum(jnp.sin(f(p, x).astype(jnp.float32))), argnums=(0, 1))(params, x)
+                 for f in (ours.apply, theirs)]
+        chex.assert_trees_all_close(grads[0], grads[1], rtol=tol, atol=tol)
+    backward = str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(ours.apply(p, x).astype(jnp.float32))))(params))
+    assert ("optimization_barrier" in backward) == (backend == "gpu")

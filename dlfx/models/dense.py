@@ -1,11 +1,14 @@
-"""`Dense`: flax's `nn.Dense` whose matmul merges the input's leading axes into one, so XLA sees a 2-D product."""
+"""`Dense`: flax's `nn.Dense` whose matmul merges the input's leading axes into one, so XLA sees a 2-D product;
+`DenseGelu`: the same layer followed by a GELU whose gradient recomputes it (on a GPU)."""
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 
@@ -27,3 +30,44 @@ def flat_dot_general(lhs: jax.Array, rhs: jax.Array, dimension_numbers: Any, **k
 def Dense(features: int, **kwargs: Any) -> nn.Dense:  # noqa: N802 (used as the module class it returns)
     """`nn.Dense(features, **kwargs)` computing through `flat_dot_general`: the same parameters and outputs."""
     return nn.Dense(features, dot_general=flat_dot_general, **kwargs)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def gelu_of_sum(z: jax.Array, bias: jax.Array, approximate: bool) -> jax.Array:
+    """`gelu(z + bias)` whose gradient recomputes the sum and the GELU from `z` and `bias`: the forward stores
+    nothing but its output (XLA:GPU otherwise wrote the biased sum out beside the output and read both back)."""
+    return nn.gelu(z + bias, approximate=approximate)
+
+
+def _gelu_of_sum_fwd(z: jax.Array, bias: jax.Array, approximate: bool) -> tuple[jax.Array, tuple]:
+    return gelu_of_sum(z, bias, approximate), (z, bias)
+
+
+def _gelu_of_sum_bwd(approximate: bool, residuals: tuple, g: jax.Array) -> tuple[jax.Array, jax.Array]:
+    # the barrier keeps XLA from sharing the recomputed sum with the forward's (it would then store it again)
+    z, bias = lax.optimization_barrier(residuals)
+    return jax.vjp(lambda z, bias: nn.gelu(z + bias, approximate=approximate), z, bias)[1](g)
+
+
+gelu_of_sum.defvjp(_gelu_of_sum_fwd, _gelu_of_sum_bwd)
+
+
+class DenseGelu(nn.Module):
+    """`gelu(Dense(features)(x))` with `Dense`'s parameters (`kernel`, `bias`) and numbers. On a GPU the GELU's
+    gradient is recomputed from the matmul's output (`gelu_of_sum`): a deviceless XLA:GPU compile of the gpt124m
+    step moved 4.8 GB less a step (42.6 -> 37.7 GB through its memory-bound kernels); elsewhere the plain GELU."""
+
+    features: int
+    approximate: bool = True  # tanh GELU (GPT-2); False: the exact erf GELU
+    dtype: Any = None
+    param_dtype: Any = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), self.param_dtype)
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
+        x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+        z = flat_dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
+        if jax.default_backend() == "gpu":
+            return gelu_of_sum(z, bias, self.approximate)
+        return nn.gelu(z + bias, approximate=self.approximate)

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dlfx.models.dense import Dense
+from dlfx.models.dense import Dense, DenseGelu
 from dlfx.models.dropout import Dropout
 
 ATTENTION = ("auto", "xla", "cudnn", "splash")  # `attention` field: which fused kernel attention runs on
@@ -164,8 +164,8 @@ class Block(nn.Module):
                           self.dtype, self.param_dtype, name="attn")(norm(name="ln1")(x), train)
         x = x + branch(y)
         y = norm(name="ln2")(x)
-        y = dense(self.mlp_dim, name="fc1")(y)
-        y = dense(x.shape[-1], name="fc2")(nn.gelu(y, approximate=self.gelu_approximate))
+        y = DenseGelu(self.mlp_dim, self.gelu_approximate, self.dtype, self.param_dtype, name="fc1")(y)
+        y = dense(x.shape[-1], name="fc2")(y)
         return x + branch(y)
 
 
