@@ -56,8 +56,10 @@ flax.__version__, 'orbax', o.__version__)" || echo "device: exit $?" >> "$out/fa
         --runner-repeats 1 --peak-tflops 989
       measure torch_peer 130 python3 -m benchmarks.torch_peer --models gpt124m --device cuda --compile --steps 10 \
         --repeats 3 --runner-steps 200
-      # the committed position-embedding gradient (custom JVP) against the plain add and the measured VJP form
-      measure posgrad 120 python3 -m experiments.gpu_position_grad --variants broadcast,add,dot --steps 10 --windows 5
+      # the two GPU changes a deviceless compile checked (no transposing fusions; 4.8 GB less through the memory-
+      # bound kernels), timed against each other: the plain position add, both changes, the GELU's left out
+      measure posgrad 120 python3 -m experiments.gpu_position_grad --variants broadcast,add,add+plain_gelu --steps 10 \
+        --windows 5
       # the gpt124m step's kernel profile, and the XLA option that came closest last time (H200: 1.007)
       measure probe 120 python3 -m benchmarks.step_probe --model gpt124m --steps 10 --windows 5 \
         --option cudnn_gemm_fusion:xla_gpu_cudnn_gemm_fusion_level=2 --profile "$site/probe" --top 45

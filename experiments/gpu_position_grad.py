@@ -11,7 +11,9 @@ the batch axis, counts the transposing fusions in each compiled step, and times 
 Variants: `broadcast` (the plain broadcast add: its gradient reduces the batch axis), `add` (dlfx's
 `add_positions` since this study: a custom JVP whose transpose is a matmul with ones), `gather` (positions
 gathered per token: a scatter-add gradient), `dot` (a custom VJP summing the batch axis with a matmul) and
-`none` (no position embedding: the bound, not a model).
+`none` (no position embedding: the bound, not a model). A variant name ending in `+plain_gelu` also swaps the
+MLP's recomputed GELU gradient (`dense.gelu_of_sum`) for the plain GELU, which stores the biased sum for the
+backward pass: `--variants broadcast,add,add+plain_gelu` times both GPU changes against each other.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import sys
 import time
 from typing import Any
 
+import flax.linen
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -30,7 +33,7 @@ from benchmarks import step_probe
 from benchmarks.run import MODELS
 from dlfx import config as config_lib, data, parallel
 from dlfx.experiment import build
-from dlfx.models import transformer
+from dlfx.models import dense, transformer
 
 
 def _as(x: jax.Array, dtype: Any) -> jax.Array:
@@ -73,6 +76,11 @@ def broadcast_positions(x: jax.Array, wpe: jax.Array, start: Any = 0, decode: bo
     return _as(x + transformer.position_rows(wpe, x.shape[1], start, decode), dtype)
 
 
+def plain_gelu(z: jax.Array, bias: jax.Array, approximate: bool) -> jax.Array:
+    """The GELU of the biased sum, differentiated as it is (XLA:GPU stores the sum for the backward pass)."""
+    return flax.linen.gelu(z + bias, approximate=approximate)
+
+
 VARIANTS = {"broadcast": broadcast_positions, "add": transformer.add_positions, "gather": gather_positions,
             "dot": dot_positions, "none": lambda x, wpe, start=0, decode=False, dtype=None: _as(x, dtype)}
 
@@ -88,9 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     spec, overrides, _ = MODELS[args.model]
     config = config_lib.load(spec, list(overrides) + ["train.epochs=0", "train.steps=1000", "train.eval_every=0"])
     runs, info = {}, {}
-    original = transformer.add_positions
+    original, recomputed = transformer.add_positions, dense.gelu_of_sum
     for name in args.variants.split(","):
-        transformer.add_positions = VARIANTS[name]  # read while the step is traced, inside compile_call
+        positions, _, gelu = name.partition("+")
+        if gelu not in ("", "plain_gelu"):
+            raise SystemExit(f"--variants: {name!r}: the only suffix is '+plain_gelu'")
+        # both are read while the step is traced, inside compile_call
+        transformer.add_positions = VARIANTS[positions]
+        if gelu:
+            dense.gelu_of_sum = plain_gelu
         try:
             exp = build(config)
             it = data.train_iterator(exp.dataset.train, config.data.batch_size, exp.data_seed)
@@ -99,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             compiled, text = step_probe.compile_call(exp, batches, 1, None, {})
             compile_s = time.perf_counter() - start
         finally:
-            transformer.add_positions = original
+            transformer.add_positions, dense.gelu_of_sum = original, recomputed
         state, out = exp.init(), None
         for batch in batches[:2]:
             state, out = compiled(state, batch)
