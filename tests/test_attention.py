@@ -219,3 +219,25 @@ def test_position_rows_differentiate_like_a_broadcast_add_with_a_matmul_gradient
         assert ("Precision.HIGHEST" in str(jax.make_jaxpr(jax.grad(lambda w: loss(add, x, w)))(wpe))) == highest
     chex.assert_trees_all_close(jax.grad(loss, argnums=(1, 2))(ours16, x, wpe),
                                 jax.grad(loss, argnums=(1, 2))(plain16, x, wpe), rtol=1e-6)
+
+
+@pytest.mark.parametrize("remat,scan_layers", [(False, False), (True, True)])
+def test_gpt_gpu_code_paths_train_like_the_cpu_ones(monkeypatch, remat, scan_layers):
+    """The GPT's GPU-only pieces together (position gradient as a matmul, recomputed GELU gradient), under
+    remat and scanned layers, bfloat16 compute: the same loss and gradients as the plain code paths."""
+    model = transformer.GPT(vocab_size=11, max_len=8, num_layers=2, num_heads=2, embed_dim=16, remat=remat,
+                            scan_layers=scan_layers, attention="xla", dtype=jnp.bfloat16)
+    tokens = jax.random.randint(jax.random.PRNGKey(0), (3, 8), 0, 11)
+    params = model.init(jax.random.PRNGKey(1), tokens)
+
+    results = {}
+    for backend in ("cpu", "gpu"):
+        monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
+
+        def loss(params):  # a new function per backend: make_jaxpr caches its trace per function
+            return jnp.mean(model.apply(params, tokens).astype(jnp.float32) ** 2)
+
+        results[backend] = jax.value_and_grad(loss)(params)
+        forward = str(jax.make_jaxpr(loss)(params))  # the GPU paths are the position add's JVP and the GELU's VJP
+        assert ("custom_jvp_call" in forward and "custom_vjp_call" in forward) == (backend == "gpu"), backend
+    chex.assert_trees_all_close(results["gpu"], results["cpu"], rtol=2e-2, atol=2e-3)
