@@ -75,15 +75,19 @@ def test_attention_dropout_takes_the_explicit_path(monkeypatch):
 
 
 def test_auto_picks_cudnn_only_on_a_gpu_for_half_precision(monkeypatch):
-    assert transformer.fused_implementation("auto", jnp.bfloat16, 64) == "xla"  # this is a CPU
-    assert transformer.fused_implementation("xla", jnp.bfloat16, 64) == "xla"
+    assert transformer.fused_implementation("auto", jnp.bfloat16, 64, 128) == "xla"  # this is a CPU
+    assert transformer.fused_implementation("xla", jnp.bfloat16, 64, 128) == "xla"
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-    assert transformer.fused_implementation("auto", jnp.bfloat16, 64) == "cudnn"
-    assert transformer.fused_implementation("cudnn", jnp.bfloat16, 64) == "cudnn"
-    assert transformer.fused_implementation("auto", jnp.float32, 64) == "xla"
-    assert transformer.fused_implementation("auto", jnp.bfloat16, 160) == "xla"  # head too wide for the kernel
+    assert transformer.fused_implementation("auto", jnp.bfloat16, 64, 128) == "cudnn"
+    assert transformer.fused_implementation("cudnn", jnp.bfloat16, 64, 128) == "cudnn"
+    assert transformer.fused_implementation("auto", jnp.float32, 64, 128) == "xla"
+    assert transformer.fused_implementation("auto", jnp.bfloat16, 160, 128) == "xla"  # head too wide for the kernel
+    # JAX's cuDNN attention trains only on even lengths (a ViT's patches + cls token): auto takes XLA's
+    assert transformer.fused_implementation("auto", jnp.bfloat16, 64, 197) == "xla"
+    with pytest.raises(ValueError, match="even sequence length; got heads of 64 channels, length 197"):
+        transformer.fused_implementation("cudnn", jnp.bfloat16, 64, 197)
     with pytest.raises(ValueError, match="flash"):
-        transformer.fused_implementation("flash", jnp.bfloat16, 64)
+        transformer.fused_implementation("flash", jnp.bfloat16, 64, 128)
 
 
 @pytest.mark.parametrize("override, message", [
@@ -104,7 +108,7 @@ def test_cudnn_runs_train_only_on_a_gpu_but_evaluate_anywhere(repo_root, tmp_pat
     with pytest.raises(ConfigError, match="needs a CUDA GPU"):
         runner.train(config, str(tmp_path / "run"))
     assert not (tmp_path / "run").exists()
-    assert transformer.fused_implementation("cudnn", jnp.bfloat16, 64) == "xla"  # restoring such a run on a CPU
+    assert transformer.fused_implementation("cudnn", jnp.bfloat16, 64, 128) == "xla"  # restoring such a run on a CPU
 
 
 def test_attention_choice_is_a_model_key(repo_root):
@@ -149,7 +153,7 @@ def test_splash_kernel_equals_xla_attention(causal):
 
 
 def test_splash_is_chosen_on_a_tpu_and_runs_inside_the_model(repo_root, tmp_path, monkeypatch):
-    assert transformer.fused_implementation("splash", jnp.bfloat16, 64) == "xla"  # off a TPU: the same math
+    assert transformer.fused_implementation("splash", jnp.bfloat16, 64, 128) == "xla"  # off a TPU: the same math
     model = models.build("gpt", vocab_size=11, max_len=128, num_layers=1, num_heads=2, embed_dim=16,
                          attention="splash")
     tokens = jnp.arange(256).reshape(2, 128) % 11

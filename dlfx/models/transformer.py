@@ -22,21 +22,23 @@ ATTENTION = ("auto", "xla", "cudnn", "splash")  # `attention` field: which fused
 SPLASH_BLOCK = 128  # the splash kernel's default block: sequence lengths must be a multiple of it
 
 
-def fused_implementation(attention: str, dtype: Any, head_dim: int) -> str:
-    """Which fused kernel runs attention: 'cudnn' (flash attention on a GPU), 'splash' (Pallas on a TPU) or
-    'xla'; `auto` picks cuDNN where it applies, else XLA."""
+def fused_implementation(attention: str, dtype: Any, head_dim: int, length: int) -> str:
+    """Which fused kernel runs attention over sequences of `length`: 'cudnn' (flash attention on a GPU),
+    'splash' (Pallas on a TPU) or 'xla'; `auto` picks cuDNN where it applies, else XLA."""
     if attention not in ATTENTION:
         raise ValueError(f"attention={attention!r} is not one of {', '.join(ATTENTION)}")
     if attention == "cudnn" and jax.default_backend() != "gpu":
         return "xla"  # a run trained with cuDNN, evaluated or sampled off a GPU: the same math
     if attention == "splash":
         return "splash" if jax.default_backend() == "tpu" else "xla"  # likewise off a TPU
-    if attention == "cudnn" and not (head_dim <= 128 and head_dim % 8 == 0):
-        raise ValueError(f"attention='cudnn' needs heads of at most 128 channels, a multiple of 8; got {head_dim}")
+    # JAX's cuDNN attention (0.11) trains only on even lengths: a ViT's 196 patches + cls token would fail
+    if attention == "cudnn" and not (head_dim <= 128 and head_dim % 8 == 0 and length % 2 == 0):
+        raise ValueError(f"attention='cudnn' needs heads of at most 128 channels, a multiple of 8, and an even "
+                         f"sequence length; got heads of {head_dim} channels, length {length} (use 'auto')")
     if attention != "auto":
         return attention
     cudnn_ok = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) \
-        and head_dim <= 128 and head_dim % 8 == 0
+        and head_dim <= 128 and head_dim % 8 == 0 and length % 2 == 0
     return "cudnn" if cudnn_ok else "xla"
 
 
@@ -123,7 +125,7 @@ class SelfAttention(nn.Module):
         elif from_cache:
             out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
         else:
-            kernel = fused_implementation(self.attention, q.dtype, head_dim)
+            kernel = fused_implementation(self.attention, q.dtype, head_dim, length)
             if kernel == "splash" and self.decode:
                 kernel = "xla"  # sampling: the cache's first call and prompts of any length
             if kernel == "splash":
