@@ -154,8 +154,8 @@ def test_dense_flattens_leading_axes_with_nn_dense_parameters_outputs_and_gradie
 @pytest.mark.parametrize("backend", ["cpu", "gpu"])
 @pytest.mark.parametrize("approximate", [True, False])
 def test_dense_gelu_is_nn_dense_then_gelu_with_a_recomputed_gradient_on_gpu(monkeypatch, backend, approximate):
-    """DenseGelu: nn.Dense's parameters (same init), outputs and gradients, bfloat16 too; on a GPU its
-    gradient recomputes the GELU behind an optimization barrier (nothing but the output kept)."""
+    """DenseGelu: nn.Dense's parameters (same init), outputs, gradients and forward-mode tangents, bfloat16
+    too; on a GPU its gradient recomputes the GELU behind an optimization barrier (nothing but the output kept)."""
     from dlfx.models.dense import DenseGelu
 
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
@@ -172,5 +172,8 @@ def test_dense_gelu_is_nn_dense_then_gelu_with_a_recomputed_gradient_on_gpu(monk
         grads = [jax.grad(lambda p, x, f=f: jnp.sum(jnp.sin(f(p, x).astype(jnp.float32))), argnums=(0, 1))(params, x)
                  for f in (ours.apply, theirs)]
         chex.assert_trees_all_close(grads[0], grads[1], rtol=tol, atol=tol)
-    backward = str(jax.make_jaxpr(jax.grad(lambda p: jnp.sum(ours.apply(p, x).astype(jnp.float32))))(params))
+        tangents = jax.tree.map(jnp.ones_like, params)
+        chex.assert_trees_all_close(jax.jvp(ours.apply, (params, x), (tangents, x)),
+                                    jax.jvp(theirs, (params, x), (tangents, x)), rtol=tol, atol=tol)
+    backward = jax.jit(jax.grad(lambda p: jnp.sum(ours.apply(p, x).astype(jnp.float32)))).lower(params).as_text()
     assert ("optimization_barrier" in backward) == (backend == "gpu")

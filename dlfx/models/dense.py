@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import flax.linen as nn
@@ -32,24 +31,11 @@ def Dense(features: int, **kwargs: Any) -> nn.Dense:  # noqa: N802 (used as the 
     return nn.Dense(features, dot_general=flat_dot_general, **kwargs)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def gelu_of_sum(z: jax.Array, bias: jax.Array, approximate: bool) -> jax.Array:
-    """`gelu(z + bias)` whose gradient recomputes the sum and the GELU from `z` and `bias`: the forward stores
-    nothing but its output (XLA:GPU otherwise wrote the biased sum out beside the output and read both back)."""
-    return nn.gelu(z + bias, approximate=approximate)
-
-
-def _gelu_of_sum_fwd(z: jax.Array, bias: jax.Array, approximate: bool) -> tuple[jax.Array, tuple]:
-    return gelu_of_sum(z, bias, approximate), (z, bias)
-
-
-def _gelu_of_sum_bwd(approximate: bool, residuals: tuple, g: jax.Array) -> tuple[jax.Array, jax.Array]:
-    # the barrier keeps XLA from sharing the recomputed sum with the forward's (it would then store it again)
-    z, bias = lax.optimization_barrier(residuals)
-    return jax.vjp(lambda z, bias: nn.gelu(z + bias, approximate=approximate), z, bias)[1](g)
-
-
-gelu_of_sum.defvjp(_gelu_of_sum_fwd, _gelu_of_sum_bwd)
+    """`gelu(z + bias)`, checkpointed: the reverse pass recomputes the sum and the GELU from `z` and `bias`
+    (behind an optimization barrier), so the forward stores nothing but its output; XLA:GPU otherwise wrote
+    the biased sum out beside the output and read both back."""
+    return jax.checkpoint(lambda z, bias: nn.gelu(z + bias, approximate=approximate))(z, bias)
 
 
 class DenseGelu(nn.Module):
