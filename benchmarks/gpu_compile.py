@@ -31,12 +31,12 @@ CARDS = {  # XLA's GpuTargetConfig fields of the cards dlfx was measured on (cuD
              "description": "NVIDIA H200"},
 }
 FREE = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant", "while", "conditional", "call",
-        "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency", "copy-done"}
+        "after-all", "partition-id", "replica-id", "opt-barrier", "add-dependency"}
 COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute", "all-to-all")
 BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
          "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
 ARRAY = re.compile(r"\b(" + "|".join(BYTES) + r")\[([\d,]*)\]")
-KINDS = ("GEMM", "attention", "transposing", "other memory-bound", "collective")
+KINDS = ("GEMM", "convolution", "attention", "transposing", "other memory-bound", "collective")
 
 
 @dataclasses.dataclass
@@ -120,25 +120,37 @@ def launched(computations: dict[str, list[Instruction]]) -> list[str]:
     return order
 
 
-def shape_bytes(shape: str) -> int:
-    """Bytes of the arrays in an HLO shape (a tuple's elements summed)."""
-    return sum(BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d) for dtype, dims in ARRAY.findall(shape))
+def shape_bytes(shape: str, workspace: bool = True) -> int:
+    """Bytes of the arrays in an HLO shape (a tuple's elements summed); `workspace=False` leaves out the u8
+    scratch buffers custom calls return beside their results."""
+    return sum(BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d) for dtype, dims in ARRAY.findall(shape)
+               if workspace or dtype != "u8")
 
 
-def kind(instruction: Instruction) -> str | None:
-    """The kernel kind of a launched instruction (`KINDS`), or None for one that launches nothing."""
+def _layout(shape: str) -> str:
+    return (re.search(r"\{[\d,]*\}", shape) or [""])[0]
+
+
+def kind(instruction: Instruction, operand_shapes: list[str] = ()) -> str | None:
+    """The kernel kind of a launched instruction (`KINDS`), or None for one that launches nothing (a copy
+    counts as transposing only when it changes the layout of its operand, `operand_shapes[0]`)."""
     op, attrs = instruction.opcode, instruction.attrs
-    if op in FREE:
+    if op in FREE or op.endswith("-done"):  # an async op's work is counted at its start
         return None
     if op == "custom-call":
         target = (re.search(r'custom_call_target="([^"]+)"', attrs) or [None, ""])[1]
         if "fmha" in target or "flash" in target:
             return "attention"
+        if "conv" in target:
+            return "convolution"
         return "GEMM" if re.search(r"gemm|matmul|cublas", target) else "other memory-bound"
     if op == "fusion" and re.search(r'"kind":"__(triton_gemm|triton_nested_gemm_fusion|cudnn\$fusion|cublas)', attrs):
         return "GEMM"
-    if op in ("copy", "transpose") or (op == "fusion" and "transpose" in (re.search(r"calls=%([\w.\-]+)", attrs)
-                                                                           or [None, ""])[1]):
+    if op == "copy":
+        same = operand_shapes and _layout(operand_shapes[0]) == _layout(instruction.shape)
+        return "other memory-bound" if same else "transposing"
+    if op == "transpose" or (op == "fusion" and "transpose" in (re.search(r"calls=%([\w.\-]+)", attrs)
+                                                                 or [None, ""])[1]):
         return "transposing"
     if op.startswith(COLLECTIVES):
         return "collective"
@@ -153,17 +165,17 @@ def op_group(instruction: Instruction) -> str:
 
 
 def kernels(text: str) -> list[tuple[str, str, int]]:
-    """(kind, model op, bytes read and written) of every kernel one call of the compiled module launches
-    (a loop body counted once)."""
+    """(kind, model op, bytes read and written, u8 workspaces left out) of every kernel in the compiled module:
+    a loop's body and each branch of a conditional counted once."""
     computations = parse_module(text)
     rows = []
     for name in launched(computations):
         shapes = {i.name: i.shape for i in computations[name]}
         for instruction in computations[name]:
-            k = kind(instruction)
+            operand_shapes = [shapes.get(o, "") for o in instruction.operands]
+            k = kind(instruction, operand_shapes)
             if k is not None:
-                moved = shape_bytes(instruction.shape) + sum(shape_bytes(shapes.get(o, "")) for o in
-                                                             instruction.operands)
+                moved = sum(shape_bytes(shape, workspace=False) for shape in [instruction.shape] + operand_shapes)
                 rows.append((k, op_group(instruction), moved))
     return rows
 
@@ -179,13 +191,22 @@ def tables(rows: list[tuple[str, str, int]], bandwidth: float, top: int) -> str:
             per_op[op][0] += 1
             per_op[op][1] += moved
     ms = 1e3 / bandwidth
-    out = [f"| kernels of one step | count | MB read + written | ms at {bandwidth / 1e12:.2f} TB/s |", "|---|---|---|---|"]
+    out = [f"| kernels (loop bodies once) | count | MB read + written | ms at {bandwidth / 1e12:.2f} TB/s |",
+           "|---|---|---|---|"]
     out += [f"| {k} | {n} | {b / 1e6:,.0f} | {b * ms:.2f} |" for k, (n, b) in per_kind.items()]
     out += [f"| all | {len(rows)} | {sum(r[2] for r in rows) / 1e6:,.0f} | {sum(r[2] for r in rows) * ms:.2f} |", "",
             "| memory-bound kernels by model op (layers merged) | count | MB | ms |", "|---|---|---|---|"]
     ranked = sorted(per_op.items(), key=lambda item: -item[1][1])[:top]
     out += [f"| `{op}` | {n} | {b / 1e6:,.0f} | {b * ms:.2f} |" for op, (n, b) in ranked]
     return "\n".join(out)
+
+
+def cuda_plugin_installed() -> bool:
+    """Whether JAX's CUDA plugin (CUDA 13 or 12) can be imported."""
+    try:
+        return any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (13, 12))
+    except ModuleNotFoundError:  # no jax_plugins package at all
+        return False
 
 
 def compile_step(config: Any, card: str) -> str:
@@ -218,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hlo", default=None, metavar="FILE", help="also write the compiled HLO text here")
     parser.add_argument("--top", type=int, default=25, help="rows of the by-op table")
     args = parser.parse_args(argv)
-    if not any(importlib.util.find_spec(f"jax_plugins.xla_cuda{v}") for v in (13, 12)):
+    if not cuda_plugin_installed():
         print("benchmarks.gpu_compile: needs JAX's CUDA plugin (pip install \"jax[cuda13]==<the installed jax "
               "version>\"); it compiles for the GPU without one", file=sys.stderr)
         return 2

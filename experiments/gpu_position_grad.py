@@ -12,8 +12,8 @@ Variants: `broadcast` (the plain broadcast add: its gradient reduces the batch a
 `add_positions` since this study: a custom JVP whose transpose is a matmul with ones), `gather` (positions
 gathered per token: a scatter-add gradient), `dot` (a custom VJP summing the batch axis with a matmul) and
 `none` (no position embedding: the bound, not a model). A variant name ending in `+plain_gelu` also swaps the
-MLP's recomputed GELU gradient (`dense.gelu_of_sum`) for the plain GELU, which stores the biased sum for the
-backward pass: `--variants broadcast,add,add+plain_gelu` times both GPU changes against each other.
+MLP's recomputed GELU (`dense.recomputed_gelu`) for the plain one (`dense.biased_gelu`, whose backward pass
+reads the biased sum the forward stored): `--variants broadcast,add,add+plain_gelu` times both GPU changes against each other.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ import sys
 import time
 from typing import Any
 
-import flax.linen
 import jax
 import jax.numpy as jnp
 from jax import lax
@@ -76,11 +75,6 @@ def broadcast_positions(x: jax.Array, wpe: jax.Array, start: Any = 0, decode: bo
     return _as(x + transformer.position_rows(wpe, x.shape[1], start, decode), dtype)
 
 
-def plain_gelu(z: jax.Array, bias: jax.Array, approximate: bool) -> jax.Array:
-    """The GELU of the biased sum, differentiated as it is (XLA:GPU stores the sum for the backward pass)."""
-    return flax.linen.gelu(z + bias, approximate=approximate)
-
-
 VARIANTS = {"broadcast": broadcast_positions, "add": transformer.add_positions, "gather": gather_positions,
             "dot": dot_positions, "none": lambda x, wpe, start=0, decode=False, dtype=None: _as(x, dtype)}
 
@@ -96,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     spec, overrides, _ = MODELS[args.model]
     config = config_lib.load(spec, list(overrides) + ["train.epochs=0", "train.steps=1000", "train.eval_every=0"])
     runs, info = {}, {}
-    original, recomputed = transformer.add_positions, dense.gelu_of_sum
+    original, recomputed = transformer.add_positions, dense.recomputed_gelu
     for name in args.variants.split(","):
         positions, _, gelu = name.partition("+")
         if gelu not in ("", "plain_gelu"):
@@ -104,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         # both are read while the step is traced, inside compile_call
         transformer.add_positions = VARIANTS[positions]
         if gelu:
-            dense.gelu_of_sum = plain_gelu
+            dense.recomputed_gelu = dense.biased_gelu
         try:
             exp = build(config)
             it = data.train_iterator(exp.dataset.train, config.data.batch_size, exp.data_seed)
@@ -113,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             compiled, text = step_probe.compile_call(exp, batches, 1, None, {})
             compile_s = time.perf_counter() - start
         finally:
-            transformer.add_positions, dense.gelu_of_sum = original, recomputed
+            transformer.add_positions, dense.recomputed_gelu = original, recomputed
         state, out = exp.init(), None
         for batch in batches[:2]:
             state, out = compiled(state, batch)

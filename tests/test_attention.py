@@ -84,8 +84,9 @@ def test_auto_picks_cudnn_only_on_a_gpu_for_half_precision(monkeypatch):
     assert transformer.fused_implementation("auto", jnp.bfloat16, 160, 128) == "xla"  # head too wide for the kernel
     # JAX's cuDNN attention trains only on even lengths (a ViT's patches + cls token): auto takes XLA's
     assert transformer.fused_implementation("auto", jnp.bfloat16, 64, 197) == "xla"
-    with pytest.raises(ValueError, match="even sequence length; got heads of 64 channels, length 197"):
+    with pytest.raises(ValueError, match="trains only on an even sequence length; got 197"):
         transformer.fused_implementation("cudnn", jnp.bfloat16, 64, 197)
+    assert transformer.fused_implementation("cudnn", jnp.bfloat16, 64, 1, train=False) == "xla"  # a prompt's first
     with pytest.raises(ValueError, match="flash"):
         transformer.fused_implementation("flash", jnp.bfloat16, 64, 128)
 
@@ -228,7 +229,8 @@ def test_position_rows_differentiate_like_a_broadcast_add_with_a_matmul_gradient
 @pytest.mark.parametrize("remat,scan_layers", [(False, False), (True, True)])
 def test_gpt_gpu_code_paths_train_like_the_cpu_ones(monkeypatch, remat, scan_layers):
     """The GPT's GPU-only pieces together (position gradient as a matmul, recomputed GELU gradient), under
-    remat and scanned layers, bfloat16 compute: the same loss and gradients as the plain code paths."""
+    remat and scanned layers, bfloat16 compute: the same loss, gradients and forward-mode tangent as the plain
+    code paths."""
     model = transformer.GPT(vocab_size=11, max_len=8, num_layers=2, num_heads=2, embed_dim=16, remat=remat,
                             scan_layers=scan_layers, attention="xla", dtype=jnp.bfloat16)
     tokens = jax.random.randint(jax.random.PRNGKey(0), (3, 8), 0, 11)
@@ -241,7 +243,8 @@ def test_gpt_gpu_code_paths_train_like_the_cpu_ones(monkeypatch, remat, scan_lay
         def loss(params):  # a new function per backend: make_jaxpr caches its trace per function
             return jnp.mean(model.apply(params, tokens).astype(jnp.float32) ** 2)
 
-        results[backend] = jax.value_and_grad(loss)(params)
+        tangent = jax.tree.map(jnp.ones_like, params)
+        results[backend] = jax.value_and_grad(loss)(params), jax.jvp(loss, (params,), (tangent,))
         forward[backend] = str(jax.make_jaxpr(loss)(params))
     chex.assert_trees_all_close(results["gpu"], results["cpu"], rtol=2e-2, atol=2e-3)
     # the GPU paths were taken: the position add's custom JVP, and a checkpoint (remat2) per GELU

@@ -76,6 +76,11 @@ ENTRY %main.9 (x: bf16[4,8], w: bf16[8,8], c: (s32[], f32[16])) -> (bf16[4,8], f
   %input_transpose_fusion.6 = bf16[8,4]{1,0} fusion(%gemm.4), kind=kInput, calls=%fused_transpose.1, metadata={op_name="jit(step)/h/h_0/mlp/transpose"}
   %loop_add_fusion.7 = bf16[4,8]{1,0} fusion(%x, %gemm.4), kind=kLoop, calls=%fused_add.7, metadata={op_name="jit(step)/h/h_0/add"}
   %while.8 = (s32[], f32[16]{0}) while(%c), condition=%cond.9, body=%body.2
+  %copy.10 = bf16[4,8]{0,1} copy(%x)
+  %copy.11 = bf16[4,8]{1,0} copy(%x)
+  %conv.12 = (bf16[4,8]{1,0}, u8[1024]{0}) custom-call(%x, %w), custom_call_target="__cudnn$convForward"
+  %ars.13 = bf16[4,8]{1,0} all-reduce-start(%x), replica_groups={}, to_apply=%sum
+  %ard.14 = bf16[4,8]{1,0} all-reduce-done(%ars.13)
   %r = f32[16]{0} get-tuple-element(%while.8), index=1
   ROOT %tuple = (bf16[4,8]{1,0}, f32[16]{0}) tuple(%loop_add_fusion.7, %r)
 }
@@ -94,9 +99,13 @@ def test_gpu_compile_counts_kernels_by_kind_with_their_bytes_and_model_op():
         ("transposing", "h/h_*/mlp/transpose", 64 + 64),
         ("other memory-bound", "h/h_*/add", 3 * 64),
         ("other memory-bound", "h/h_*/add", 3 * 64),  # the loop body's f32[16] add: 64 bytes out, 2 x 64 in
+        ("transposing", "copy", 2 * 64),  # a copy to another layout
+        ("other memory-bound", "copy", 2 * 64),  # a copy that keeps the layout
+        ("convolution", "custom-call", 64 + 64 + 128),  # its u8 workspace left out
+        ("collective", "all-reduce-start", 2 * 64),  # the -done launches nothing
     ])
     table = gpu_compile.tables(rows, 1e12, top=5)
-    assert "| attention | 1 |" in table and "| transposing | 1 |" in table and "| all | 5 |" in table
+    assert "| attention | 1 |" in table and "| transposing | 2 |" in table and "| all | 9 |" in table
     assert "| `h/h_*/add` | 2 | 0 |" in table  # 384 bytes: 0 MB
 
 
@@ -104,6 +113,9 @@ def test_gpu_compile_says_what_it_needs_without_the_cuda_plugin(capsys, monkeypa
     """Without JAX's CUDA plugin: one line naming the install, exit status 2."""
     from benchmarks import gpu_compile
 
-    monkeypatch.setattr(gpu_compile.importlib.util, "find_spec", lambda name: None)
+    def find_spec(name):  # as without any plugin: the jax_plugins package itself is missing
+        raise ModuleNotFoundError(f"No module named {name.split('.')[0]!r}")
+
+    monkeypatch.setattr(gpu_compile.importlib.util, "find_spec", find_spec)
     assert gpu_compile.main(["--model", "gpt"]) == 2
     assert "jax[cuda13]" in capsys.readouterr().err

@@ -31,17 +31,23 @@ def Dense(features: int, **kwargs: Any) -> nn.Dense:  # noqa: N802 (used as the 
     return nn.Dense(features, dot_general=flat_dot_general, **kwargs)
 
 
-def gelu_of_sum(z: jax.Array, bias: jax.Array, approximate: bool) -> jax.Array:
-    """`gelu(z + bias)`, checkpointed: the reverse pass recomputes the sum and the GELU from `z` and `bias`
+def biased_gelu(z: jax.Array, bias: jax.Array, approximate: bool) -> jax.Array:
+    """`gelu(z + bias)`: the GELU of a matmul output `z` and its bias."""
+    return nn.gelu(z + bias, approximate=approximate)
+
+
+def recomputed_gelu(z: jax.Array, bias: jax.Array, approximate: bool) -> jax.Array:
+    """`biased_gelu`, checkpointed: the reverse pass recomputes the sum and the GELU from `z` and `bias`
     (behind an optimization barrier), so the forward stores nothing but its output; XLA:GPU otherwise wrote
     the biased sum out beside the output and read both back."""
-    return jax.checkpoint(lambda z, bias: nn.gelu(z + bias, approximate=approximate))(z, bias)
+    return jax.checkpoint(biased_gelu, static_argnums=(2,))(z, bias, approximate)
 
 
 class DenseGelu(nn.Module):
     """`gelu(Dense(features)(x))` with `Dense`'s parameters (`kernel`, `bias`) and numbers. On a GPU the GELU's
-    gradient is recomputed from the matmul's output (`gelu_of_sum`): a deviceless XLA:GPU compile of the gpt124m
-    step moved 4.8 GB less a step (42.6 -> 37.7 GB through its memory-bound kernels); elsewhere the plain GELU."""
+    gradient is recomputed from the matmul's output (`recomputed_gelu`): a deviceless XLA:GPU compile of the
+    gpt124m step moved 4.8 GB less a step (42.6 -> 37.7 GB through its memory-bound kernels); elsewhere the plain
+    GELU."""
 
     features: int
     approximate: bool = True  # tanh GELU (GPT-2); False: the exact erf GELU
@@ -50,10 +56,10 @@ class DenseGelu(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        """The GELU of the layer's output for `x` (..., in) -> (..., features)."""
         kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], self.features), self.param_dtype)
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), self.param_dtype)
         x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
         z = flat_dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())))
-        if jax.default_backend() == "gpu":
-            return gelu_of_sum(z, bias, self.approximate)
-        return nn.gelu(z + bias, approximate=self.approximate)
+        gelu = recomputed_gelu if jax.default_backend() == "gpu" else biased_gelu
+        return gelu(z, bias, self.approximate)

@@ -22,19 +22,22 @@ ATTENTION = ("auto", "xla", "cudnn", "splash")  # `attention` field: which fused
 SPLASH_BLOCK = 128  # the splash kernel's default block: sequence lengths must be a multiple of it
 
 
-def fused_implementation(attention: str, dtype: Any, head_dim: int, length: int) -> str:
-    """Which fused kernel runs attention over sequences of `length`: 'cudnn' (flash attention on a GPU),
-    'splash' (Pallas on a TPU) or 'xla'; `auto` picks cuDNN where it applies, else XLA."""
+def fused_implementation(attention: str, dtype: Any, head_dim: int, length: int, train: bool = True) -> str:
+    """Which fused kernel runs attention over sequences of `length` (in training or not): 'cudnn' (flash
+    attention on a GPU), 'splash' (Pallas on a TPU) or 'xla'; `auto` picks cuDNN where it applies, else XLA."""
     if attention not in ATTENTION:
         raise ValueError(f"attention={attention!r} is not one of {', '.join(ATTENTION)}")
     if attention == "cudnn" and jax.default_backend() != "gpu":
         return "xla"  # a run trained with cuDNN, evaluated or sampled off a GPU: the same math
     if attention == "splash":
         return "splash" if jax.default_backend() == "tpu" else "xla"  # likewise off a TPU
-    # JAX's cuDNN attention (0.11) trains only on even lengths: a ViT's 196 patches + cls token would fail
-    if attention == "cudnn" and not (head_dim <= 128 and head_dim % 8 == 0 and length % 2 == 0):
-        raise ValueError(f"attention='cudnn' needs heads of at most 128 channels, a multiple of 8, and an even "
-                         f"sequence length; got heads of {head_dim} channels, length {length} (use 'auto')")
+    if attention == "cudnn" and not (head_dim <= 128 and head_dim % 8 == 0):
+        raise ValueError(f"attention='cudnn' needs heads of at most 128 channels, a multiple of 8; got {head_dim}")
+    # JAX's cuDNN attention (0.11) differentiates only even lengths (a ViT's 196 patches + cls token failed)
+    if attention == "cudnn" and length % 2:
+        if train:
+            raise ValueError(f"attention='cudnn' trains only on an even sequence length; got {length} (use 'auto')")
+        return "xla"  # evaluation and sampling (a prompt's first token): the same math
     if attention != "auto":
         return attention
     cudnn_ok = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) \
@@ -125,7 +128,7 @@ class SelfAttention(nn.Module):
         elif from_cache:
             out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
         else:
-            kernel = fused_implementation(self.attention, q.dtype, head_dim, length)
+            kernel = fused_implementation(self.attention, q.dtype, head_dim, length, train)
             if kernel == "splash" and self.decode:
                 kernel = "xla"  # sampling: the cache's first call and prompts of any length
             if kernel == "splash":
@@ -166,7 +169,8 @@ class Block(nn.Module):
                           self.dtype, self.param_dtype, name="attn")(norm(name="ln1")(x), train)
         x = x + branch(y)
         y = norm(name="ln2")(x)
-        y = DenseGelu(self.mlp_dim, self.gelu_approximate, self.dtype, self.param_dtype, name="fc1")(y)
+        y = DenseGelu(self.mlp_dim, approximate=self.gelu_approximate, dtype=self.dtype, param_dtype=self.param_dtype,
+                      name="fc1")(y)
         y = dense(x.shape[-1], name="fc2")(y)
         return x + branch(y)
 
@@ -295,9 +299,11 @@ class GPT(nn.Module):
         return logits.reshape(*x.shape[:-1], self.vocab_size).astype(jnp.float32)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
-def _add_rows(x: jnp.ndarray, rows: jnp.ndarray, dtype: Any) -> jnp.ndarray:
+def _sum_as(x: jnp.ndarray, rows: jnp.ndarray, dtype: Any) -> jnp.ndarray:
     return (x + rows).astype(dtype)
+
+
+_add_rows = jax.custom_jvp(_sum_as, nondiff_argnums=(2,))
 
 
 @_add_rows.defjvp
@@ -327,7 +333,7 @@ def add_positions(x: jnp.ndarray, wpe: jnp.ndarray, start: Any = 0, decode: bool
     rows = position_rows(wpe, x.shape[1], start, decode)
     dtype = jnp.result_type(x, rows) if dtype is None else dtype
     # the matmul gradient only where it was measured to pay: on XLA:CPU the char-GPT step ran 0.96-0.97x
-    return _add_rows(x, rows, dtype) if jax.default_backend() == "gpu" else (x + rows).astype(dtype)
+    return (_add_rows if jax.default_backend() == "gpu" else _sum_as)(x, rows, dtype)
 
 
 def sample_logits(logits: jnp.ndarray, rng: jnp.ndarray, temperature: float) -> jnp.ndarray:
