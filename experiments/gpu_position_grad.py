@@ -13,7 +13,8 @@ Variants: `broadcast` (the plain broadcast add: its gradient reduces the batch a
 gathered per token: a scatter-add gradient), `dot` (a custom VJP summing the batch axis with a matmul) and
 `none` (no position embedding: the bound, not a model). A variant name ending in `+plain_gelu` also swaps the
 MLP's recomputed GELU (`dense.recomputed_gelu`) for the plain one (`dense.biased_gelu`, whose backward pass
-reads the biased sum the forward stored): `--variants broadcast,add,add+plain_gelu` times both GPU changes against each other.
+reads the biased sum the forward stored): `--variants broadcast,add,add+plain_gelu` times both GPU changes
+against each other.
 """
 
 from __future__ import annotations
