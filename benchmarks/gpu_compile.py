@@ -24,6 +24,8 @@ import sys
 import time
 from typing import Any
 
+from benchmarks.run import MODELS
+
 CARDS = {  # XLA's GpuTargetConfig fields of the cards dlfx was measured on (cuDNN and CUDA of the GPU image)
     "h100": {"core_count": 132, "memory_bandwidth": 3352320000000, "device_memory_size": 84929347584,
              "description": "NVIDIA H100 80GB HBM3"},
@@ -233,7 +235,7 @@ def compile_step(config: Any, card: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     """Compile the step for the card and print its kernel tables."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="gpt124m", help="a benchmarks.run model")
+    parser.add_argument("--model", default="gpt124m", choices=sorted(MODELS), help="a benchmarks.run model")
     parser.add_argument("--card", default="h200", choices=sorted(CARDS))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--hlo", default=None, metavar="FILE", help="also write the compiled HLO text here")
@@ -245,17 +247,20 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import jax
 
-    from benchmarks.run import MODELS
     from dlfx import config as config_lib
+    from dlfx.errors import DlfxError
 
     # CUDA without a device: the plugin registers (no version checks against a driver), the CPU stays the default
     os.environ.update(JAX_SKIP_CUDA_CONSTRAINTS_CHECK="1", CUDA_VISIBLE_DEVICES="-1")
     jax.config.update("jax_platforms", "cpu,cuda")
     spec, overrides, _ = MODELS[args.model]
-    # the plain step on whole batches: a device-resident split would ask the absent card for its memory
-    config = config_lib.load(spec, list(overrides) + ["data.on_device=off"] + list(args.set))
     start = time.perf_counter()
-    text = compile_step(config, args.card)
+    try:  # the plain step on whole batches: a device-resident split would ask the absent card for its memory
+        config = config_lib.load(spec, list(overrides) + ["data.on_device=off"] + list(args.set))
+        text = compile_step(config, args.card)
+    except DlfxError as e:
+        print(f"benchmarks.gpu_compile: {e}", file=sys.stderr)
+        return 2
     if args.hlo:
         with open(args.hlo, "w") as f:
             f.write(text)
