@@ -206,3 +206,11 @@ def test_loop_schedule_reads_metrics_before_every_eval_and_save():
     assert due(100, 100, train, False) == Due(log=True, read=True, eval=False, save=False)  # final eval/save: runner's
     assert due(3, 100, ml_collections.ConfigDict({"log_every": 10, "eval_every": 0, "checkpoint_every": 0}),
                False) == Due(log=False, read=False, eval=False, save=False)
+
+
+def test_build_lays_the_run_out_on_the_devices_it_is_given(repo_root):
+    """build(devices=...) (e.g. an ahead-of-time topology's): the mesh and the state's shardings use them."""
+    devices = jax.devices()[2:4]
+    exp = build(tiny_config(repo_root), devices=devices)
+    assert list(exp.mesh.devices.flat) == devices
+    assert all(set(leaf.sharding.device_set) == set(devices) for leaf in jax.tree.leaves(exp.abstract_state))
