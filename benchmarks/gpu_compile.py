@@ -115,10 +115,10 @@ def launched(computations: dict[str, list[Instruction]]) -> list[str]:
         order.append(name)
         for instruction in computations[name]:
             if instruction.opcode in ("while", "conditional", "call"):
-                todo += re.findall(r"(?:body|condition|to_apply|branch_computations=\{[^}]*|true_computation|"
-                                   r"false_computation)=?%([\w.\-]+)", instruction.attrs)
-                todo += re.findall(r"%([\w.\-]+)", (re.search(r"branch_computations=\{([^}]*)\}",
-                                                              instruction.attrs) or [None, ""])[1])
+                todo += re.findall(r"(?:body|condition|to_apply|true_computation|false_computation)=%([\w.\-]+)",
+                                   instruction.attrs)
+                branches = re.search(r"branch_computations=\{([^}]*)\}", instruction.attrs)
+                todo += re.findall(r"%([\w.\-]+)", branches.group(1)) if branches else []
     return order
 
 

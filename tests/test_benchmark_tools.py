@@ -60,6 +60,16 @@ HLO = """HloModule jit_step, is_scheduled=true
   ROOT %t = bf16[8,4]{1,0} transpose(%p0), dimensions={1,0}
 }
 
+%branch_a.16 (a: f32[16]) -> f32[16] {
+  %a = f32[16]{0} parameter(0)
+  ROOT %neg_fusion.18 = f32[16]{0} fusion(%a), kind=kLoop, calls=%fused_negate.18
+}
+
+%branch_b.17 (b: f32[16]) -> f32[16] {
+  %b = f32[16]{0} parameter(0)
+  ROOT %b2 = f32[16]{0} copy(%b)
+}
+
 %body.2 (arg: (s32[], f32[16])) -> (s32[], f32[16]) {
   %arg = (s32[], f32[16]{0}) parameter(0)
   %v = f32[16]{0} get-tuple-element(%arg), index=1
@@ -81,6 +91,7 @@ ENTRY %main.9 (x: bf16[4,8], w: bf16[8,8], c: (s32[], f32[16])) -> (bf16[4,8], f
   %conv.12 = (bf16[4,8]{1,0}, u8[1024]{0}) custom-call(%x, %w), custom_call_target="__cudnn$convForward"
   %ars.13 = bf16[4,8]{1,0} all-reduce-start(%x), replica_groups={}, to_apply=%sum
   %ard.14 = bf16[4,8]{1,0} all-reduce-done(%ars.13)
+  %cond.15 = f32[16]{0} conditional(%p, %r, %r), branch_computations={%branch_a.16, %branch_b.17}
   %r = f32[16]{0} get-tuple-element(%while.8), index=1
   ROOT %tuple = (bf16[4,8]{1,0}, f32[16]{0}) tuple(%loop_add_fusion.7, %r)
 }
@@ -103,9 +114,11 @@ def test_gpu_compile_counts_kernels_by_kind_with_their_bytes_and_model_op():
         ("other memory-bound", "copy", 2 * 64),  # a copy that keeps the layout
         ("convolution", "custom-call", 64 + 64 + 128),  # its u8 workspace left out
         ("collective", "all-reduce-start", 2 * 64),  # the -done launches nothing
+        ("other memory-bound", "fusion", 2 * 64),  # each branch of the conditional
+        ("other memory-bound", "copy", 2 * 64),
     ])
     table = gpu_compile.tables(rows, 1e12, top=5)
-    assert "| attention | 1 |" in table and "| transposing | 2 |" in table and "| all | 9 |" in table
+    assert "| attention | 1 |" in table and "| transposing | 2 |" in table and "| all | 11 |" in table
     assert "| `h/h_*/add` | 2 | 0 |" in table  # 384 bytes: 0 MB
 
 
