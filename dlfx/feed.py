@@ -43,11 +43,15 @@ def _batch_bytes(exp) -> int:
                                             for shape, dtype in spec.values())
 
 
-def choose_steps_per_call(step_seconds: float, batch_bytes: int) -> int:
-    """Steps per call for a measured one-step call time: calls of about `CALL_TARGET_S`, at most
-    `MAX_AUTO_STEPS` steps and `MAX_AUTO_STACK_BYTES` of stacked batches."""
-    wanted = math.ceil(CALL_TARGET_S / max(step_seconds, 1e-6))
-    return max(1, min(wanted, MAX_AUTO_STEPS, MAX_AUTO_STACK_BYTES // max(batch_bytes, 1)))
+def choose_steps_per_call(step_seconds: float, batch_bytes: int, every: tuple[int, ...] = ()) -> int:
+    """Steps per call for a measured one-step call time: calls of at least about `CALL_TARGET_S`, at most
+    `MAX_AUTO_STEPS` steps and `MAX_AUTO_STACK_BYTES` of stacked batches; where one fits, a divisor of the
+    log/eval/checkpoint intervals `every`, so no one-step calls fill up to their points (log_every=50 with
+    4-step calls: 14 calls per 50 steps; with 5: 10)."""
+    cap = max(1, min(MAX_AUTO_STEPS, MAX_AUTO_STACK_BYTES // max(batch_bytes, 1)))
+    wanted = max(1, min(math.ceil(CALL_TARGET_S / max(step_seconds, 1e-6)), cap))
+    period = math.gcd(*[n for n in every if n > 0])
+    return next((k for k in range(wanted, cap + 1) if period % k == 0), wanted) if period else wanted
 
 
 class CallTuner:
@@ -56,6 +60,8 @@ class CallTuner:
 
     def __init__(self, exp):
         self._batch_bytes = _batch_bytes(exp)
+        t = exp.config.train
+        self._every = (t.log_every, t.eval_every, t.checkpoint_every)
         self._start: float | None = None
         self._count = 0
         self.step_seconds = float("nan")
@@ -71,7 +77,7 @@ class CallTuner:
             return None
         jax.block_until_ready(outputs)
         self.step_seconds = (time.perf_counter() - self._start) / self._count
-        chosen = choose_steps_per_call(self.step_seconds, self._batch_bytes)
+        chosen = choose_steps_per_call(self.step_seconds, self._batch_bytes, self._every)
         if jax.process_count() > 1:  # timings differ per process; the calls must not
             from jax.experimental import multihost_utils
 

@@ -93,11 +93,17 @@ def test_auto_steps_per_call_times_the_step_and_switches_mid_run(repo_root, tmp_
 
     assert feed.choose_steps_per_call(0.0004, 512) == 25 and feed.choose_steps_per_call(0.05, 512) == 1
     assert feed.choose_steps_per_call(1e-6, 32 << 20) == 2  # at most 64 MiB of stacked batches per call
+    # a divisor of the log/eval/checkpoint intervals where one fits: no one-step calls to fill up to them
+    assert feed.choose_steps_per_call(0.0025, 512, (50, 500, 500)) == 5  # 4 wanted
+    assert feed.choose_steps_per_call(0.0004, 512, (50, 0, 200)) == 25
+    assert feed.choose_steps_per_call(0.0001, 512, (50, 0, 0)) == 50  # 100 wanted, 50 at most
+    assert feed.choose_steps_per_call(0.0025, 512, (7, 0, 0)) == 7 and feed.choose_steps_per_call(0.0025, 512, (3,)) == 4
+    assert feed.choose_steps_per_call(0.0025, 32 << 20, (25,)) == 2  # 2 fit, none divides 25: the 2
     config = tiny_config(repo_root, "parallel.num_devices=1", "train.steps=40", "train.log_every=5",
                          "train.checkpoint_every=20", "train.steps_per_call=0")
     assert not feed.can_tune(build(config))  # auto on CPU: one step per call
     monkeypatch.setattr(feed, "AUTO_PLATFORMS", ("cpu",))
-    monkeypatch.setattr(feed, "choose_steps_per_call", lambda seconds, nbytes: 3)
+    monkeypatch.setattr(feed, "choose_steps_per_call", lambda seconds, nbytes, every: 3)
     auto = runner.train(config, str(tmp_path / "auto"))
     assert "train.steps_per_call=auto: 3" in capsys.readouterr().err
     # the 1-step call on a chunk of row indices (with its slot), the 3-step call, and after the switch 1-step
