@@ -122,11 +122,20 @@ def launched(computations: dict[str, list[Instruction]]) -> list[str]:
     return order
 
 
-def shape_bytes(shape: str, workspace: bool = True) -> int:
-    """Bytes of the arrays in an HLO shape (a tuple's elements summed); `workspace=False` leaves out the u8
-    scratch buffers custom calls return beside their results."""
-    return sum(BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d) for dtype, dims in ARRAY.findall(shape)
-               if workspace or dtype != "u8")
+def shape_bytes(shape: str) -> int:
+    """Bytes of the arrays in an HLO shape (a tuple's elements summed)."""
+    return sum(BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d) for dtype, dims in ARRAY.findall(shape))
+
+
+def output_bytes(instruction: Instruction) -> int:
+    """Bytes a kernel writes: its result, less the scratch buffer that library calls (cuBLAS, cuDNN) return as
+    the last element of a tuple (a 1-D u8 or s8 array), which is not data."""
+    arrays = ARRAY.findall(instruction.shape)
+    library = instruction.opcode == "custom-call" or '"kind":"__cudnn$fusion"' in instruction.attrs
+    if library and instruction.shape.startswith("(") and len(arrays) > 1 and arrays[-1][0] in ("u8", "s8") \
+            and "," not in arrays[-1][1]:
+        arrays = arrays[:-1]
+    return sum(BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d) for dtype, dims in arrays)
 
 
 def _layout(shape: str) -> str:
@@ -167,8 +176,8 @@ def op_group(instruction: Instruction) -> str:
 
 
 def kernels(text: str) -> list[tuple[str, str, int]]:
-    """(kind, model op, bytes read and written, custom calls' u8 workspaces left out) of every kernel in the
-    compiled module: a loop's body and each branch of a conditional counted once."""
+    """(kind, model op, bytes read and written, library workspaces left out) of every kernel in the compiled
+    module: a loop's body and each branch of a conditional counted once."""
     computations = parse_module(text)
     rows = []
     for name in launched(computations):
@@ -177,8 +186,7 @@ def kernels(text: str) -> list[tuple[str, str, int]]:
             operand_shapes = [shapes.get(o, "") for o in instruction.operands]
             k = kind(instruction, operand_shapes)
             if k is not None:
-                output = shape_bytes(instruction.shape, workspace=instruction.opcode != "custom-call")
-                moved = output + sum(shape_bytes(shape) for shape in operand_shapes)
+                moved = output_bytes(instruction) + sum(shape_bytes(shape) for shape in operand_shapes)
                 rows.append((k, op_group(instruction), moved))
     return rows
 
@@ -256,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     jax.config.update("jax_platforms", "cpu,cuda")
     spec, overrides, _ = MODELS[args.model]
     start = time.perf_counter()
-    try:  # the plain step on whole batches: a device-resident split would ask the absent card for its memory
+    try:  # the plain step on whole batches (a split kept on the device would be gathered inside it)
         config = config_lib.load(spec, list(overrides) + ["data.on_device=off"] + list(args.set))
         text = compile_step(config, args.card)
     except DlfxError as e:

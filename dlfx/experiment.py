@@ -148,7 +148,8 @@ def build(config: ml_collections.ConfigDict, dataset: data.Dataset | None = None
           devices: list | None = None) -> Experiment:
     """Make mesh, data (unless `dataset` is given), model, optimizer and the train state's layout; touches no
     files and allocates no state (`Experiment.init` does). `devices`: lay the run out on these (default
-    `jax.devices()`), e.g. an ahead-of-time topology's, to compile its steps for hardware not present."""
+    `jax.devices()`), e.g. an ahead-of-time topology's, to compile its steps for hardware not present; the
+    models still pick platform code paths (cuDNN attention, ...) by `jax.default_backend()` when traced."""
     # --- Devices ---------------------------------------------------------------------------
     devices = jax.devices() if devices is None else list(devices)
     if config.parallel.num_devices:

@@ -47,11 +47,16 @@ def choose_steps_per_call(step_seconds: float, batch_bytes: int, every: tuple[in
     """Steps per call for a measured one-step call time: calls of at least about `CALL_TARGET_S`, at most
     `MAX_AUTO_STEPS` steps and `MAX_AUTO_STACK_BYTES` of stacked batches; where one fits, a divisor of the
     log/eval/checkpoint intervals `every`, so no one-step calls fill up to their points (log_every=50 with
-    4-step calls: 14 calls per 50 steps; with 5: 10)."""
+    4-step calls: 14 calls per 50 steps; with 5: 10), and never more than their greatest common divisor
+    (longer calls would all cross a point and run as one-step calls)."""
     cap = max(1, min(MAX_AUTO_STEPS, MAX_AUTO_STACK_BYTES // max(batch_bytes, 1)))
     wanted = max(1, min(math.ceil(CALL_TARGET_S / max(step_seconds, 1e-6)), cap))
     period = math.gcd(*[n for n in every if n > 0])
-    return next((k for k in range(wanted, cap + 1) if period % k == 0), wanted) if period else wanted
+    if not period:
+        return wanted
+    if period <= wanted:
+        return period
+    return next((k for k in range(wanted, cap + 1) if period % k == 0), wanted)
 
 
 class CallTuner:

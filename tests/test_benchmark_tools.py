@@ -92,6 +92,8 @@ ENTRY %main.9 (x: bf16[4,8], w: bf16[8,8], c: (s32[], f32[16])) -> (bf16[4,8], f
   %ars.13 = bf16[4,8]{1,0} all-reduce-start(%x), replica_groups={}, to_apply=%sum
   %ard.14 = bf16[4,8]{1,0} all-reduce-done(%ars.13)
   %cond.15 = f32[16]{0} conditional(%p, %r, %r), branch_computations={%branch_a.16, %branch_b.17}
+  %cublas.19 = (bf16[4,8]{1,0}, s8[4096]{0}) custom-call(%x, %w), custom_call_target="__cublas$gemm"
+  %bytes.20 = (u8[4,8]{1,0}, u8[64]{0}) fusion(%x), kind=kLoop, calls=%fused_bitcast_convert.20
   %r = f32[16]{0} get-tuple-element(%while.8), index=1
   ROOT %tuple = (bf16[4,8]{1,0}, f32[16]{0}) tuple(%loop_add_fusion.7, %r)
 }
@@ -116,9 +118,11 @@ def test_gpu_compile_counts_kernels_by_kind_with_their_bytes_and_model_op():
         ("collective", "all-reduce-start", 2 * 64),  # the -done launches nothing
         ("other memory-bound", "fusion", 2 * 64),  # each branch of the conditional
         ("other memory-bound", "copy", 2 * 64),
+        ("GEMM", "custom-call", 64 + 64 + 128),  # cuBLAS: its s8 workspace left out
+        ("other memory-bound", "fusion", 32 + 64 + 64),  # u8 data out of a fusion is counted, all of it
     ])
     table = gpu_compile.tables(rows, 1e12, top=5)
-    assert "| attention | 1 |" in table and "| transposing | 2 |" in table and "| all | 11 |" in table
+    assert "| attention | 1 |" in table and "| transposing | 2 |" in table and "| all | 13 |" in table
     assert "| `h/h_*/add` | 2 | 0 |" in table  # 384 bytes: 0 MB
 
 

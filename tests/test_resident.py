@@ -97,7 +97,9 @@ def test_auto_steps_per_call_times_the_step_and_switches_mid_run(repo_root, tmp_
     assert feed.choose_steps_per_call(0.0025, 512, (50, 500, 500)) == 5  # 4 wanted
     assert feed.choose_steps_per_call(0.0004, 512, (50, 0, 200)) == 25
     assert feed.choose_steps_per_call(0.0001, 512, (50, 0, 0)) == 50  # 100 wanted, 50 at most
-    assert feed.choose_steps_per_call(0.0025, 512, (7, 0, 0)) == 7 and feed.choose_steps_per_call(0.0025, 512, (3,)) == 4
+    assert feed.choose_steps_per_call(0.0025, 512, (7, 0, 0)) == 7
+    assert feed.choose_steps_per_call(0.0025, 512, (3,)) == 3  # 4 would make every call cross a point
+    assert feed.choose_steps_per_call(0.0004, 512, (10, 0, 500)) == 10
     assert feed.choose_steps_per_call(0.0025, 32 << 20, (25,)) == 2  # 2 fit, none divides 25: the 2
     config = tiny_config(repo_root, "parallel.num_devices=1", "train.steps=40", "train.log_every=5",
                          "train.checkpoint_every=20", "train.steps_per_call=0")

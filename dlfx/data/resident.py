@@ -51,7 +51,10 @@ def _why_not(config: Any, split: Any, devices: list) -> str | None:
         return "the train split is memory-mapped from a file"
     arrays = _arrays(split)
     size = sum(np.asarray(v).nbytes for v in arrays.values())
-    stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
+    try:
+        stats = devices[0].memory_stats()
+    except (AttributeError, IndexError, jax.errors.JaxRuntimeError):  # none addressable (an AOT topology's)
+        stats = None
     limit = (stats or {}).get("bytes_limit", 0) // MEMORY_FRACTION or UNKNOWN_MEMORY_LIMIT
     if config.data.on_device == "auto" and size > limit:
         return f"the train split ({size / 2**20:.0f} MiB) is over {limit / 2**20:.0f} MiB per device"
