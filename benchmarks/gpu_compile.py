@@ -122,9 +122,13 @@ def launched(computations: dict[str, list[Instruction]]) -> list[str]:
     return order
 
 
+def _array_bytes(arrays: list[tuple[str, str]]) -> int:
+    return sum(BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d) for dtype, dims in arrays)
+
+
 def shape_bytes(shape: str) -> int:
     """Bytes of the arrays in an HLO shape (a tuple's elements summed)."""
-    return sum(BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d) for dtype, dims in ARRAY.findall(shape))
+    return _array_bytes(ARRAY.findall(shape))
 
 
 def output_bytes(instruction: Instruction) -> int:
@@ -135,7 +139,7 @@ def output_bytes(instruction: Instruction) -> int:
     if library and instruction.shape.startswith("(") and len(arrays) > 1 and arrays[-1][0] in ("u8", "s8") \
             and "," not in arrays[-1][1]:
         arrays = arrays[:-1]
-    return sum(BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d) for dtype, dims in arrays)
+    return _array_bytes(arrays)
 
 
 def _layout(shape: str) -> str:
