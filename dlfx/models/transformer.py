@@ -31,18 +31,18 @@ def fused_implementation(attention: str, dtype: Any, head_dim: int, length: int,
         return "xla"  # a run trained with cuDNN, evaluated or sampled off a GPU: the same math
     if attention == "splash":
         return "splash" if jax.default_backend() == "tpu" else "xla"  # likewise off a TPU
-    if attention == "cudnn" and not (head_dim <= 128 and head_dim % 8 == 0):
+    heads_fit = head_dim <= 128 and head_dim % 8 == 0
+    even = length % 2 == 0  # JAX's cuDNN attention (0.11) differentiates only even lengths (a ViT's 196 + cls)
+    if attention == "cudnn" and not heads_fit:
         raise ValueError(f"attention='cudnn' needs heads of at most 128 channels, a multiple of 8; got {head_dim}")
-    # JAX's cuDNN attention (0.11) differentiates only even lengths (a ViT's 196 patches + cls token failed)
-    if attention == "cudnn" and length % 2:
+    if attention == "cudnn" and not even:
         if train:
             raise ValueError(f"attention='cudnn' trains only on an even sequence length; got {length} (use 'auto')")
         return "xla"  # evaluation and sampling (a prompt's first token): the same math
     if attention != "auto":
         return attention
-    cudnn_ok = jax.default_backend() == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16) \
-        and head_dim <= 128 and head_dim % 8 == 0 and length % 2 == 0
-    return "cudnn" if cudnn_ok else "xla"
+    half = jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16)
+    return "cudnn" if jax.default_backend() == "gpu" and half and heads_fit and even else "xla"
 
 
 def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool, interpret: bool = False) -> jax.Array:
