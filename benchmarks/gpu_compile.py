@@ -142,8 +142,14 @@ def output_bytes(instruction: Instruction) -> int:
     return _array_bytes(arrays)
 
 
+def _first(pattern: str, text: str, default: str = "") -> str:
+    """The first group (or the whole match, without groups) of `pattern` in `text`, else `default`."""
+    found = re.search(pattern, text)
+    return default if found is None else found.group(1 if found.re.groups else 0)
+
+
 def _layout(shape: str) -> str:
-    return (re.search(r"\{[\d,]*\}", shape) or [""])[0]
+    return _first(r"\{[\d,]*\}", shape)
 
 
 def kind(instruction: Instruction, operand_shapes: list[str] = ()) -> str | None:
@@ -153,7 +159,7 @@ def kind(instruction: Instruction, operand_shapes: list[str] = ()) -> str | None
     if op in FREE or op.endswith("-done"):  # an async op's work is counted at its start
         return None
     if op == "custom-call":
-        target = (re.search(r'custom_call_target="([^"]+)"', attrs) or [None, ""])[1]
+        target = _first(r'custom_call_target="([^"]+)"', attrs)
         if "fmha" in target or "flash" in target:
             return "attention"
         if "conv" in target:
@@ -164,8 +170,7 @@ def kind(instruction: Instruction, operand_shapes: list[str] = ()) -> str | None
     if op == "copy":
         same = operand_shapes and _layout(operand_shapes[0]) == _layout(instruction.shape)
         return "other memory-bound" if same else "transposing"
-    if op == "transpose" or (op == "fusion" and "transpose" in (re.search(r"calls=%([\w.\-]+)", attrs)
-                                                                 or [None, ""])[1]):
+    if op == "transpose" or (op == "fusion" and "transpose" in _first(r"calls=%([\w.\-]+)", attrs)):
         return "transposing"
     if op.startswith(COLLECTIVES):
         return "collective"
@@ -174,7 +179,7 @@ def kind(instruction: Instruction, operand_shapes: list[str] = ()) -> str | None
 
 def op_group(instruction: Instruction) -> str:
     """The model op a kernel comes from, layers merged (`h_3` -> `h_*`), from its `op_name` metadata."""
-    name = (re.search(r'op_name="([^"]+)"', instruction.attrs) or [None, instruction.opcode])[1]
+    name = _first(r'op_name="([^"]+)"', instruction.attrs, instruction.opcode)
     name = re.sub(r"^jit\([^)]*\)/", "", name)
     return re.sub(r"_\d+(?=/|$)", "_*", name)
 
