@@ -8,9 +8,10 @@ the batch axis, counts the transposing fusions in each compiled step, and times 
 
     python -m experiments.gpu_position_grad [--model gpt124m] [--steps 10] [--windows 5]
 
-Variants: `broadcast` (the plain broadcast add: its gradient reduces the batch axis), `add` (dlfx's
-`add_positions` since this study: a custom JVP whose transpose is a matmul with ones), `gather` (positions
-gathered per token: a scatter-add gradient), `dot` (a custom VJP summing the batch axis with a matmul) and
+Variants: `broadcast` (the plain broadcast add of sliced rows: its gradient reduces the batch axis into a
+slice of `wpe`), `add` (dlfx's `add_positions`: on a GPU the rows are gathered, so the batch sum is
+scattered into `wpe`), `gather` (positions gathered per token: a scatter-add gradient, no batch sum), `dot` (a
+custom VJP summing the batch axis with a matmul, which XLA:GPU turns back into a reduction at small sizes) and
 `none` (no position embedding: the bound, not a model). A variant name ending in `+plain_gelu` also swaps the
 MLP's recomputed GELU (`dense.recomputed_gelu`) for the plain one (`dense.biased_gelu`, whose backward pass
 reads the biased sum the forward stored): `--variants broadcast,add,add+plain_gelu` times both GPU changes
@@ -47,6 +48,11 @@ def gather_positions(x: jax.Array, wpe: jax.Array, start: Any = 0, decode: bool 
     return _as(x + jnp.take(wpe, index, axis=0), dtype)
 
 
+def _sliced(wpe: jax.Array, length: int, start: Any, decode: bool) -> jax.Array:
+    """The rows as a slice of `wpe` (dlfx's `position_rows` gathers them on a GPU)."""
+    return lax.dynamic_slice_in_dim(wpe, start, length) if decode else wpe[:length]
+
+
 @jax.custom_vjp
 def _add_rows(x: jax.Array, rows: jax.Array) -> jax.Array:
     return x + rows
@@ -67,13 +73,13 @@ _add_rows.defvjp(_add_rows_fwd, _add_rows_bwd)
 def dot_positions(x: jax.Array, wpe: jax.Array, start: Any = 0, decode: bool = False,
                   dtype: Any = None) -> jax.Array:
     """A broadcast add whose `wpe` gradient sums the batch axis with a matmul."""
-    return _as(_add_rows(x, transformer.position_rows(wpe, x.shape[1], start, decode)), dtype)
+    return _as(_add_rows(x, _sliced(wpe, x.shape[1], start, decode)), dtype)
 
 
 def broadcast_positions(x: jax.Array, wpe: jax.Array, start: Any = 0, decode: bool = False,
                         dtype: Any = None) -> jax.Array:
     """The plain broadcast add (dlfx before this study): its `wpe` gradient reduces the batch axis."""
-    return _as(x + transformer.position_rows(wpe, x.shape[1], start, decode), dtype)
+    return _as(x + _sliced(wpe, x.shape[1], start, decode), dtype)
 
 
 VARIANTS = {"broadcast": broadcast_positions, "add": transformer.add_positions, "gather": gather_positions,

@@ -299,31 +299,19 @@ class GPT(nn.Module):
         return logits.reshape(*x.shape[:-1], self.vocab_size).astype(jnp.float32)
 
 
-def _sum_as(x: jnp.ndarray, rows: jnp.ndarray, dtype: Any) -> jnp.ndarray:
-    return (x + rows).astype(dtype)
-
-
-_add_rows = jax.custom_jvp(_sum_as, nondiff_argnums=(2,))
-
-
-@_add_rows.defjvp
-def _add_rows_jvp(dtype: Any, primals: tuple, tangents: tuple) -> tuple:
-    # The rows' tangent is broadcast over the batch as an outer product with ones, so their gradient (its
-    # transpose) sums the batch axis with a matmul. As a reduction over the batch axis, XLA:GPU laid the
-    # whole residual stream out batch-minor and wrapped every dense layer in transposes (H200, gpt124m:
-    # 683 transposing fusions; without them the step ran 1.08x).
-    # At HIGHEST precision XLA:GPU makes the matmul a reduction again (683 in a deviceless compile), so
-    # HIGHEST (no TF32 rounding) only for a float32 result: a 16-bit result's cotangents are exact in TF32.
-    (x, rows), (dx, drows) = primals, tangents
-    ones = jnp.ones(x.shape[:1], drows.dtype)
-    precision = lax.Precision.HIGHEST if jnp.finfo(dtype).bits >= 32 else None
-    spread = jnp.einsum("b,td->btd", ones, drows, precision=precision)
-    return _add_rows(x, rows, dtype), (dx + spread).astype(dtype)
-
-
 def position_rows(wpe: jnp.ndarray, length: int, start: Any = 0, decode: bool = False) -> jnp.ndarray:
     """The `length` rows of `wpe` from `start` (decoding, a traced position) or from 0."""
-    return lax.dynamic_slice_in_dim(wpe, start, length) if decode else wpe[:length]
+    if decode:
+        return lax.dynamic_slice_in_dim(wpe, start, length)
+    if jax.default_backend() == "gpu":
+        # Gathered, not sliced. The rows' gradient sums the batch axis; flowing into `wpe` through a slice's
+        # gradient, XLA:GPU laid the whole residual stream out batch-minor and wrapped every dense layer in
+        # transposes (H200, gpt124m: 683 transposing fusions; 1.08x without them). Scattered into `wpe` it keeps
+        # the batch major (deviceless char-GPT: 75 -> 12 transposing kernels, the 12 are attention's). A matmul
+        # with ones as the gradient did not hold: XLA:GPU turns it back into that reduction at HIGHEST precision
+        # and at small sizes. On XLA:CPU the slice stays (no layout problem there).
+        return jnp.take(wpe, jnp.arange(length), axis=0, mode="clip")
+    return wpe[:length]
 
 
 def add_positions(x: jnp.ndarray, wpe: jnp.ndarray, start: Any = 0, decode: bool = False,
@@ -331,9 +319,7 @@ def add_positions(x: jnp.ndarray, wpe: jnp.ndarray, start: Any = 0, decode: bool
     """x (batch, length, dim) plus the position embeddings (rows of `wpe`) from `start` (decoding) or 0, as
     `dtype` (default: the sum's own)."""
     rows = position_rows(wpe, x.shape[1], start, decode)
-    dtype = jnp.result_type(x, rows) if dtype is None else dtype
-    # the matmul gradient only where it was measured to pay: on XLA:CPU the char-GPT step ran 0.96-0.97x
-    return (_add_rows if jax.default_backend() == "gpu" else _sum_as)(x, rows, dtype)
+    return (x + rows).astype(jnp.result_type(x, rows) if dtype is None else dtype)
 
 
 def sample_logits(logits: jnp.ndarray, rng: jnp.ndarray, temperature: float) -> jnp.ndarray:
