@@ -304,8 +304,8 @@ def position_rows(wpe: jnp.ndarray, length: int, start: Any = 0, decode: bool = 
     if decode:
         return lax.dynamic_slice_in_dim(wpe, start, length)
     if jax.default_backend() == "gpu":
-        # Gathered, not sliced. The rows' gradient sums the batch axis; flowing into `wpe` through a slice's
-        # gradient, XLA:GPU laid the whole residual stream out batch-minor and wrapped every dense layer in
+        # Gathered, not sliced. The rows' gradient sums the batch axis; flowing into `wpe` directly (T == max_len)
+        # or through a slice's gradient, XLA:GPU laid the whole residual stream out batch-minor and wrapped every dense layer in
         # transposes (H200, gpt124m: 683 transposing fusions; 1.08x without them). Scattered into `wpe` it keeps
         # the batch major (deviceless char-GPT: 75 -> 12 transposing kernels, the 12 are attention's). A matmul
         # with ones as the gradient did not hold: XLA:GPU turns it back into that reduction at HIGHEST precision
