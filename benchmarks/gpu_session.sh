@@ -51,7 +51,7 @@ flax.__version__, 'orbax', o.__version__)" || echo "device: exit $?" >> "$out/fa
       done
       # char-GPT (float32, batch 32): sliced position rows left 75 transposing kernels in a deviceless compile,
       # dlfx's gathered rows 12
-      measure gpt_posgrad 60 python3 -m experiments.gpu_position_grad --model gpt --variants broadcast,add \
+      measure gpt_posgrad 90 python3 -m experiments.gpu_position_grad --model gpt --variants broadcast,add \
         --steps 50 --windows 5
     else
       # GPT-2-small shape: dlfx bare/runner/baseline with MFU, then the PyTorch peer (bf16 autocast, SDPA,

@@ -190,7 +190,7 @@ def test_position_rows_on_a_gpu_are_gathered_and_differentiate_like_a_slice(monk
     """add_positions on a GPU: the rows are gathered (their wpe gradient a scatter-add, which keeps XLA:GPU's
     activation layout batch-major), with the values, gradients and forward-mode tangents of x + wpe[:T], in
     float32 and cast to bfloat16; decoding and the CPU path slice."""
-    kx, kp, kt = jax.random.split(jax.random.key(0), 3)
+    kx, kp, kt, ku = jax.random.split(jax.random.key(0), 4)
     x, wpe = jax.random.normal(kx, (3, 5, 4)), jax.random.normal(kp, (7, 4))
     start = jnp.zeros((), jnp.int32)
 
@@ -213,7 +213,7 @@ def test_position_rows_on_a_gpu_are_gathered_and_differentiate_like_a_slice(monk
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert "gather" in str(jax.make_jaxpr(ours)(x, wpe))
     assert "scatter-add" in str(jax.make_jaxpr(jax.grad(lambda w: loss(ours, x, w)))(wpe))
-    tangents = (jax.random.normal(kt, x.shape), jax.random.normal(kt, wpe.shape))
+    tangents = (jax.random.normal(kt, x.shape), jax.random.normal(ku, wpe.shape))
     for add, reference in ((ours, plain), (ours16, plain16)):
         chex.assert_trees_all_close(add(x, wpe), reference(x, wpe))
         chex.assert_trees_all_close(jax.grad(loss, argnums=(1, 2))(add, x, wpe),
@@ -223,6 +223,8 @@ def test_position_rows_on_a_gpu_are_gathered_and_differentiate_like_a_slice(monk
     decoded = transformer.add_positions(x, wpe, jnp.asarray(2, jnp.int32), True)
     chex.assert_trees_all_close(decoded, x + wpe[2:7])
     assert "gather" not in str(jax.make_jaxpr(lambda x, w: transformer.add_positions(x, w, 2, True))(x, wpe))
+    with pytest.raises(ValueError, match="8 positions asked of a position table of 7 rows"):
+        transformer.add_positions(jnp.zeros((1, 8, 4)), wpe)
 
 
 @pytest.mark.parametrize("remat,scan_layers", [(False, False), (True, True)])
