@@ -1,6 +1,7 @@
 """What XLA:GPU makes of a model's train step, compiled on a machine without a GPU (deviceless AOT).
 
     python -m benchmarks.gpu_compile [--model gpt124m] [--card h200] [--set KEY=VALUE] [--hlo FILE] [--top 25]
+                                     [--steps-per-call N] [--on-device]   # the runner's call as a run makes it
 
 Needs JAX's CUDA plugin at the installed jax's version (`pip install "jax[cuda13]==<jax version>"`); no GPU,
 no driver. The step is the runner's (`Experiment.train_step`, with dlfx's GPU code paths, as on a GPU), compiled
@@ -229,22 +230,46 @@ def cuda_plugin_installed() -> bool:
         return False
 
 
-def compile_step(config: Any, card: str) -> str:
-    """The runner's train step of `config` compiled for `card` without a GPU: the optimized HLO text."""
+def call_arguments(exp: Any, steps_per_call: int = 1) -> tuple:
+    """Abstract arguments of the runner's train call of `exp` as one device's run passes them: whole batches
+    (stacked per call for `steps_per_call > 1`), or, for a split kept on the device (`exp.resident`), a placed
+    chunk of row indices with the call's slot, and the split itself."""
+    import jax
+    import numpy as np
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from dlfx import data, feed
+
+    size, stack = exp.config.data.batch_size, (steps_per_call,) if steps_per_call > 1 else ()
+    if not exp.resident:
+        spec = data.access.element_spec(exp.dataset.train)
+        return (exp.abstract_state,
+                {k: jax.ShapeDtypeStruct((*stack, size, *shape), dtype) for k, (shape, dtype) in spec.items()})
+    whole = NamedSharding(exp.mesh, PartitionSpec())
+    tables = {k: jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=whole)
+              for k, v in data.resident.split_arrays(exp.dataset.train).items()}
+    chunk = (feed.CALL_CHUNK, *stack) if stack else (feed.transfer_chunk(exp),)
+    batch = {data.resident.INDEX_KEY: jax.ShapeDtypeStruct((*chunk, size), np.int32),
+             data.resident.SLOT_KEY: jax.ShapeDtypeStruct((1, 1) if stack else (1,), np.int32)}
+    return exp.abstract_state, batch, tables
+
+
+def compile_step(config: Any, card: str, steps_per_call: int = 1) -> str:
+    """The runner's train call of `config` (`steps_per_call` steps; the train split gathered on the device where
+    `config.data.on_device` keeps it there) compiled for `card` without a GPU: the optimized HLO text."""
     import jax
     from jax.experimental import topologies
 
-    from dlfx import data
     from dlfx.experiment import build
 
     topology = topologies.get_topology_desc(platform="cuda", target_config=target_config(card), topology="1x1x1")
     exp = build(config, devices=topology.devices)
-    spec = data.access.element_spec(exp.dataset.train)
-    batch = {k: jax.ShapeDtypeStruct((config.data.batch_size, *shape), dtype) for k, (shape, dtype) in spec.items()}
+    args = call_arguments(exp, steps_per_call)
     backend = jax.default_backend
     jax.default_backend = lambda: "gpu"  # dlfx picks its GPU code paths (cuDNN attention, ...) while tracing
     try:
-        lowered = exp.train_step().lower(exp.abstract_state, batch)
+        step = exp.train_step(steps_per_call, args[2] if exp.resident else None)
+        lowered = step.lower(*args)
     finally:
         jax.default_backend = backend
     return lowered.compile().as_text()
@@ -256,6 +281,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="gpt124m", choices=sorted(MODELS), help="a benchmarks.run model")
     parser.add_argument("--card", default="h200", choices=sorted(CARDS))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--steps-per-call", type=int, default=1, help="steps in one compiled call (lax.scan)")
+    parser.add_argument("--on-device", action="store_true",
+                        help="the runner's call with the train split kept on the device, its rows gathered inside "
+                             "(data.on_device=on); else whole batches")
     parser.add_argument("--hlo", default=None, metavar="FILE", help="also write the compiled HLO text here")
     parser.add_argument("--top", type=int, default=25, help="rows of the by-op table")
     args = parser.parse_args(argv)
@@ -273,16 +302,19 @@ def main(argv: list[str] | None = None) -> int:
     jax.config.update("jax_platforms", "cpu,cuda")
     spec, overrides, _ = MODELS[args.model]
     start = time.perf_counter()
-    try:  # the plain step on whole batches (a split kept on the device would be gathered inside it)
-        config = config_lib.load(spec, list(overrides) + ["data.on_device=off"] + list(args.set))
-        text = compile_step(config, args.card)
+    on_device = "data.on_device=" + ("on" if args.on_device else "off")
+    try:
+        config = config_lib.load(spec, list(overrides) + [on_device] + list(args.set))
+        text = compile_step(config, args.card, args.steps_per_call)
     except DlfxError as e:
         print(f"benchmarks.gpu_compile: {e}", file=sys.stderr)
         return 2
     if args.hlo:
         with open(args.hlo, "w") as f:
             f.write(text)
-    print(f"{args.model} train step for an {CARDS[args.card]['description']} (deviceless, no autotuning), "
+    call = f"{args.steps_per_call}-step call" if args.steps_per_call > 1 else "train step"
+    where = ", rows gathered on the device" if args.on_device else ""
+    print(f"{args.model} {call}{where} for an {CARDS[args.card]['description']} (deviceless, no autotuning), "
           f"compiled in {time.perf_counter() - start:.1f} s\n")
     print(tables(kernels(text), CARDS[args.card]["memory_bandwidth"], args.top))
     return 0

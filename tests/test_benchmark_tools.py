@@ -2,7 +2,9 @@
 
 import gzip
 import json
+import os
 
+import chex
 import jax.numpy as jnp
 import pytest
 
@@ -136,3 +138,29 @@ def test_gpu_compile_says_what_it_needs_without_the_cuda_plugin(capsys, monkeypa
     monkeypatch.setattr(gpu_compile.importlib.util, "find_spec", find_spec)
     assert gpu_compile.main(["--model", "gpt"]) == 2
     assert "jax[cuda13]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("on_device,steps_per_call", [("on", 1), ("on", 3), ("off", 3)])
+def test_gpu_compile_gives_the_runner_call_what_the_runner_feed_gives_it(repo_root, on_device, steps_per_call):
+    """The deviceless compile's abstract arguments are shaped like the batches the runner's device feed yields
+    (row indices and slot where the split lives on the device, stacked batches otherwise) and the call lowers."""
+    from benchmarks import gpu_compile
+    from dlfx import config as config_lib, data, feed
+    from dlfx.experiment import build
+
+    config = config_lib.load(os.path.join(repo_root, "configs/digits_cnn.py"), [
+        "model.features=(4, 8)", "model.hidden_dim=16", "data.batch_size=8", "train.epochs=0", "train.steps=60",
+        "train.log_every=6", "train.eval_every=0", "train.checkpoint_every=0", "parallel.num_devices=1",
+        f"data.on_device={on_device}", f"train.steps_per_call={steps_per_call}"])
+    exp = build(config)
+    args = gpu_compile.call_arguments(exp, steps_per_call)
+    fed = feed.device_prefetcher(exp, exp.train_iterator(), feed.call_sizes(exp, steps_per_call))
+    try:
+        chex.assert_trees_all_equal_shapes_and_dtypes(args[1], next(fed))
+    finally:
+        fed.release()
+    tables = data.resident.place(exp.dataset.train, exp.mesh) if exp.resident else None
+    assert exp.resident == (on_device == "on") and len(args) == (3 if exp.resident else 2)
+    if tables is not None:
+        chex.assert_trees_all_equal_shapes_and_dtypes(args[2], tables)
+    assert "stablehlo" in exp.train_step(steps_per_call, tables).lower(*args).as_text()[:20000]

@@ -24,7 +24,7 @@ INDEX_KEY = "index"
 SLOT_KEY = "slot"  # a chunk's step, for batches that carry the row indices of several steps (`slotted`)
 
 
-def _arrays(split: Any) -> Mapping[str, np.ndarray] | None:
+def split_arrays(split: Any) -> Mapping[str, np.ndarray] | None:
     """The split's arrays when it is held in memory (a dict of arrays or an ArraySource), else None."""
     if isinstance(split, access.ArraySource):
         return split.arrays
@@ -49,7 +49,7 @@ def _why_not(config: Any, split: Any, devices: list) -> str | None:
         return "data.workers > 0 reads batches in worker processes"
     if config.data.on_device == "auto" and _memory_mapped(split):
         return "the train split is memory-mapped from a file"
-    arrays = _arrays(split)
+    arrays = split_arrays(split)
     size = sum(np.asarray(v).nbytes for v in arrays.values())
     try:
         stats = devices[0].memory_stats()
@@ -78,7 +78,7 @@ def decide(config: Any, split: Any, mesh: Mesh) -> bool:
 def place(split: Any, mesh: Mesh) -> dict[str, jax.Array]:
     """The train split's arrays, whole on every device of the mesh (every process holds the same split)."""
     sharding = NamedSharding(mesh, P())
-    arrays = _arrays(split)
+    arrays = split_arrays(split)
     if jax.process_count() == 1:
         return jax.device_put({k: np.asarray(v) for k, v in arrays.items()}, sharding)
     return {k: jax.make_array_from_callback(v.shape, sharding, lambda index, v=v: np.asarray(v[index]))
