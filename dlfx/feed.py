@@ -23,7 +23,11 @@ def call_sizes(exp, steps_per_call: int) -> Any:
 
 
 AUTO_PLATFORMS = ("gpu", "tpu")  # XLA:CPU runs a scanned convolution step ~10x slower: auto keeps 1 there
-CALL_TARGET_S = 0.01  # auto: calls of about this long hide the loop's host work per call (~0.1-0.3 ms)
+# auto: calls of about this long hide the loop's host work per call: ~0.1-0.3 ms on a 2-core CPU, but on the
+# H100's host char-GPT's one-step runner calls took 2.72 ms against its bare step's 1.58, and 10-step calls
+# brought the runner from 0.58 to 0.93 of the bare step (H200, 10 ms calls of 4 steps: 0.59). At 50 ms a per-call
+# cost of ~1 ms is ~2 %.
+CALL_TARGET_S = 0.05
 CALIBRATION_STEPS = 20  # one-step calls timed after the first (compiling) one
 MAX_AUTO_STEPS = 50
 MAX_AUTO_STACK_BYTES = 64 << 20  # auto: at most this much of stacked batches per call

@@ -91,16 +91,19 @@ def test_auto_steps_per_call_times_the_step_and_switches_mid_run(repo_root, tmp_
     # auto measures on accelerators only; here the CPU stands in, and the measured choice is fixed at 3
     from dlfx import feed
 
-    assert feed.choose_steps_per_call(0.0004, 512) == 25 and feed.choose_steps_per_call(0.05, 512) == 1
+    def choose(calls_per_target, *args):  # a step time that asks for this many steps per call (before caps)
+        return feed.choose_steps_per_call(feed.CALL_TARGET_S / calls_per_target, *args)
+
+    assert choose(24.5, 512) == 25 and choose(1, 512) == 1 and choose(0.2, 512) == 1
     assert feed.choose_steps_per_call(1e-6, 32 << 20) == 2  # at most 64 MiB of stacked batches per call
     # a divisor of the log/eval/checkpoint intervals where one fits: no one-step calls to fill up to them
-    assert feed.choose_steps_per_call(0.0025, 512, (50, 500, 500)) == 5  # 4 wanted
-    assert feed.choose_steps_per_call(0.0004, 512, (50, 0, 200)) == 25
-    assert feed.choose_steps_per_call(0.0001, 512, (50, 0, 0)) == 50  # 100 wanted, 50 at most
-    assert feed.choose_steps_per_call(0.0025, 512, (7, 0, 0)) == 7
-    assert feed.choose_steps_per_call(0.0025, 512, (3,)) == 3  # 4 would make every call cross a point
-    assert feed.choose_steps_per_call(0.0004, 512, (10, 0, 500)) == 10
-    assert feed.choose_steps_per_call(0.0025, 32 << 20, (25,)) == 2  # 2 fit, none divides 25: the 2
+    assert choose(3.5, 512, (50, 500, 500)) == 5  # 4 wanted
+    assert choose(24.5, 512, (50, 0, 200)) == 25
+    assert choose(99.5, 512, (50, 0, 0)) == 50  # 100 wanted, 50 at most
+    assert choose(3.5, 512, (7, 0, 0)) == 7
+    assert choose(3.5, 512, (3,)) == 3  # 4 would make every call cross a point
+    assert choose(24.5, 512, (10, 0, 500)) == 10
+    assert choose(3.5, 32 << 20, (25,)) == 2  # 2 fit, none divides 25: the 2
     config = tiny_config(repo_root, "parallel.num_devices=1", "train.steps=40", "train.log_every=5",
                          "train.checkpoint_every=20", "train.steps_per_call=0")
     assert not feed.can_tune(build(config))  # auto on CPU: one step per call
