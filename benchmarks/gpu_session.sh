@@ -46,7 +46,7 @@ flax.__version__, 'orbax', o.__version__)" || echo "device: exit $?" >> "$out/fa
       measure runner_profile 90 python3 -m benchmarks.runner_profile --model gpt --steps 3000 --top 30
       graph=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL
       for k in 1 25; do  # 25: what auto picks for char-GPT's ~2.6 ms one-step runner calls since it aims at 50 ms
-        measure "gpt_calls_$k" 60 python3 -m benchmarks.step_probe --model gpt --steps 96 --steps-per-call $k \
+        measure "gpt_calls_$k" 60 python3 -m benchmarks.step_probe --model gpt --steps 100 --steps-per-call $k \
           --windows 5 --option "loop_in_graph:xla_gpu_enable_command_buffer=$graph"
       done
       # char-GPT (float32, batch 32): sliced position rows left 75 transposing kernels in a deviceless compile,
