@@ -21,6 +21,10 @@ class TransferError(DlfxError):
     """Pretrained weights do not fit the model."""
 
 
+class WorkdirError(DlfxError):
+    """A run folder's files cannot be written (a full disk, lost permissions)."""
+
+
 class NonFiniteError(DlfxError):
     """Training produced a non-finite loss or gradient and the nan policy says stop."""
 

@@ -10,11 +10,14 @@ from typing import Mapping
 
 import tqdm
 
-from dlfx.errors import ConfigError
+from dlfx.errors import ConfigError, WorkdirError
 from dlfx.workdir import read_jsonl
 
 
 _IMPORT_TIME = time.time()
+# TensorBoard events queued for tensorboardX's writer thread. Large, so that a thread that died (a full disk)
+# cannot block a `put` before `RunLogger.write` notices it: with the library's 10 the run hung for good.
+EVENT_QUEUE = 1000
 
 
 def process_start_time() -> float:
@@ -60,8 +63,9 @@ class RunLogger:
             return
         from tensorboardX import SummaryWriter  # imported lazily: it is slow to import
 
-        self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-        self._events = SummaryWriter(logdir=os.path.join(workdir, "events"))
+        self._jsonl_path, self._events_dir = os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "events")
+        self._jsonl = open(self._jsonl_path, "a")
+        self._events = SummaryWriter(logdir=self._events_dir, max_queue=EVENT_QUEUE)
         self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, desc="train", unit="step",
                               dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
 
@@ -71,8 +75,14 @@ class RunLogger:
             return
         record = {"step": int(step), "split": split, **{k: float(v) for k, v in metrics.items()},
                   "wall_time": time.time()}
-        self._jsonl.write(json.dumps(record) + "\n")
-        self._jsonl.flush()
+        try:
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
+        except OSError as e:
+            raise WorkdirError(f"cannot write {self._jsonl_path}: {e.strerror or e}") from None
+        if not self._events_writing():
+            raise WorkdirError(f"cannot write TensorBoard events to {self._events_dir}: tensorboardX's writer "
+                               "thread stopped (its error is above; a full disk?)")
         for name, value in metrics.items():
             self._events.add_scalar(f"{split}/{name}", float(value), global_step=int(step))
         if split == "train":
@@ -81,6 +91,12 @@ class RunLogger:
         else:
             shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
             self._bar.write(f"step {step} {split}: {shown}", file=sys.stderr)
+
+    def _events_writing(self) -> bool:
+        """False once tensorboardX's event-writer thread has died (it takes its error with it)."""
+        writer = getattr(getattr(self._events, "file_writer", None), "event_writer", None)
+        worker = getattr(writer, "_worker", None)
+        return worker is None or worker.is_alive()
 
     def advance(self, step: int) -> None:
         """Move the progress bar to `step`."""

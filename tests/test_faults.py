@@ -3,6 +3,7 @@
 SIGTERM (preemption) is proved in tests/test_preemption.py; bad-input errors in tests/test_cli.py.
 """
 
+import errno
 import glob
 import os
 import pickle
@@ -10,13 +11,15 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import jax
 import numpy as np
 import pytest
 
 from dlfx import config as config_lib, log, parallel, runner
-from dlfx.errors import CheckpointError, ConfigError, DataError, NonFiniteError
+from dlfx.errors import CheckpointError, ConfigError, DataError, NonFiniteError, WorkdirError
 
 from checks import assert_bit_identical, restore_newest
 
@@ -277,3 +280,32 @@ def test_malicious_pickles_in_a_workdir_are_never_loaded(repo_root, tmp_path):
                                 text=True, timeout=300)
         assert result.returncode == 2, (args, result.stderr[-2000:])
         assert not os.path.exists(marker), args
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the writer thread's own
+def test_a_dead_event_writer_ends_the_run_log_with_one_error_not_a_hang(tmp_path):
+    """tensorboardX's writer thread dies on a write error (a full disk): `RunLogger.write` then raises a
+    WorkdirError naming the events folder instead of blocking for good on the dead thread's queue."""
+    logger = log.RunLogger(str(tmp_path), 100, 0)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    logger._events.file_writer.event_writer._ev_writer.write_event = disk_full
+    outcome = []
+
+    def write_many():
+        try:
+            for step in range(1, 60):  # 13 scalars a step: the library's queue of 10 filled on the first
+                logger.write(step, "train", {"loss": 1.0, **{f"m{i}": 0.0 for i in range(12)}})
+                time.sleep(0.01)
+            outcome.append("no error")
+        except WorkdirError as e:
+            outcome.append(str(e))
+
+    writer = threading.Thread(target=write_many, daemon=True)
+    writer.start()
+    writer.join(30)
+    assert not writer.is_alive(), "RunLogger.write blocked on a dead event-writer thread"
+    assert outcome[0].startswith(f"cannot write TensorBoard events to {tmp_path / 'events'}")
+    logger.close()  # still closes: the queue has room for the writer's shutdown signal
