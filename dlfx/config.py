@@ -359,6 +359,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_choice(config, "train.best_mode", ("auto", "max", "min"))
     _check_choice(config, "precision.compute_dtype", DTYPES)
     _check_choice(config, "precision.param_dtype", DTYPES)
+    for key, setting in (("dtype", "compute_dtype"), ("param_dtype", "param_dtype")):
+        if key in config.model:  # set there, it bypassed the precision checks below (float16 trained, then failed)
+            raise ConfigError(f"config.model.{key} is set by config.precision.{setting} ({', '.join(DTYPES[:2])}); "
+                              f"remove config.model.{key}")
     for key in ("compute_dtype", "param_dtype"):
         if config.precision[key] == "float16":  # no loss scaling: small gradients flush to zero, large ones overflow
             raise ConfigError(f"config.precision.{key}='float16' is not supported (dlfx has no loss scaling, "

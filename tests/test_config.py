@@ -89,6 +89,16 @@ def test_config_file_cannot_add_unknown_sections(tmp_path):
         config_lib.load(path)
 
 
+@pytest.mark.parametrize("key,setting", [("dtype", "compute_dtype"), ("param_dtype", "param_dtype")])
+def test_model_dtypes_come_only_from_the_precision_section(tmp_path, key, setting):
+    # set on the model, float16 got past the precision check, trained, and failed at the eval
+    path = _write(tmp_path, "import jax.numpy as jnp\nfrom dlfx.config import base_config\n"
+                            "def get_config():\n  c = base_config()\n  c.model.name = 'mlp'\n"
+                            f"  c.data.name = 'digits'\n  c.model.{key} = jnp.float16\n  return c\n")
+    with pytest.raises(ConfigError, match=rf"config.model.{key} is set by config.precision.{setting} "):
+        config_lib.load(path)
+
+
 def test_json_roundtrip_and_workdir_check(repo_root, tmp_path):
     c = config_lib.load(os.path.join(repo_root, "configs/digits_cnn.py"))
     workdir = str(tmp_path / "run")
