@@ -167,6 +167,11 @@ def build(config: ml_collections.ConfigDict, dataset: data.Dataset | None = None
 
     # --- Data ------------------------------------------------------------------------------
     dataset = data.load(config.data) if dataset is None else dataset
+    augment = [f"data.{k}" for k in ("crop_padding", "random_flip") if config.data[k]]
+    if augment and len(dataset.example_shape) != 3:  # checked here, before a run folder exists
+        raise ConfigError(f"config.{' and config.'.join(augment)} {'augment' if len(augment) > 1 else 'augments'} images "
+                          f"(height, width, channels), but "
+                          f"{dataset.name!r} examples have shape {tuple(dataset.example_shape)}")
     task = build_task(config, dataset)
     if config.train.keep_best:
         tasks.best_mode(config.train.keep_best, task, config.train.best_mode)

@@ -169,6 +169,8 @@ CASES = [
     (["train", "--config", CNN, "--workdir", ""], "--workdir is empty", None),
     (["interpret", "--workdir", "{run}", "-o", "{new}.png", "--index", "5..2"], "selects no example", None),
     (["inspect", "{run}/weights.npz"], "not a regular file", _fifo),
+    (["train", "--config", "configs/char_gpt.py", "--workdir", "{new}", "--config.data.random_flip=true"],
+     "config.data.random_flip augments images (height, width, channels), but 'text'", None),
 ]
 
 
