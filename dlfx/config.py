@@ -447,11 +447,12 @@ def from_dict(values: dict) -> ml_collections.ConfigDict:
 
 def read_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     """The resolved config a run wrote to `workdir/config.json`."""
+    from dlfx.remote import join, shown
     from dlfx.workdir import read_json
 
     path = os.path.join(workdir, "config.json")
     if not os.path.lexists(path):
-        raise ConfigError(f"no run in {workdir}: {path} does not exist")
+        raise ConfigError(f"no run in {shown(workdir)}: {join(shown(workdir), 'config.json')} does not exist")
     saved = read_json(path)
     _add_recorded_import_roots(workdir)
     try:
@@ -500,6 +501,7 @@ def _new_key_at_default(change: str, defaults: dict) -> bool:
 
 def check_workdir(config: ml_collections.ConfigDict, workdir: str, force: bool) -> None:
     """Refuse a workdir whose config.json holds a different config, unless forced."""
+    from dlfx.remote import shown
     from dlfx.workdir import read_json
 
     path = os.path.join(workdir, "config.json")
@@ -513,7 +515,7 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str, force: bool) 
         raise ConfigError(f"{e}; use --force to overwrite it") from None
     changes = config_changes(old, config)
     if changes:
-        raise ConfigError(f"workdir {workdir} holds a run with a different config ({describe_changes(changes)}); "
+        raise ConfigError(f"workdir {shown(workdir)} holds a run with a different config ({describe_changes(changes)}); "
                           "use --force to run the new config there")
 
 

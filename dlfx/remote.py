@@ -29,7 +29,7 @@ from typing import Callable, Iterator
 
 from etils import epath
 
-from dlfx.errors import ConfigError, one_line
+from dlfx.errors import ConfigError, WorkdirError, one_line
 
 PUSH_SECONDS = 30.0
 STALE_SECONDS = 600.0
@@ -70,6 +70,12 @@ def join(folder: str, *names: str) -> str:
 
 def _fail(what: str, path: str, error: Exception) -> ConfigError:
     return ConfigError(f"cannot {what} {path}: {one_line(error)}")
+
+
+def _local_fail(url: str, folder: str, error: OSError) -> WorkdirError:
+    """The error for a local copy of `url` that cannot be written in `folder` (a full or read-only disk)."""
+    return WorkdirError(f"cannot keep the local copy of {url} in {folder}: {error.strerror or error} (the "
+                        "TMPDIR environment variable picks the folder)")
 
 
 def _process() -> dict:
@@ -157,11 +163,17 @@ class Mirror:
     """
 
     def __init__(self, url: str, writer: bool = False, skip: tuple[str, ...] = NEVER_PULLED):
+        scheme, _, path = url.partition("://")
+        if not path.split("/")[0]:  # gs:// or gs:///x: the filesystem's root, which is no run folder
+            raise ConfigError(f"{url!r} names no bucket: give a folder such as {scheme}://BUCKET/runs/NAME")
         self.remote, self.url, self.writer = epath.Path(url), url.rstrip("/"), writer
         for root, owner, _ in _orphans():
             if not owner.get("writer") or not owner.get("pulled"):
                 shutil.rmtree(root, ignore_errors=True)  # a dead reader's or an unfinished pull: nothing of its own
-        self.root = tempfile.mkdtemp(prefix=PREFIX)
+        try:
+            self.root = tempfile.mkdtemp(prefix=PREFIX)
+        except OSError as e:
+            raise _local_fail(url, tempfile.gettempdir(), e) from None
         self.local = os.path.join(self.root, self.remote.name or "run")
         self._sent: dict[str, tuple[int, int]] = {}
         self._lock_held, self._push_lock = False, threading.Lock()
@@ -187,9 +199,11 @@ class Mirror:
                     raise _fail("read the run folder", url, e) from None
                 self._sent = _snapshot(self.local)
             self._write_owner(pulled=True)  # from here on the mirror may hold lines of its own
-        except BaseException:
+        except BaseException as e:
             self._release_lock()
             shutil.rmtree(self.root, ignore_errors=True)
+            if isinstance(e, OSError):  # the local copy's own files (remote errors are ConfigErrors by now)
+                raise _local_fail(url, self.root, e) from None
             raise
         if writer:
             self._thread = threading.Thread(target=self._pusher, daemon=True, name="dlfx-push")

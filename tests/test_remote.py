@@ -6,12 +6,15 @@ Checkpoints go to a local `train.checkpoint_dir`: on real GCS Orbax writes them 
 this fake cannot serve.
 """
 
+import errno
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 import chex
@@ -19,7 +22,7 @@ import pytest
 
 import dlfx
 from dlfx import checkpoint, cli, config as config_lib, inspection, log, remote, runner, workdir
-from dlfx.errors import CheckpointError, ConfigError
+from dlfx.errors import CheckpointError, ConfigError, WorkdirError
 
 
 @pytest.fixture
@@ -106,6 +109,9 @@ def test_a_gs_workdir_holds_every_file_and_reads_back(repo_root, tmp_path, gcs, 
     steps = [r["step"] for r in log.read_metrics(str(run)) if r["split"] == "train"]
     assert steps == [2, 4, 6, 8]
     chex.assert_trees_all_close(again["state"].params, summary["state"].params, rtol=1e-6, atol=1e-7)
+    # another config is refused naming the URL, not the temporary local copy it was checked in
+    with pytest.raises(ConfigError, match=r"^workdir gs://bucket/runs/a holds a run with a different config"):
+        runner.train(_config(repo_root, tmp_path, "optimizer.learning_rate=0.5"), url)
 
 
 def test_a_live_remote_lock_is_refused_a_stale_one_taken_over_and_a_failed_start_leaves_nothing(
@@ -162,6 +168,26 @@ def test_a_mirror_pushes_what_changed_and_names_its_origin(tmp_path, gcs):
         mirror.close()
     assert (gcs / "bucket" / "m" / "metrics.jsonl").read_text().count("step") == 2
     assert not (gcs / "bucket" / "m" / ".lock").exists() and not os.path.exists(mirror.root)
+
+
+def test_a_mirror_refuses_a_url_without_a_bucket_and_names_a_local_folder_it_cannot_write(tmp_path, gcs,
+                                                                                            monkeypatch):
+    for url in ("gs://", "gs:///runs/x"):  # the fake (and GCS) would take these for the filesystem's root
+        with pytest.raises(ConfigError, match="names no bucket: give a folder such as gs://BUCKET/runs/NAME"):
+            remote.Mirror(url, writer=True)
+    assert not list(gcs.iterdir())
+    full = tmp_path / "full"
+    full.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(full))
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(remote.Mirror, "_write_owner", no_space)  # the local copy's bookkeeping file
+    with pytest.raises(WorkdirError, match=re.escape(f"cannot keep the local copy of gs://bucket/n in {full}") +
+                       ".*No space left on device"):
+        remote.Mirror("gs://bucket/n", writer=True)
+    assert not list(full.iterdir()) and not (gcs / "bucket" / "n").exists()
 
 
 def test_a_dead_writers_mirror_is_pushed_by_the_run_that_takes_over_and_a_dead_readers_is_deleted(
