@@ -50,6 +50,7 @@ import numpy as np
 from benchmarks import baseline
 from dlfx import config as config_lib, data, feed, parallel, runner, tasks
 from dlfx.checkpoint import Checkpointer
+from dlfx.errors import DlfxError
 from dlfx.experiment import build
 
 MIN_WINDOW_S = 0.5  # shortest timed window of the bare step, the baseline and the pipeline loops
@@ -326,6 +327,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pipeline-only", action="store_true",
                         help="measure only the pipeline ratio (real feed / on-device batches), --repeats windows")
     args = parser.parse_args(argv)
+    unknown = [name for name in args.models.split(",") if name not in MODELS]
+    if unknown:
+        parser.error(f"--models: {', '.join(unknown)} not among {', '.join(MODELS)}")
+    try:
+        return _run(args)
+    except DlfxError as e:  # a bad --set, a model's data missing
+        print(f"benchmarks.run: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    """The pipeline table, or the full table (printed, and written to --out)."""
     if args.pipeline_only:
         rows = []
         for name in args.models.split(","):

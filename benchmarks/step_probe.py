@@ -37,12 +37,23 @@ import jax
 
 from benchmarks.run import MODELS
 from dlfx import config as config_lib, data, feed
+from dlfx.errors import DlfxError
 from dlfx.experiment import build
+
+
+def positive(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def parse_option(text: str) -> tuple[str, dict]:
     """'name:key=value;key=value' -> (name, {key: value}); true/false become bools, digits ints."""
-    name, _, rest = text.partition(":")
+    name, colon, rest = text.partition(":")
+    if not (name and colon and rest):
+        raise SystemExit(f"--option {text!r}: expected name:key=value[;key=value]")
     options = {}
     for item in filter(None, rest.split(";")):
         key, eq, value = item.partition("=")
@@ -105,6 +116,8 @@ def time_variants(exp: Any, batches: list, fresh: Any, variants: dict[str, dict]
             continue
         runs[name] = [compiled, state, batches]
         rows[name] = {"variant": name, "options": options, "compile_s": compile_s}
+    if not runs:  # every variant failed: nothing to time
+        return list(rows.values())
     times = rotate(runs, calls, windows)
     for name in runs:
         rows[name]["steps_per_s"] = calls * per_call / statistics.median(times[name])
@@ -180,22 +193,26 @@ def device_time_table(trace_path: str, names: dict[str, str], steps: int, wall_m
 def main(argv: list[str] | None = None) -> int:
     """Time the variants, print their table, then profile if asked."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="gpt124m", help=f"of {','.join(MODELS)}")
+    parser.add_argument("--model", default="gpt124m", choices=sorted(MODELS))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--option", action="append", default=[], metavar="NAME:KEY=VALUE[;KEY=VALUE]",
                         help="a variant compiled with these XLA options (repeatable)")
-    parser.add_argument("--steps", type=int, default=10, help="steps per timed window")
-    parser.add_argument("--steps-per-call", type=int, default=1,
+    parser.add_argument("--steps", type=positive, default=10, help="steps per timed window")
+    parser.add_argument("--steps-per-call", type=positive, default=1,
                         help="steps per compiled call (the runner's multi-step calls: lax.scan over stacked batches)")
-    parser.add_argument("--windows", type=int, default=5, help="rounds; each times every variant once")
+    parser.add_argument("--windows", type=positive, default=5, help="rounds; each times every variant once")
     parser.add_argument("--profile", default=None, metavar="DIR", help="trace the default step into DIR")
-    parser.add_argument("--profile-steps", type=int, default=3)
+    parser.add_argument("--profile-steps", type=positive, default=3)
     parser.add_argument("--top", type=int, default=40, help="rows of the profile table")
     args = parser.parse_args(argv)
     spec, overrides, _ = MODELS[args.model]
-    config = config_lib.load(spec, list(overrides) + list(args.set) + ["train.epochs=0", "train.steps=1000",
-                                                                         "train.eval_every=0"])
-    exp = build(config)
+    try:
+        config = config_lib.load(spec, list(overrides) + list(args.set) + ["train.epochs=0", "train.steps=1000",
+                                                                             "train.eval_every=0"])
+        exp = build(config)
+    except DlfxError as e:
+        print(f"benchmarks.step_probe: {e}", file=sys.stderr)
+        return 2
     k = args.steps_per_call
     # the runner's own call and feed: a split that lives on the device is gathered inside the call from row
     # indices; four placed batches (stacks of k for multi-step calls) are cycled
@@ -221,6 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print(f"| {r['variant']} | {opts} | {r['compile_s']:.1f} | {r['steps_per_s']:.2f} | {r['paired']:.3f} |")
     sys.stdout.flush()
+    if all("error" in r for r in rows):
+        return 1
     if args.profile:
         os.makedirs(args.profile, exist_ok=True)
         print(profile(exp, batches, fresh, args.profile, max(1, args.profile_steps // k), args.top, k, tables))

@@ -164,7 +164,7 @@ def bench(name: str, steps_per_repeat: int, repeats: int, runner_steps: int, dev
 def main(argv: list[str] | None = None) -> int:
     """Print the dlfx / PyTorch steps-per-second table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="cnn,gpt")
+    parser.add_argument("--models", default="cnn,gpt", help=f"of {','.join(CONFIGS)}")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--runner-steps", type=int, default=150)
@@ -172,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the PyTorch peer runs")
     parser.add_argument("--compile", action="store_true", help="torch.compile the peer")
     args = parser.parse_args(argv)
+    unknown = [name for name in args.models.split(",") if name not in CONFIGS]
+    if unknown:
+        parser.error(f"--models: {', '.join(unknown)} not among {', '.join(CONFIGS)}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: PyTorch finds no CUDA GPU here")
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     rows = [bench(name, args.steps, args.repeats, args.runner_steps, args.device, args.compile)

@@ -15,8 +15,24 @@ def test_option_parsing_keeps_list_values_and_types_scalars():
     """'name:key=value;key=value': bools and ints typed, commas kept inside a value, a bare key refused."""
     assert step_probe.parse_option("a:xla_x=true;xla_y=3;xla_z=FUSION,WHILE;xla_e=") == (
         "a", {"xla_x": True, "xla_y": 3, "xla_z": "FUSION,WHILE", "xla_e": ""})
-    with pytest.raises(SystemExit, match="expected name:key=value"):
-        step_probe.parse_option("a:xla_x")
+    for bad in ("a:xla_x", "garbage", "a:", ":xla_x=1"):  # a variant without options or name is refused too
+        with pytest.raises(SystemExit, match="expected name:key=value"):
+            step_probe.parse_option(bad)
+
+
+def test_benchmark_clis_refuse_bad_arguments_in_one_line(capsys):
+    """Unknown models, counts below one and bad overrides: a usage error or one line, exit status 2."""
+    from benchmarks import run
+
+    for main, argv in ((run.main, ["--models", "mlp,nosuch"]), (step_probe.main, ["--steps-per-call", "0"]),
+                       (step_probe.main, ["--model", "nosuch"])):
+        with pytest.raises(SystemExit) as exit_info:
+            main(argv)
+        assert exit_info.value.code == 2
+    assert "--models: nosuch not among mlp" in capsys.readouterr().err
+    assert run.main(["--models", "mlp", "--set", "train.steps_per_call=-2"]) == 2
+    assert capsys.readouterr().err.strip() == ("benchmarks.run: config.train.steps_per_call must be >= 0 (0: auto), "
+                                               "got -2")
 
 
 def _trace(path, processes, events):
