@@ -223,8 +223,11 @@ def test_position_rows_on_a_gpu_are_gathered_and_differentiate_like_a_slice(monk
     decoded = transformer.add_positions(x, wpe, jnp.asarray(2, jnp.int32), True)
     chex.assert_trees_all_close(decoded, x + wpe[2:7])
     assert "gather" not in str(jax.make_jaxpr(lambda x, w: transformer.add_positions(x, w, 2, True))(x, wpe))
-    with pytest.raises(ValueError, match="8 positions asked of a position table of 7 rows"):
+    with pytest.raises(ValueError, match=r"positions 0..7 asked of a position table of 7 rows"):
         transformer.add_positions(jnp.zeros((1, 8, 4)), wpe)
+    for length, first in ((-1, 0), (4, 6), (2, -1)):
+        with pytest.raises(ValueError, match="asked of a position table of 7 rows"):
+            transformer.position_rows(wpe, length, first, decode=True)
 
 
 @pytest.mark.parametrize("remat,scan_layers", [(False, False), (True, True)])

@@ -301,8 +301,10 @@ class GPT(nn.Module):
 
 def position_rows(wpe: jnp.ndarray, length: int, start: Any = 0, decode: bool = False) -> jnp.ndarray:
     """The `length` rows of `wpe` from `start` (decoding, a traced position) or from 0."""
-    if length > wpe.shape[0]:  # a slice would come back short and a gather would clip: neither should pass
-        raise ValueError(f"{length} positions asked of a position table of {wpe.shape[0]} rows (wpe {wpe.shape})")
+    first = start if isinstance(start, int) else 0  # a traced start (decoding) is checked by its caller
+    if length < 0 or first < 0 or first + length > wpe.shape[0]:  # slices and gathers would clip or wrap silently
+        raise ValueError(f"positions {first}..{first + length - 1} asked of a position table of {wpe.shape[0]} "
+                         f"rows (wpe {wpe.shape})")
     if decode:
         return lax.dynamic_slice_in_dim(wpe, start, length)
     if jax.default_backend() == "gpu":
