@@ -252,6 +252,14 @@ def _constructor_default(config: ml_collections.ConfigDict, parts: list[str]) ->
     return None if default is inspect.Parameter.empty else default
 
 
+MODEL_DTYPE_KEYS = {"dtype": "compute_dtype", "param_dtype": "param_dtype"}  # model fields set from precision.*
+
+
+def _model_dtype_error(key: str) -> ConfigError:
+    return ConfigError(f"config.model.{key} is set by config.precision.{MODEL_DTYPE_KEYS[key]} "
+                       f"({', '.join(DTYPES[:2])}); remove config.model.{key}")
+
+
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str]) -> None:
     """Apply `a.b.c=value` overrides in place; each value takes the type of the key it replaces."""
     for item in overrides:
@@ -267,6 +275,8 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Iterable[str])
                 raise _unknown_key(key, config)
             node = child
         leaf = parts[-1]
+        if parts[0] == "model" and len(parts) == 2 and leaf in MODEL_DTYPE_KEYS:
+            raise _model_dtype_error(leaf)
         if leaf not in node:
             default = _constructor_default(config, parts)
             if default is _NOT_AN_ARGUMENT:
@@ -359,10 +369,9 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_choice(config, "train.best_mode", ("auto", "max", "min"))
     _check_choice(config, "precision.compute_dtype", DTYPES)
     _check_choice(config, "precision.param_dtype", DTYPES)
-    for key, setting in (("dtype", "compute_dtype"), ("param_dtype", "param_dtype")):
+    for key in MODEL_DTYPE_KEYS:
         if key in config.model:  # set there, it bypassed the precision checks below (float16 trained, then failed)
-            raise ConfigError(f"config.model.{key} is set by config.precision.{setting} ({', '.join(DTYPES[:2])}); "
-                              f"remove config.model.{key}")
+            raise _model_dtype_error(key)
     for key in ("compute_dtype", "param_dtype"):
         if config.precision[key] == "float16":  # no loss scaling: small gradients flush to zero, large ones overflow
             raise ConfigError(f"config.precision.{key}='float16' is not supported (dlfx has no loss scaling, "

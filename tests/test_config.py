@@ -97,6 +97,9 @@ def test_model_dtypes_come_only_from_the_precision_section(tmp_path, key, settin
                             f"  c.data.name = 'digits'\n  c.model.{key} = jnp.float16\n  return c\n")
     with pytest.raises(ConfigError, match=rf"config.model.{key} is set by config.precision.{setting} "):
         config_lib.load(path)
+    with pytest.raises(ConfigError, match=rf"config.model.{key} is set by config.precision.{setting} "):
+        config_lib.load(os.path.join(os.path.dirname(__file__), "..", "configs", "char_gpt.py"),
+                        [f"model.{key}=float16"])  # a model field the override would otherwise have added
 
 
 def test_json_roundtrip_and_workdir_check(repo_root, tmp_path):
