@@ -25,7 +25,7 @@ import sys
 import time
 from typing import Any
 
-from benchmarks.run import MODELS
+from benchmarks.run import MODELS, positive
 
 CARDS = {  # XLA's GpuTargetConfig fields of the cards dlfx was measured on (cuDNN and CUDA of the GPU image)
     "h100": {"core_count": 132, "memory_bandwidth": 3352320000000, "device_memory_size": 84929347584,
@@ -39,8 +39,8 @@ COLLECTIVES = ("all-reduce", "all-gather", "reduce-scatter", "collective-permute
 BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
          "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
 ARRAY = re.compile(r"\b(" + "|".join(BYTES) + r")\[([\d,]*)\]")
-# bare steps/s x kernels per step on an H200 (2026-11-27): MLP 41 kernels 2.9 us, digits CNN 77 and char-GPT 392-446
-# 3.5-3.9 us; their bandwidth floors were a fraction of that (char-GPT 0.38 of 1.55 ms)
+# an H200's bare step time / kernels per step (2026-11-27): MLP 41 kernels 2.9 us, digits CNN 77 and char-GPT
+# 392-446 3.5-3.9 us; their bandwidth floors were a fraction of that (char-GPT 0.38 of 1.55 ms)
 KERNEL_US = (3, 4)
 KINDS = ("GEMM", "convolution", "attention", "transposing", "other memory-bound", "collective")
 
@@ -284,12 +284,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="gpt124m", choices=sorted(MODELS), help="a benchmarks.run model")
     parser.add_argument("--card", default="h200", choices=sorted(CARDS))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    parser.add_argument("--steps-per-call", type=int, default=1, help="steps in one compiled call (lax.scan)")
+    parser.add_argument("--steps-per-call", type=positive, default=1, help="steps in one compiled call (lax.scan)")
     parser.add_argument("--on-device", action="store_true",
                         help="the runner's call with the train split kept on the device, its rows gathered inside "
                              "(data.on_device=on); else whole batches")
     parser.add_argument("--hlo", default=None, metavar="FILE", help="also write the compiled HLO text here")
-    parser.add_argument("--top", type=int, default=25, help="rows of the by-op table")
+    parser.add_argument("--top", type=positive, default=25, help="rows of the by-op table")
     args = parser.parse_args(argv)
     if not cuda_plugin_installed():
         print("benchmarks.gpu_compile: needs JAX's CUDA plugin (pip install \"jax[cuda13]==<the installed jax "

@@ -35,18 +35,10 @@ from typing import Any, Callable
 
 import jax
 
-from benchmarks.run import MODELS
+from benchmarks.run import MODELS, positive
 from dlfx import config as config_lib, data, feed
 from dlfx.errors import DlfxError
 from dlfx.experiment import build
-
-
-def positive(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def parse_option(text: str) -> tuple[str, dict]:

@@ -25,7 +25,7 @@ import jax
 import torch
 from torch import nn
 
-from benchmarks.run import dlfx_stepper
+from benchmarks.run import dlfx_stepper, positive
 from dlfx import config as config_lib, data, parallel, runner
 from dlfx.experiment import build
 
@@ -165,10 +165,10 @@ def main(argv: list[str] | None = None) -> int:
     """Print the dlfx / PyTorch steps-per-second table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="cnn,gpt", help=f"of {','.join(CONFIGS)}")
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--runner-steps", type=int, default=150)
-    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--steps", type=positive, default=20)
+    parser.add_argument("--repeats", type=positive, default=5)
+    parser.add_argument("--runner-steps", type=positive, default=150)
+    parser.add_argument("--threads", type=positive, default=os.cpu_count())
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the PyTorch peer runs")
     parser.add_argument("--compile", action="store_true", help="torch.compile the peer")
     args = parser.parse_args(argv)

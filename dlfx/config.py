@@ -369,9 +369,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _check_choice(config, "train.best_mode", ("auto", "max", "min"))
     _check_choice(config, "precision.compute_dtype", DTYPES)
     _check_choice(config, "precision.param_dtype", DTYPES)
-    for key in MODEL_DTYPE_KEYS:
-        if key in config.model:  # set there, it bypassed the precision checks below (float16 trained, then failed)
-            raise _model_dtype_error(key)
     for key in ("compute_dtype", "param_dtype"):
         if config.precision[key] == "float16":  # no loss scaling: small gradients flush to zero, large ones overflow
             raise ConfigError(f"config.precision.{key}='float16' is not supported (dlfx has no loss scaling, "
@@ -430,6 +427,9 @@ def load(spec: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
     config.lock()
     _search_config_folder(spec, config, overrides)
     apply_overrides(config, overrides)
+    for key in MODEL_DTYPE_KEYS:  # set there, it bypassed the precision checks (float16 trained, then failed);
+        if key in config.model:  # here, not in validate: a run that recorded one still reads back
+            raise _model_dtype_error(key)
     validate(config)
     return config
 
@@ -468,9 +468,9 @@ def read_workdir_config(workdir: str) -> ml_collections.ConfigDict:
         config = from_dict(_with_defaults(to_dict(base_config()), saved))
         validate(config)
     except ConfigError as e:
-        raise ConfigError(f"{path} holds no valid config: {e}") from None
+        raise ConfigError(f"{join(shown(workdir), 'config.json')} holds no valid config: {e}") from None
     except (TypeError, ValueError, KeyError, AttributeError) as e:
-        raise ConfigError(f"{path} holds no valid config: {one_line(e)}") from None
+        raise ConfigError(f"{join(shown(workdir), 'config.json')} holds no valid config: {one_line(e)}") from None
     return config
 
 

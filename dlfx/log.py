@@ -112,5 +112,7 @@ class RunLogger:
         """Flush and close every writer."""
         if self.enabled:
             self._bar.close()
-            self._events.close()
-            self._jsonl.close()
+            try:
+                self._events.close()  # raises on a full disk; the metrics file is closed all the same
+            finally:
+                self._jsonl.close()

@@ -141,16 +141,25 @@ def _snapshot(local: str) -> dict[str, tuple[int, int]]:
 
 
 def _pull(remote: epath.Path, local: str, skip: tuple[str, ...]) -> None:
-    for path in remote.iterdir():
-        if path.name in skip or path.name == LOCK:
-            continue
+    """Copy the remote folder's files into `local`: remote errors as ConfigErrors, local ones (a full disk) as
+    the OSErrors they are."""
+    try:
+        entries = [(path, path.is_dir()) for path in remote.iterdir()
+                   if path.name not in skip and path.name != LOCK]
+    except Exception as e:
+        raise _fail("read the run folder", str(remote), e) from None
+    for path, is_dir in entries:
         target = os.path.join(local, path.name)
-        if path.is_dir():
+        if is_dir:
             _pull(path, target, skip)
-        else:
-            os.makedirs(local, exist_ok=True)
-            with open(target, "wb") as f:
-                f.write(path.read_bytes())
+            continue
+        try:
+            content = path.read_bytes()
+        except Exception as e:
+            raise _fail("read", str(path), e) from None
+        os.makedirs(local, exist_ok=True)
+        with open(target, "wb") as f:
+            f.write(content)
 
 
 class Mirror:
@@ -193,17 +202,14 @@ class Mirror:
             if writer:
                 self._take_lock()
             if exists:
-                try:
-                    _pull(self.remote, self.local, skip)
-                except Exception as e:
-                    raise _fail("read the run folder", url, e) from None
+                _pull(self.remote, self.local, skip)
                 self._sent = _snapshot(self.local)
             self._write_owner(pulled=True)  # from here on the mirror may hold lines of its own
         except BaseException as e:
             self._release_lock()
             shutil.rmtree(self.root, ignore_errors=True)
             if isinstance(e, OSError):  # the local copy's own files (remote errors are ConfigErrors by now)
-                raise _local_fail(url, self.root, e) from None
+                raise _local_fail(url, tempfile.gettempdir(), e) from None
             raise
         if writer:
             self._thread = threading.Thread(target=self._pusher, daemon=True, name="dlfx-push")

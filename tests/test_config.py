@@ -100,6 +100,13 @@ def test_model_dtypes_come_only_from_the_precision_section(tmp_path, key, settin
     with pytest.raises(ConfigError, match=rf"config.model.{key} is set by config.precision.{setting} "):
         config_lib.load(os.path.join(os.path.dirname(__file__), "..", "configs", "char_gpt.py"),
                         [f"model.{key}=float16"])  # a model field the override would otherwise have added
+    # a run an older dlfx trained with one recorded still reads back (eval, resume, sample)
+    old = config_lib.load(os.path.join(os.path.dirname(__file__), "..", "configs", "char_gpt.py"))
+    with old.unlocked():
+        old.model[key] = "bfloat16"
+    os.makedirs(tmp_path / "old_run")
+    config_lib.write_workdir(old, str(tmp_path / "old_run"))
+    assert config_lib.read_workdir_config(str(tmp_path / "old_run")).model[key] == "bfloat16"
 
 
 def test_json_roundtrip_and_workdir_check(repo_root, tmp_path):

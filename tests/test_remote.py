@@ -183,6 +183,12 @@ def test_a_mirror_refuses_a_url_without_a_bucket_and_names_a_local_folder_it_can
     def no_space(*args, **kwargs):
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
+    (gcs / "bucket" / "p").mkdir(parents=True)
+    (gcs / "bucket" / "p" / "metrics.jsonl").write_text('{"step": 1}\n')
+    with monkeypatch.context() as patched:  # the pull's local copy of a file: not blamed on the bucket
+        patched.setattr(remote.os, "makedirs", no_space)
+        with pytest.raises(WorkdirError, match=re.escape(f"cannot keep the local copy of gs://bucket/p in {full}")):
+            remote.Mirror("gs://bucket/p")
     monkeypatch.setattr(remote.Mirror, "_write_owner", no_space)  # the local copy's bookkeeping file
     with pytest.raises(WorkdirError, match=re.escape(f"cannot keep the local copy of gs://bucket/n in {full}") +
                        ".*No space left on device"):

@@ -13,6 +13,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from dlfx.models.dense import Dense, DenseGelu
@@ -301,7 +302,8 @@ class GPT(nn.Module):
 
 def position_rows(wpe: jnp.ndarray, length: int, start: Any = 0, decode: bool = False) -> jnp.ndarray:
     """The `length` rows of `wpe` from `start` (decoding, a traced position) or from 0."""
-    first = start if isinstance(start, int) else 0  # a traced start (decoding) is checked by its caller
+    # a start known here (decoding) is checked too; a traced one is its caller's to check (`generate` does)
+    first = int(start) if decode and isinstance(start, (int, np.integer)) else 0
     if length < 0 or first < 0 or first + length > wpe.shape[0]:  # slices and gathers would clip or wrap silently
         raise ValueError(f"positions {first}..{first + length - 1} asked of a position table of {wpe.shape[0]} "
                          f"rows (wpe {wpe.shape})")
