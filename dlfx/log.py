@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -49,9 +50,14 @@ def truncate_metrics(workdir: str, last_step: int) -> None:
         return
     kept = [r for r in read_metrics(workdir) if r.get("step", 0) <= last_step]
     tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(r) + "\n" for r in kept)
+        os.replace(tmp, path)
+    except OSError as e:  # the old file stays whole
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise WorkdirError(f"cannot write {path}: {e.strerror or e}") from None
 
 
 class RunLogger:
@@ -64,8 +70,15 @@ class RunLogger:
         from tensorboardX import SummaryWriter  # imported lazily: it is slow to import
 
         self._jsonl_path, self._events_dir = os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "events")
-        self._jsonl = open(self._jsonl_path, "a")
-        self._events = SummaryWriter(logdir=self._events_dir, max_queue=EVENT_QUEUE)
+        try:
+            self._jsonl = open(self._jsonl_path, "a")
+        except OSError as e:
+            raise WorkdirError(f"cannot write {self._jsonl_path}: {e.strerror or e}") from None
+        try:
+            self._events = SummaryWriter(logdir=self._events_dir, max_queue=EVENT_QUEUE)
+        except OSError as e:
+            self._jsonl.close()
+            raise WorkdirError(f"cannot write TensorBoard events to {self._events_dir}: {e.strerror or e}") from None
         self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, desc="train", unit="step",
                               dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
 

@@ -173,7 +173,7 @@ class Mirror:
 
     def __init__(self, url: str, writer: bool = False, skip: tuple[str, ...] = NEVER_PULLED):
         scheme, _, path = url.partition("://")
-        if not path.split("/")[0]:  # gs:// or gs:///x: the filesystem's root, which is no run folder
+        if scheme != "file" and not path.split("/")[0]:  # gs:// or gs:///x: the filesystem's root, no run folder
             raise ConfigError(f"{url!r} names no bucket: give a folder such as {scheme}://BUCKET/runs/NAME")
         self.remote, self.url, self.writer = epath.Path(url), url.rstrip("/"), writer
         for root, owner, _ in _orphans():
