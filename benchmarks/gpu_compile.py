@@ -25,7 +25,8 @@ import sys
 import time
 from typing import Any
 
-from benchmarks.run import MODELS, positive
+from benchmarks.run import MODELS
+from dlfx.cli import int_at_least
 
 CARDS = {  # XLA's GpuTargetConfig fields of the cards dlfx was measured on (cuDNN and CUDA of the GPU image)
     "h100": {"core_count": 132, "memory_bandwidth": 3352320000000, "device_memory_size": 84929347584,
@@ -284,12 +285,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", default="gpt124m", choices=sorted(MODELS), help="a benchmarks.run model")
     parser.add_argument("--card", default="h200", choices=sorted(CARDS))
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    parser.add_argument("--steps-per-call", type=positive, default=1, help="steps in one compiled call (lax.scan)")
+    parser.add_argument("--steps-per-call", type=int_at_least(1), default=1, help="steps in one compiled call (lax.scan)")
     parser.add_argument("--on-device", action="store_true",
                         help="the runner's call with the train split kept on the device, its rows gathered inside "
                              "(data.on_device=on); else whole batches")
     parser.add_argument("--hlo", default=None, metavar="FILE", help="also write the compiled HLO text here")
-    parser.add_argument("--top", type=positive, default=25, help="rows of the by-op table")
+    parser.add_argument("--top", type=int_at_least(1), default=25, help="rows of the by-op table")
     args = parser.parse_args(argv)
     if not cuda_plugin_installed():
         print("benchmarks.gpu_compile: needs JAX's CUDA plugin (pip install \"jax[cuda13]==<the installed jax "

@@ -50,6 +50,7 @@ import numpy as np
 from benchmarks import baseline
 from dlfx import config as config_lib, data, feed, parallel, runner, tasks
 from dlfx.checkpoint import Checkpointer
+from dlfx.cli import int_at_least
 from dlfx.errors import DlfxError
 from dlfx.experiment import build
 
@@ -312,22 +313,14 @@ def table(rows: list[dict], peak: float) -> str:
     return "\n".join(lines)
 
 
-def positive(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run the selected models and print (and optionally write) the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help=f"of {','.join(MODELS)}")
-    parser.add_argument("--steps", type=positive, default=20, help="steps per timed repeat")
-    parser.add_argument("--repeats", type=positive, default=5)
-    parser.add_argument("--runner-steps", type=positive, default=150)
-    parser.add_argument("--runner-repeats", type=positive, default=3, help="runner runs, each paired with a baseline timing")
+    parser.add_argument("--steps", type=int_at_least(1), default=20, help="steps per timed repeat")
+    parser.add_argument("--repeats", type=int_at_least(1), default=5)
+    parser.add_argument("--runner-steps", type=int_at_least(1), default=150)
+    parser.add_argument("--runner-repeats", type=int_at_least(1), default=3, help="runner runs, each paired with a baseline timing")
     parser.add_argument("--out", default=None)
     parser.add_argument("--peak-tflops", type=float, default=0.0, help="the device's peak (0: measure f32 matmul)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

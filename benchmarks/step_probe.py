@@ -35,8 +35,9 @@ from typing import Any, Callable
 
 import jax
 
-from benchmarks.run import MODELS, positive
+from benchmarks.run import MODELS
 from dlfx import config as config_lib, data, feed
+from dlfx.cli import int_at_least
 from dlfx.errors import DlfxError
 from dlfx.experiment import build
 
@@ -189,12 +190,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
     parser.add_argument("--option", action="append", default=[], metavar="NAME:KEY=VALUE[;KEY=VALUE]",
                         help="a variant compiled with these XLA options (repeatable)")
-    parser.add_argument("--steps", type=positive, default=10, help="steps per timed window")
-    parser.add_argument("--steps-per-call", type=positive, default=1,
+    parser.add_argument("--steps", type=int_at_least(1), default=10, help="steps per timed window")
+    parser.add_argument("--steps-per-call", type=int_at_least(1), default=1,
                         help="steps per compiled call (the runner's multi-step calls: lax.scan over stacked batches)")
-    parser.add_argument("--windows", type=positive, default=5, help="rounds; each times every variant once")
+    parser.add_argument("--windows", type=int_at_least(1), default=5, help="rounds; each times every variant once")
     parser.add_argument("--profile", default=None, metavar="DIR", help="trace the default step into DIR")
-    parser.add_argument("--profile-steps", type=positive, default=3)
+    parser.add_argument("--profile-steps", type=int_at_least(1), default=3)
     parser.add_argument("--top", type=int, default=40, help="rows of the profile table")
     args = parser.parse_args(argv)
     spec, overrides, _ = MODELS[args.model]

@@ -25,8 +25,9 @@ import jax
 import torch
 from torch import nn
 
-from benchmarks.run import dlfx_stepper, positive
+from benchmarks.run import dlfx_stepper
 from dlfx import config as config_lib, data, parallel, runner
+from dlfx.cli import int_at_least
 from dlfx.experiment import build
 
 CONFIGS = {"cnn": "configs/digits_cnn.py", "gpt": "configs/char_gpt.py", "gpt124m": "configs/gpt2_124m.py"}
@@ -165,10 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     """Print the dlfx / PyTorch steps-per-second table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="cnn,gpt", help=f"of {','.join(CONFIGS)}")
-    parser.add_argument("--steps", type=positive, default=20)
-    parser.add_argument("--repeats", type=positive, default=5)
-    parser.add_argument("--runner-steps", type=positive, default=150)
-    parser.add_argument("--threads", type=positive, default=os.cpu_count())
+    parser.add_argument("--steps", type=int_at_least(1), default=20)
+    parser.add_argument("--repeats", type=int_at_least(1), default=5)
+    parser.add_argument("--runner-steps", type=int_at_least(1), default=150)
+    parser.add_argument("--threads", type=int_at_least(1), default=os.cpu_count())
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the PyTorch peer runs")
     parser.add_argument("--compile", action="store_true", help="torch.compile the peer")
     args = parser.parse_args(argv)

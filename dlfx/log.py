@@ -43,6 +43,10 @@ def read_metrics(workdir: str) -> list[dict]:
     return records
 
 
+def _cannot_write(what: str, error: OSError) -> WorkdirError:
+    return WorkdirError(f"cannot write {what}: {error.strerror or error}")
+
+
 def truncate_metrics(workdir: str, last_step: int) -> None:
     """Drop records after `last_step` so a resumed run does not log the same steps twice."""
     path = os.path.join(workdir, "metrics.jsonl")
@@ -57,7 +61,7 @@ def truncate_metrics(workdir: str, last_step: int) -> None:
     except OSError as e:  # the old file stays whole
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise WorkdirError(f"cannot write {path}: {e.strerror or e}") from None
+        raise _cannot_write(path, e) from None
 
 
 class RunLogger:
@@ -73,12 +77,12 @@ class RunLogger:
         try:
             self._jsonl = open(self._jsonl_path, "a")
         except OSError as e:
-            raise WorkdirError(f"cannot write {self._jsonl_path}: {e.strerror or e}") from None
+            raise _cannot_write(self._jsonl_path, e) from None
         try:
             self._events = SummaryWriter(logdir=self._events_dir, max_queue=EVENT_QUEUE)
         except OSError as e:
             self._jsonl.close()
-            raise WorkdirError(f"cannot write TensorBoard events to {self._events_dir}: {e.strerror or e}") from None
+            raise _cannot_write(f"TensorBoard events to {self._events_dir}", e) from None
         self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, desc="train", unit="step",
                               dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
 
@@ -92,7 +96,7 @@ class RunLogger:
             self._jsonl.write(json.dumps(record) + "\n")
             self._jsonl.flush()
         except OSError as e:
-            raise WorkdirError(f"cannot write {self._jsonl_path}: {e.strerror or e}") from None
+            raise _cannot_write(self._jsonl_path, e) from None
         if not self._events_writing():
             raise WorkdirError(f"cannot write TensorBoard events to {self._events_dir}: tensorboardX's writer "
                                "thread stopped (its error is above; a full disk?)")
