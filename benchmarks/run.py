@@ -328,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--pipeline-only", action="store_true",
                         help="measure only the pipeline ratio (real feed / on-device batches), --repeats windows")
     args = parser.parse_args(argv)
+    if args.peak_tflops < 0:
+        parser.error(f"--peak-tflops must be >= 0 (0: measure), got {args.peak_tflops}")
     unknown = [name for name in args.models.split(",") if name not in MODELS]
     if unknown:
         parser.error(f"--models: {', '.join(unknown)} not among {', '.join(MODELS)}")

@@ -46,12 +46,12 @@ def parse_option(text: str) -> tuple[str, dict]:
     """'name:key=value;key=value' -> (name, {key: value}); true/false become bools, digits ints."""
     name, colon, rest = text.partition(":")
     if not (name and colon and rest):
-        raise SystemExit(f"--option {text!r}: expected name:key=value[;key=value]")
+        raise ValueError(f"--option {text!r}: expected name:key=value[;key=value]")
     options = {}
     for item in filter(None, rest.split(";")):
         key, eq, value = item.partition("=")
         if not eq:
-            raise SystemExit(f"--option {text!r}: expected name:key=value[;key=value]")
+            raise ValueError(f"--option {text!r}: expected name:key=value[;key=value]")
         value = value.strip()
         options[key.strip()] = {"true": True, "false": False}.get(value.lower(), int(value) if value.isdigit() else value)
     return name, options
@@ -198,6 +198,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-steps", type=int_at_least(1), default=3)
     parser.add_argument("--top", type=int, default=40, help="rows of the profile table")
     args = parser.parse_args(argv)
+    try:
+        variants = [parse_option(o) for o in args.option]
+    except ValueError as e:
+        parser.error(str(e))
     spec, overrides, _ = MODELS[args.model]
     try:
         config = config_lib.load(spec, list(overrides) + list(args.set) + ["train.epochs=0", "train.steps=1000",
@@ -215,7 +219,6 @@ def main(argv: list[str] | None = None) -> int:
     prefetcher.close()
     calls = max(1, args.steps // k)
     fresh = jax.device_get(exp.init())
-    variants = [parse_option(o) for o in args.option]
     if any(name == "default" for name, _ in variants):
         raise SystemExit("--option: 'default' names the variant without options; choose another name")
     rows = time_variants(exp, batches, fresh, dict([("default", {})] + variants), calls, args.windows, k, tables)

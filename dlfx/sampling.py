@@ -56,12 +56,13 @@ def _codec(workdir: str) -> tuple[Callable[[str], list[int]], Callable[[list[int
             return (lambda text: list(text.encode("utf-8", "surrogateescape")),
                     lambda ids: bytes(i for i in ids if i < 256).decode("utf-8", errors="replace"))
         if vocab is None:
-            raise ConfigError(f"{workdir} cannot be sampled as text: {path} records no vocabulary "
+            shown = remote.shown(workdir)
+            raise ConfigError(f"{shown} cannot be sampled as text: {remote.join(shown, DATA_FILE)} records no vocabulary "
                               f"(a language-model run on characters, bytes or a token folder with a vocab has one)")
     elif os.path.isfile(legacy):
         path, vocab = legacy, read_json(legacy, "any")
     else:
-        raise ConfigError(f"{workdir} is not a language-model run: it has no {DATA_FILE}")
+        raise ConfigError(f"{remote.shown(workdir)} is not a language-model run: it has no {DATA_FILE}")
     if not (isinstance(vocab, list) and vocab and all(isinstance(t, str) and t for t in vocab)):
         raise ConfigError(f"{path}: the vocabulary must be a JSON list of non-empty strings")
     if size is not None and len(vocab) != size:

@@ -16,7 +16,7 @@ def test_option_parsing_keeps_list_values_and_types_scalars():
     assert step_probe.parse_option("a:xla_x=true;xla_y=3;xla_z=FUSION,WHILE;xla_e=") == (
         "a", {"xla_x": True, "xla_y": 3, "xla_z": "FUSION,WHILE", "xla_e": ""})
     for bad in ("a:xla_x", "garbage", "a:", ":xla_x=1"):  # a variant without options or name is refused too
-        with pytest.raises(SystemExit, match="expected name:key=value"):
+        with pytest.raises(ValueError, match="expected name:key=value"):
             step_probe.parse_option(bad)
 
 

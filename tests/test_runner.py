@@ -208,6 +208,31 @@ def test_loop_schedule_reads_metrics_before_every_eval_and_save():
                False) == Due(log=False, read=False, eval=False, save=False)
 
 
+def test_a_long_metrics_window_is_stacked_in_bounded_pieces(monkeypatch):
+    """A window of many calls (a long log_every, or one a SIGTERM closes) is stacked `STACK_CHUNK` records at a
+    time: one concatenation of thousands took XLA ~100 s to compile and held the preemption save back."""
+    import ml_collections
+
+    from dlfx import train_metrics
+
+    sizes = []
+    stack = train_metrics.stack
+    monkeypatch.setattr(train_metrics, "stack", lambda records: sizes.append(len(records)) or stack(records))
+    names = ["loss", "nonfinite", "first_nonfinite_group"]
+    config = ml_collections.ConfigDict({"train": {"nan_policy": "skip", "max_skipped": 5}})
+    read = []
+    window = train_metrics.Window(names, config, ["w"], 0, lambda step, metrics: read.append((step, metrics)))
+    steps = 0
+    for i in range(150):  # 10-step calls with one-step calls between, as calls split at log points
+        count = 10 if i % 3 else 1
+        window.add(jax.numpy.stack([jax.numpy.array([float(steps + j), 0.0, -1.0]) for j in range(count)])
+                   if count > 1 else jax.numpy.array([float(steps), 0.0, -1.0]))
+        steps += count
+    window.close(steps, read_now=True)
+    assert max(sizes) <= train_metrics.STACK_CHUNK and sum(sizes) == 150
+    assert read[0][0] == steps and read[0][1]["loss"] == pytest.approx((steps - 1) / 2)  # every step, once
+
+
 def test_build_lays_the_run_out_on_the_devices_it_is_given(repo_root):
     """build(devices=...) (e.g. an ahead-of-time topology's): the mesh and the state's shardings use them."""
     devices = jax.devices()[2:4]
