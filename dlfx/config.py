@@ -538,7 +538,19 @@ def config_changes(old: dict, config: ml_collections.ConfigDict) -> list[str]:
     since `old` was written, at their default, and the `CADENCE_KEYS` are not changes."""
     defaults = to_dict(base_config())
     return [c for c in _diff(old, to_dict(config))
-            if not _new_key_at_default(c, defaults) and c.partition(":")[0] not in CADENCE_KEYS]
+            if not _new_key_at_default(c, defaults) and c.partition(":")[0] not in CADENCE_KEYS
+            and not _recorded_model_dtype(c, old)]
+
+
+def _recorded_model_dtype(change: str, old: dict) -> bool:
+    """`model.dtype` / `param_dtype` a run recorded before they came only from `precision.*` (now refused in a
+    config), equal to its precision setting: the model computed the same, so not a change of config."""
+    key, _, values = change.partition(": ")
+    section, _, leaf = key.partition(".")
+    if section != "model" or leaf not in MODEL_DTYPE_KEYS or not values.endswith(f" -> {'<unset>'!r}"):
+        return False
+    recorded, precision = old.get("model", {}).get(leaf), old.get("precision", {}).get(MODEL_DTYPE_KEYS[leaf])
+    return isinstance(recorded, str) and recorded == precision
 
 
 def describe_changes(changes: list[str]) -> str:

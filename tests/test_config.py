@@ -107,6 +107,12 @@ def test_model_dtypes_come_only_from_the_precision_section(tmp_path, key, settin
     os.makedirs(tmp_path / "old_run")
     config_lib.write_workdir(old, str(tmp_path / "old_run"))
     assert config_lib.read_workdir_config(str(tmp_path / "old_run")).model[key] == "bfloat16"
+    # ... and resumes under the same command where it matched its precision setting (it computed the same)
+    new = config_lib.load(os.path.join(os.path.dirname(__file__), "..", "configs", "char_gpt.py"))
+    saved = config_lib.to_dict(old)
+    assert config_lib.config_changes(saved, new) == [f"model.{key}: 'bfloat16' -> '<unset>'"]
+    saved["model"][key] = saved["precision"][setting]
+    assert config_lib.config_changes(saved, new) == []
 
 
 def test_json_roundtrip_and_workdir_check(repo_root, tmp_path):
