@@ -11,6 +11,7 @@ from typing import Mapping
 
 import tqdm
 
+from dlfx import remote
 from dlfx.errors import ConfigError, WorkdirError
 from dlfx.workdir import read_jsonl
 
@@ -43,8 +44,13 @@ def read_metrics(workdir: str) -> list[dict]:
     return records
 
 
-def _cannot_write(what: str, error: OSError) -> WorkdirError:
-    return WorkdirError(f"cannot write {what}: {error.strerror or error}")
+def _cannot_write(workdir: str, name: str, error: OSError, what: str = "") -> WorkdirError:
+    """The error for a run file `name` that cannot be written; a gs:// run's by its URL, with where its local
+    copy was."""
+    shown = remote.shown(workdir)
+    where = (f" (in the local copy under {os.path.dirname(os.path.abspath(workdir))}: the TMPDIR environment "
+             "variable picks its folder)") if remote.is_remote(shown) else ""
+    return WorkdirError(f"cannot write {what}{remote.join(shown, name)}: {error.strerror or error}{where}")
 
 
 def truncate_metrics(workdir: str, last_step: int) -> None:
@@ -61,7 +67,7 @@ def truncate_metrics(workdir: str, last_step: int) -> None:
     except OSError as e:  # the old file stays whole
         with contextlib.suppress(OSError):
             os.remove(tmp)
-        raise _cannot_write(path, e) from None
+        raise _cannot_write(workdir, "metrics.jsonl", e) from None
 
 
 class RunLogger:
@@ -73,16 +79,17 @@ class RunLogger:
             return
         from tensorboardX import SummaryWriter  # imported lazily: it is slow to import
 
-        self._jsonl_path, self._events_dir = os.path.join(workdir, "metrics.jsonl"), os.path.join(workdir, "events")
+        self._workdir, self._events_dir = workdir, os.path.join(workdir, "events")
+        self._jsonl_path = os.path.join(workdir, "metrics.jsonl")
         try:
             self._jsonl = open(self._jsonl_path, "a")
         except OSError as e:
-            raise _cannot_write(self._jsonl_path, e) from None
+            raise _cannot_write(workdir, "metrics.jsonl", e) from None
         try:
             self._events = SummaryWriter(logdir=self._events_dir, max_queue=EVENT_QUEUE)
         except OSError as e:
             self._jsonl.close()
-            raise _cannot_write(f"TensorBoard events to {self._events_dir}", e) from None
+            raise _cannot_write(workdir, "events", e, "TensorBoard events to ") from None
         self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, desc="train", unit="step",
                               dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
 
@@ -96,10 +103,10 @@ class RunLogger:
             self._jsonl.write(json.dumps(record) + "\n")
             self._jsonl.flush()
         except OSError as e:
-            raise _cannot_write(self._jsonl_path, e) from None
+            raise _cannot_write(self._workdir, "metrics.jsonl", e) from None
         if not self._events_writing():
-            raise WorkdirError(f"cannot write TensorBoard events to {self._events_dir}: tensorboardX's writer "
-                               "thread stopped (its error is above; a full disk?)")
+            stopped = OSError("tensorboardX's writer thread stopped (its error is above; a full disk?)")
+            raise _cannot_write(self._workdir, "events", stopped, "TensorBoard events to ")
         for name, value in metrics.items():
             self._events.add_scalar(f"{split}/{name}", float(value), global_step=int(step))
         if split == "train":

@@ -185,6 +185,13 @@ def test_a_mirror_refuses_a_url_without_a_bucket_and_names_a_local_folder_it_can
 
     (gcs / "bucket" / "p").mkdir(parents=True)
     (gcs / "bucket" / "p" / "metrics.jsonl").write_text('{"step": 1}\n')
+    mirror = remote.Mirror("gs://bucket/p")  # a run log that fills the local copy's disk names the run's URL
+    try:
+        message = str(log._cannot_write(mirror.local, "metrics.jsonl", OSError(errno.ENOSPC, "No space left")))
+    finally:
+        mirror.close()
+    assert message.startswith("cannot write gs://bucket/p/metrics.jsonl: No space left (in the local copy under ")
+    assert "TMPDIR" in message
     with monkeypatch.context() as patched:  # the pull's local copy of a file: not blamed on the bucket
         patched.setattr(remote.os, "makedirs", no_space)
         with pytest.raises(WorkdirError, match=re.escape(f"cannot keep the local copy of gs://bucket/p in {full}")):
