@@ -79,14 +79,13 @@ class RunLogger:
             return
         from tensorboardX import SummaryWriter  # imported lazily: it is slow to import
 
-        self._workdir, self._events_dir = workdir, os.path.join(workdir, "events")
-        self._jsonl_path = os.path.join(workdir, "metrics.jsonl")
+        self._workdir = workdir
         try:
-            self._jsonl = open(self._jsonl_path, "a")
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
         except OSError as e:
             raise _cannot_write(workdir, "metrics.jsonl", e) from None
         try:
-            self._events = SummaryWriter(logdir=self._events_dir, max_queue=EVENT_QUEUE)
+            self._events = SummaryWriter(logdir=os.path.join(workdir, "events"), max_queue=EVENT_QUEUE)
         except OSError as e:
             self._jsonl.close()
             raise _cannot_write(workdir, "events", e, "TensorBoard events to ") from None
