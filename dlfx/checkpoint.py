@@ -67,6 +67,7 @@ class Checkpointer:
         self._options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
                                                      create=True)
         self.manager = ocp.CheckpointManager(self.directory, options=self._options)
+        self._in_flight: int | None = None  # the step of the async save not yet known to be committed
 
     def steps(self) -> list[int]:
         """Saved steps, oldest first (a save still in flight included)."""
@@ -77,13 +78,16 @@ class Checkpointer:
 
         A failure of this save, or of an earlier async one (disk full, I/O error), raises CheckpointError.
         """
+        self.wait()  # Orbax waits here anyway; an earlier save's failure is reported with its own step
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:  # one global position, the same on every process: any process count restores it
             items["data_state"] = ocp.args.JsonSave(_iterator_state(data_iterator))
         try:
-            return self.manager.save(step, args=ocp.args.Composite(**items))
+            saved = self.manager.save(step, args=ocp.args.Composite(**items))
         except Exception as e:
             raise CheckpointError(f"cannot save checkpoint step {step} in {self.directory}: {_first_line(e)}") from None
+        self._in_flight = step if saved else None
+        return saved
 
     def restore(self, step: int, abstract_state: Any,
                 data_iterator: grain.DatasetIterator | None = None) -> Any:
@@ -162,10 +166,8 @@ class Checkpointer:
 
     def wait(self) -> None:
         """Block until every in-flight async save is committed; raise CheckpointError if one failed."""
-        try:
-            self.manager.wait_until_finished()
-        except Exception as e:
-            raise CheckpointError(f"checkpoint save in {self.directory} failed: {_first_line(e)}") from None
+        step, self._in_flight = self._in_flight, None
+        _wait_for(self.manager, step, self.directory)
 
     def close(self) -> None:
         """Wait for pending saves and release the manager; raise CheckpointError if a save failed."""
@@ -193,6 +195,7 @@ class BestCheckpoint:
             raise CheckpointError(f"the best checkpoint in {self.directory} is damaged ({_first_line(e)}); move "
                                   "the folder aside to start a new best") from None
         self._kept = (step, float(metrics[metric])) if metrics and metric in metrics else None
+        self._in_flight: int | None = None
 
     def best(self) -> tuple[int, float] | None:
         """(step, metric value) of the kept state, or None before the first eval."""
@@ -205,24 +208,34 @@ class BestCheckpoint:
             return False
         if kept is not None and not (value > kept[1] if self.mode == "max" else value < kept[1]):
             return False
+        in_flight, self._in_flight = self._in_flight, None
+        _wait_for(self.manager, in_flight, self.directory)  # an earlier save's failure names its own step
         try:
             saved = self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state)),
                                       metrics={self.metric: value})
-            if saved:
-                self._kept = (step, value)
-            return saved
         except Exception as e:
             raise CheckpointError(f"cannot save the best checkpoint (step {step}) in {self.directory}: "
                                   f"{_first_line(e)}") from None
+        if saved:
+            self._kept, self._in_flight = (step, value), step
+        return saved
 
     def close(self) -> None:
         """Wait for the save in flight and release the manager."""
         try:
-            self.manager.wait_until_finished()
-        except Exception as e:
-            raise CheckpointError(f"best checkpoint save in {self.directory} failed: {_first_line(e)}") from None
+            _wait_for(self.manager, self._in_flight, self.directory)
         finally:
+            self._in_flight = None
             self.manager.close()
+
+
+def _wait_for(manager: ocp.CheckpointManager, step: int | None, directory: str) -> None:
+    """Wait for `manager`'s async save (of `step`, where known); CheckpointError naming the step if it failed."""
+    try:
+        manager.wait_until_finished()
+    except Exception as e:
+        what = f"step {step}" if step is not None else "save"
+        raise CheckpointError(f"checkpoint {what} in {directory} failed to save: {_first_line(e)}") from None
 
 
 def _shape_mismatch(step_dir: str, abstract_state: Any) -> str | None:

@@ -12,6 +12,7 @@ import threading
 import time
 import traceback
 
+from dlfx import orbax_noise
 from dlfx.errors import ConfigError, DlfxError
 
 
@@ -303,6 +304,7 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `dlfx` console script; user errors print one line and return 2."""
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(levelname)s: %(message)s")
+    orbax_noise.quiet()
     args, extra = make_parser().parse_known_args(argv)
     try:
         return args.func(args, extra)

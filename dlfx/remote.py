@@ -30,6 +30,7 @@ from typing import Callable, Iterator
 from etils import epath
 
 from dlfx.errors import ConfigError, WorkdirError, one_line
+from dlfx.workdir import write_json
 
 PUSH_SECONDS = 30.0
 STALE_SECONDS = 600.0
@@ -218,10 +219,7 @@ class Mirror:
     def _write_owner(self, pulled: bool) -> None:
         """Record this process beside the mirror, and whether the pull is done (a mirror whose process died
         before that holds nothing of its own, maybe half-written files)."""
-        path = os.path.join(self.root, OWNER)
-        with open(path + ".tmp", "w") as f:
-            json.dump(dict(_process(), writer=self.writer, pulled=pulled), f)
-        os.replace(path + ".tmp", path)
+        write_json(os.path.join(self.root, OWNER), dict(_process(), writer=self.writer, pulled=pulled))
 
     # --- the remote lock -------------------------------------------------------------------------
     def _owner(self) -> dict:

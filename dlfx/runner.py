@@ -18,7 +18,7 @@ from dlfx import config as config_lib
 from dlfx import checkpoint, data, feed, log, optim, parallel, plot, preflight, remote, runs, steps, tasks
 from dlfx import train_metrics as train_metrics_lib
 from dlfx.checkpoint import BestCheckpoint, Checkpointer
-from dlfx.errors import ConfigError, one_line
+from dlfx.errors import CheckpointError, ConfigError, WorkdirError, one_line
 from dlfx.experiment import build, evaluate, init_from_pretrained
 from dlfx.restore import checkpoint_dir, evaluate_workdir, restore_run  # noqa: F401  (re-exported)
 from dlfx.preemption import Preemption
@@ -106,6 +106,20 @@ def _train(config, workdir, force, preemption, start_time, on_save=lambda: None)
         write_status(workdir, summary["status"], step=summary["step"], total_steps=exp.total_steps,
                      wall_time=summary["wall_time"], steps_per_sec=summary["steps_per_sec"])
     return summary
+
+
+def _save_before_failing(checkpointer: Checkpointer, step: int, state, train_iter) -> None:
+    """Try to keep the steps since the last checkpoint before a run-file error ends the run (one process:
+    a save takes every process). A gs:// run's logs go to a local mirror but its checkpoints to the bucket."""
+    if jax.process_count() > 1 or step <= max(checkpointer.steps(), default=0):
+        return
+    try:
+        checkpointer.save(step, state, train_iter)
+        checkpointer.wait()
+    except CheckpointError as e:
+        print(f"dlfx: could not save step {step} either: {e}", file=sys.stderr)
+        return
+    print(f"dlfx: saved step {step} to {checkpointer.directory} before stopping", file=sys.stderr)
 
 
 def _finished_summary(exp, workdir: str, state) -> dict[str, Any]:
@@ -225,6 +239,9 @@ def _loop(exp, config, workdir, checkpointer, train_iter, start, start_time, pre
             if best and status == "finished":  # also after a kill between the eval's log line and this save
                 best.offer(step, state, eval_metrics)
         saved = status != "preempted" or step in checkpointer.steps()
+    except WorkdirError:  # the run files cannot be written (a full local disk); the checkpoints may still be
+        _save_before_failing(checkpointer, step, state, train_iter)
+        raise
     finally:
         train_iter.release()
         try:

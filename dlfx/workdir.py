@@ -66,8 +66,12 @@ class WorkdirLock:
                 continue
             except OSError as e:
                 raise ConfigError(f"workdir {os.path.dirname(self.path)} is not writable: {e.strerror}") from None
-            with os.fdopen(fd, "w") as f:
-                f.write(self.owner + "\n")
+            try:
+                with os.fdopen(fd, "w") as f:
+                    f.write(self.owner + "\n")
+            except OSError as e:  # a full disk: leave no empty lock behind
+                _remove(self.path)
+                raise ConfigError(f"cannot write the lock {self.path}: {e.strerror or e}") from None
             self.held = True
             return
         raise ConfigError(f"could not take the lock {self.path}")
@@ -194,25 +198,45 @@ def read_jsonl(path: str, required: tuple[str, ...] = ()) -> list[dict]:
 DATA_FILE = "data.json"  # what the model needs of the data set (dlfx.data.describe): lets sample run without it
 
 
+def _remove(path: str) -> None:
+    """Remove a file if it is there (best effort: used while another error is on its way out)."""
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
 def write_json(path: str, value: Any) -> None:
-    """Write `value` as JSON to `path` atomically (a kill leaves the old file or the new one)."""
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
+    """Write `value` as JSON to `path` atomically (a kill leaves the old file or the new one; an error, the old
+    one and no temporary file)."""
+    write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
 def write_status(workdir: str, status: str, **fields) -> None:
     """Atomically record the run's state in `workdir/status.json` (running/finished/preempted/failed)."""
     path = os.path.join(workdir, "status.json")
+    text = json.dumps({"status": status, "updated": time.time(), **fields}, indent=2)
+    try:
+        write_text(path, text)
+    except OSError as e:  # a full disk: written over the old status, in the block that already holds it
+        try:
+            with open(path, "r+") as f:
+                f.write(text)
+                f.truncate()
+        except OSError:  # never hide the error that ended the run
+            log.warning("could not write %s: %s", path, e)
+
+
+def write_text(path: str, text: str) -> None:
+    """Write `text` to `path` atomically, leaving no temporary file on an error."""
     tmp = path + ".tmp"
     try:
         with open(tmp, "w") as f:
-            json.dump({"status": status, "updated": time.time(), **fields}, f, indent=2)
+            f.write(text)
         os.replace(tmp, path)
-    except OSError as e:  # e.g. a full disk: never hide the error that ended the run
-        log.warning("could not write %s: %s", path, e)
+    except BaseException:
+        _remove(tmp)
+        raise
 
 
 def read_status(workdir: str) -> dict:

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from dlfx import config as config_lib, log, parallel, runner
+from dlfx.checkpoint import Checkpointer
 from dlfx.errors import CheckpointError, ConfigError, DataError, NonFiniteError, WorkdirError
 
 from checks import assert_bit_identical, restore_newest
@@ -309,3 +310,87 @@ def test_a_dead_event_writer_ends_the_run_log_with_one_error_not_a_hang(tmp_path
     assert not writer.is_alive(), "RunLogger.write blocked on a dead event-writer thread"
     assert outcome[0].startswith(f"cannot write TensorBoard events to {tmp_path / 'events'}")
     logger.close()  # still closes: the queue has room for the writer's shutdown signal
+
+
+def test_a_run_file_error_keeps_the_steps_since_the_last_checkpoint(repo_root, tmp_path, monkeypatch, capsys):
+    """A metrics write that fails mid-run (a full local disk; a gs:// run's mirror) saves the newest step first
+    where the checkpoints can still be written, and the rerun resumes from it to the uninterrupted result."""
+    config = tiny(repo_root, "train.checkpoint_every=0")
+    write = log.RunLogger.write
+
+    def fail_at_step_15(self, step, split, metrics):
+        if step >= 15:
+            raise WorkdirError("cannot write metrics.jsonl: No space left on device")
+        return write(self, step, split, metrics)
+
+    monkeypatch.setattr(log.RunLogger, "write", fail_at_step_15)
+    workdir = str(tmp_path / "run")
+    with pytest.raises(WorkdirError, match="metrics.jsonl"):
+        runner.train(config, workdir)
+    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
+    saved = checkpointer.steps()
+    checkpointer.close()
+    assert len(saved) == 1 and saved[0] >= 15  # the logged step 15 is read while the next call runs
+    assert f"saved step {saved[0]}" in capsys.readouterr().err
+    monkeypatch.setattr(log.RunLogger, "write", write)
+    resumed = runner.train(config, workdir)
+    whole = runner.train(config, str(tmp_path / "whole"))
+    assert resumed["step"] == 20
+    assert_bit_identical(resumed["state"].params, whole["state"].params)
+
+
+def test_a_failed_async_save_is_reported_with_its_own_step(tmp_path, monkeypatch):
+    """An async save that failed in the background surfaces at the next save; the error names the failed
+    step, not the one being saved."""
+    ckpt = Checkpointer(str(tmp_path / "ck"))
+    state = {"w": np.zeros(3, np.float32)}
+    ckpt.save(4, state)
+
+    def disk_full():
+        raise ValueError("RESOURCE_EXHAUSTED: Failed to write: No space left on device")
+
+    monkeypatch.setattr(ckpt.manager, "wait_until_finished", disk_full)
+    with pytest.raises(CheckpointError, match=r"checkpoint step 4 in .* failed to save: No space left on device"):
+        ckpt.save(8, state)
+    monkeypatch.undo()
+    ckpt.close()
+
+
+def test_files_that_fail_to_write_leave_no_temporary_or_empty_file(tmp_path, monkeypatch):
+    """A full disk mid-write: `write_json` keeps the old file and no `.tmp`; the lock leaves no empty `.lock`;
+    the status, whose atomic write needs a new block, is written over the old one."""
+    from dlfx import workdir as workdir_lib
+
+    path = tmp_path / "config.json"
+    workdir_lib.write_json(str(path), {"old": 1})
+    workdir_lib.write_status(str(tmp_path), "running")
+
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "replace", disk_full)
+    with pytest.raises(OSError):
+        workdir_lib.write_json(str(path), {"new": 2})
+    workdir_lib.write_status(str(tmp_path), "failed", error="disk full")
+    monkeypatch.undo()
+    assert workdir_lib.read_json(str(path)) == {"old": 1}
+    assert workdir_lib.read_status(str(tmp_path))["error"] == "disk full"
+    assert sorted(os.listdir(tmp_path)) == ["config.json", "status.json"]
+
+    class FullFile:
+        def __init__(self, fd, mode):
+            os.close(fd)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def write(self, text):
+            disk_full()
+
+    monkeypatch.setattr(os, "fdopen", FullFile)
+    with pytest.raises(ConfigError, match=r"cannot write the lock .*\.lock: No space left on device"):
+        workdir_lib.WorkdirLock(str(tmp_path)).acquire()
+    assert not os.path.exists(tmp_path / ".lock")

@@ -92,7 +92,7 @@ def test_failed_save_mid_run_exits_within_seconds(repo_root, tmp_path):
     result = dlfx(repo_root, *train_args(tmp_path / "run"), script="fail_save.py",
                   env={"DLFX_TEST_FAIL_AT_STEP": "20"}, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "dlfx: error: checkpoint save" in result.stderr and "Not a directory" in result.stderr
+    assert "dlfx: error: checkpoint step 20 in " in result.stderr and "Not a directory" in result.stderr
     assert time.time() - start < 90  # Orbax's own threads would wait for ~30 minutes
     assert workdir_lib.read_status(str(tmp_path / "run"))["status"] == "failed"
     assert not (tmp_path / "run" / ".lock").exists()
