@@ -107,7 +107,9 @@ def cmd_data(args: argparse.Namespace, extra: list[str]) -> int:
 
     _no_extra(extra)
     if args.what == "convert":
-        options = {"test_fraction": args.test_fraction} if args.source_kind == "arrays" else {}
+        options = {"test_fraction": args.test_fraction, "keys": tuple(args.keys)} if args.source_kind == "arrays" else {}
+        if args.keys and args.source_kind != "arrays":
+            raise ConfigError("--keys maps the arrays of --from arrays; an image folder has no keys to map")
         meta = records.convert(args.source_kind, args.path, args.out, args.shards, **options)
         print(json.dumps({"out": args.out, **{k: v for k, v in meta.items() if k != "classes"}}))
         return 0
@@ -266,6 +268,8 @@ def make_parser() -> argparse.ArgumentParser:
     convert.add_argument("--shards", type=int_at_least(1), default=1, help="train shards")
     convert.add_argument("--test-fraction", type=finite_float(0.0, 1.0), default=0.1,
                          help="arrays: the seeded eval fraction")
+    convert.add_argument("--keys", action="append", default=[], metavar="NAME=STORED",
+                         help="arrays: which stored array is x or y (e.g. --keys x=images --keys y=labels)")
     convert.set_defaults(func=cmd_data)
     plot = sub.add_parser("plot", help="PNG of train/eval curves of one or more runs")
     plot.add_argument("runs", nargs="+", metavar="RUN")

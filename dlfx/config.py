@@ -128,7 +128,8 @@ def load_config_file(spec: str) -> ml_collections.ConfigDict:
     try:
         module_spec.loader.exec_module(module)
     except SyntaxError as e:
-        raise ConfigError(f"config file {path}: syntax error at line {e.lineno}: {e.msg}") from None
+        where = f"syntax error at line {e.lineno}" if e.lineno else "not Python source (binary or null bytes?)"
+        raise ConfigError(f"config file {path}: {where}: {e.msg}") from None
     except Exception as e:  # the file's own code failed
         raise ConfigError(f"config file {path}: {one_line(e)}") from None
     get_config = getattr(module, "get_config", None)
@@ -416,9 +417,10 @@ def _search_config_folder(spec: str, config: ml_collections.ConfigDict, override
     names = [config.model.get("name", ""), config.data.get("name", ""), config.get("task", {}).get("name", "")]
     names += [o.partition("=")[2] for o in overrides if o.split("=")[0].strip().endswith(".name")]
     if any(":" in str(n) for n in names):
-        folder = os.path.dirname(os.path.abspath(parse_config_spec(spec)[0]))
-        if folder not in sys.path:
-            sys.path.append(folder)
+        path = parse_config_spec(spec)[0]  # a linked config: its own folder, then its target's (as Python does)
+        for folder in dict.fromkeys(os.path.dirname(p) for p in (os.path.abspath(path), os.path.realpath(path))):
+            if folder not in sys.path:
+                sys.path.append(folder)
 
 
 def load(spec: str, overrides: Iterable[str] = ()) -> ml_collections.ConfigDict:
@@ -454,8 +456,9 @@ def from_dict(values: dict) -> ml_collections.ConfigDict:
     return config
 
 
-def read_workdir_config(workdir: str) -> ml_collections.ConfigDict:
-    """The resolved config a run wrote to `workdir/config.json`."""
+def read_workdir_config(workdir: str, import_roots: bool = True) -> ml_collections.ConfigDict:
+    """The resolved config a run wrote to `workdir/config.json`; `import_roots`: also put the folders its import
+    paths came from on `sys.path` (a reader that imports nothing, like `dlfx runs`, passes False)."""
     from dlfx.remote import join, shown
     from dlfx.workdir import read_json
 
@@ -463,7 +466,8 @@ def read_workdir_config(workdir: str) -> ml_collections.ConfigDict:
     if not os.path.lexists(path):
         raise ConfigError(f"no run in {shown(workdir)}: {join(shown(workdir), 'config.json')} does not exist")
     saved = read_json(path)
-    _add_recorded_import_roots(workdir)
+    if import_roots:
+        _add_recorded_import_roots(workdir)
     try:
         config = from_dict(_with_defaults(to_dict(base_config()), saved))
         validate(config)

@@ -196,6 +196,11 @@ def build(config: ml_collections.ConfigDict, dataset: data.Dataset | None = None
     except (TypeError, ValueError) as e:
         raise ConfigError(f"config.model ({config.model.name}) does not fit data {config.data.name!r} "
                           f"with example shape {dataset.example_shape}: {one_line(e)}") from None
+    except ConfigError:
+        raise
+    except Exception as e:  # a user's model that raises while it is traced
+        raise ConfigError(f"config.model ({config.model.name}) failed when initialized on an example of data "
+                          f"{config.data.name!r} (shape {dataset.example_shape}): {one_line(e)}") from None
     if mode == "fsdp":
         state_sharding = sharding.state_shardings(shapes, mesh, config.parallel.fsdp_rules,
                                                   config.parallel.fsdp_min_size)

@@ -21,6 +21,9 @@ def load(spec: str, key: str, search_dirs: tuple[str, ...] = ()) -> Any:
     module_name, _, attribute = spec.partition(":")
     if not module_name or not attribute:
         raise ConfigError(f"{key}={spec!r} is not 'package.module:attribute'")
+    if "/" in module_name or os.sep in module_name or module_name.endswith(".py"):
+        raise ConfigError(f"{key}={spec!r}: give a module name, not a file path (put the file's folder beside the "
+                          "config or on PYTHONPATH and write 'module:attribute')")
     for folder in search_dirs:
         if folder and folder not in sys.path:
             sys.path.append(folder)
@@ -36,7 +39,13 @@ def load(spec: str, key: str, search_dirs: tuple[str, ...] = ()) -> Any:
     target = module
     for part in attribute.split("."):
         if not hasattr(target, part):
-            raise ConfigError(f"{key}={spec!r}: {module_name} has no attribute {attribute!r}")
+            found = getattr(module, "__file__", None) or "a namespace package"
+            shadowed = [os.path.join(d, module_name.replace(".", os.sep) + ".py") for d in (*search_dirs, *sys.path) if d]
+            shadowed = [f for f in shadowed if os.path.isfile(f) and os.path.abspath(f) != os.path.abspath(found)]
+            hint = (f"; {shadowed[0]} is shadowed by that module of the same name: rename your file" if shadowed
+                    else "")
+            raise ConfigError(f"{key}={spec!r}: {module_name} (imported from {found}) has no attribute "
+                              f"{attribute!r}{hint}")
         target = getattr(target, part)
     return target
 

@@ -42,7 +42,7 @@ def summarize(workdir: str) -> dict:
     """One run's row: identity, progress, final and best eval metrics, wall time, status; a run whose files
     are damaged gets the status `damaged` and the reason in `error`."""
     try:
-        config = config_lib.read_workdir_config(workdir)
+        config = config_lib.read_workdir_config(workdir, import_roots=False)
         records = log.read_metrics(workdir)
     except ConfigError as e:
         row = {c: None for c in COLUMNS}
@@ -61,6 +61,7 @@ def summarize(workdir: str) -> dict:
         wall = records[-1].get("wall_time", 0.0) - records[0].get("wall_time", 0.0)
     return {"name": os.path.basename(os.path.normpath(workdir)), "model": config.model.name, "data": config.data.name,
             "steps": f"{last_step}/{total}" if total else str(last_step), "status": status["status"],
+            **{f"final_{k}": v for k, v in final.items() if k not in ("step", "split", "wall_time")},
             "final_loss": final.get("loss"), "final_accuracy": final.get("accuracy"),
             "best_accuracy": max(accuracies) if accuracies else None, "wall_time": wall, "path": workdir,
             "error": status.get("error", ""), "config": config}

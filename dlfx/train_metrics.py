@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from typing import Any, Callable
 
@@ -36,7 +37,8 @@ def check_finite(records: list[dict], first_step: int, config: ml_collections.Co
         skipped, in_row = skipped + 1, in_row + 1
         step = first_step + offset
         group = int(record["first_nonfinite_group"])
-        what = "gradient of " + groups[group] if group >= 0 else "loss"
+        loss_finite = math.isfinite(float(record.get("loss", 0.0)))  # a NaN loss makes every gradient NaN
+        what = "gradient of " + groups[group] if group >= 0 and loss_finite else "loss"
         if config.train.nan_policy == "error":
             raise NonFiniteError(f"non-finite {what} at step {step} (train.nan_policy='error'); the run stopped "
                                  f"before any checkpoint or evaluation held that update")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -120,13 +121,21 @@ BAD = [
     (["task.name=regression", "task.nosuch=1"], "config.task.nosuch"),
     (["task.name=regression", "task.loss_name=l3"], "config.task.loss_name"),
     (["model.name=no_such_module_xyz:Net"], "no module 'no_such_module_xyz'"),
-    (["model.name=nets:Missing"], "nets has no attribute 'Missing'"),
+    (["model.name=nets:Missing"], "nets (imported from "),
     (["model.name=data:noisy_waves"], "not a flax.linen.Module class"),
     (["data.name=data:not_a_dataset"], "returned a list, not a dlfx.data.Dataset"),
     (["data.name=data:unequal"], "unequal lengths"),
     (["task.name=tasks:VectorLoss"], "the loss must be a scalar"),
     (["task.name=tasks:Denoising", "task.weight=2"], "config.task.weight"),
     (["task.name=nets:Denoiser"], "config.task"),
+    (["task.name=tasks:IntLoss"], "the loss must be a float scalar to differentiate, got int32"),
+    (["task.name=tasks:NoGain"], "declares eval_metrics ['loss', 'input_mse', 'gain_db'] but finalize returns"),
+    (["task.name=tasks:BadFinalize"], "finalize fails on totals with keys ['count', 'input_mse', 'loss']"),
+    (["model.name=nets:Raises"], "config.model (nets:Raises) failed when initialized"),
+    (["model.name=/somewhere/nets.py:Denoiser"], "give a module name, not a file path"),
+    (["data.name=data:no_x"], "its train examples have no 'x' (the model's input); they have 'inp', 'clean'"),
+    (["data.name=data:objects"], "train 'clean' has dtype object, not numbers"),
+    (["data.name=data:bad_labels"], "train labels 'y' span 5..7, outside 0..2 for its num_classes=3"),
 ]
 
 
@@ -138,17 +147,32 @@ def test_bad_user_targets_are_one_clear_error_and_leave_no_workdir(repo_root, tm
     with open(folder / "data.py", "a") as f:
         f.write("\n\ndef not_a_dataset(**kwargs):\n    return [1, 2]\n"
                 "\n\ndef unequal(**kwargs):\n    import numpy as np\n    return Dataset(train={'x': np.zeros((4, 16, 1)), "
-                "'clean': np.zeros((3, 16, 1))}, test={'x': np.zeros((2, 16, 1)), 'clean': np.zeros((2, 16, 1))})\n")
+                "'clean': np.zeros((3, 16, 1))}, test={'x': np.zeros((2, 16, 1)), 'clean': np.zeros((2, 16, 1))})\n"
+                "\n\ndef no_x(**kwargs):\n    d = noisy_waves(length=16, num_train=64, num_test=16)\n"
+                "    return Dataset(train={'inp': d.train['x'], 'clean': d.train['clean']}, test=d.test)\n"
+                "\n\ndef objects(**kwargs):\n    import numpy as np\n    d = noisy_waves(length=16, num_train=64, num_test=16)\n"
+                "    return Dataset(train={'x': d.train['x'], 'clean': np.array([None] * 64)}, test=d.test)\n"
+                "\n\ndef bad_labels(**kwargs):\n    import numpy as np\n    d = noisy_waves(length=16, num_train=64, num_test=16)\n"
+                "    y = lambda n: np.arange(n, dtype=np.int32) % 3 + 5\n"
+                "    return Dataset(train={**d.train, 'y': y(64)}, test={**d.test, 'y': y(16)}, num_classes=3)\n")
+    with open(folder / "nets.py", "a") as f:
+        f.write("\n\nclass Raises(Denoiser):\n    @nn.compact\n    def __call__(self, x, train=False):\n"
+                "        raise RuntimeError('my model is broken')\n")
     with open(folder / "tasks.py", "a") as f:
         f.write("\n\nclass VectorLoss(Denoising):\n    def loss(self, model, variables, batch, rng, train=True):\n"
                 "        out, updates = apply_model(model, variables, batch['x'], rng, train)\n"
                 "        err = jnp.square(out - batch['clean']).mean(axis=(1, 2))\n"
-                "        return err, {'loss': err.mean()}, updates\n")
+                "        return err, {'loss': err.mean()}, updates\n"
+                "\n\nclass IntLoss(Denoising):\n    def loss(self, model, variables, batch, rng, train=True):\n"
+                "        out, updates = apply_model(model, variables, batch['x'], rng, train)\n"
+                "        return jnp.int32(1), {'loss': jnp.float32(1)}, updates\n"
+                "\n\nclass NoGain(Denoising):\n    def finalize(self, totals):\n        return means(totals)\n"
+                "\n\nclass BadFinalize(Denoising):\n    def finalize(self, totals):\n        return totals['nosuch']\n")
     for name in ("nets", "data", "tasks"):
         sys.modules.pop(name, None)  # each case imports its own copy ...
     monkeypatch.syspath_prepend(str(folder))  # ... from its own folder, ahead of another test's
     workdir = str(tmp_path / "run")
-    with pytest.raises((ConfigError, DataError), match=expected.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises((ConfigError, DataError), match=re.escape(expected)):
         config = config_lib.load(str(folder / "config.py"), CUSTOM_TINY + ["parallel.num_devices=1"] + overrides)
         runner.train(config, workdir)
     assert not os.path.exists(workdir)

@@ -73,6 +73,29 @@ def _check_dataset(dataset: Any, name: str) -> None:
         lengths = {key: len(value) for key, value in held.items()}
         if len(set(lengths.values())) > 1:
             raise DataError(f"data set {name!r}: the {split} arrays have unequal lengths {lengths}")
+    for split in ("train", "test"):
+        spec = access.element_spec(getattr(dataset, split))
+        if "x" not in spec:
+            raise DataError(f"data set {name!r}: its {split} examples have no 'x' (the model's input); they have "
+                            f"{', '.join(repr(k) for k in spec) or 'no keys'}")
+        for key, (_, dtype) in spec.items():
+            if np.dtype(dtype).kind not in "biufc":
+                raise DataError(f"data set {name!r}: {split} {key!r} has dtype {np.dtype(dtype)}, not numbers "
+                                "(convert it to a numeric numpy array)")
+    _check_labels(dataset, name)
+
+
+def _check_labels(dataset: Dataset, name: str) -> None:
+    """In-memory integer labels lie in 0..num_classes-1 (out of range they would train on NaN losses)."""
+    for split in ("train", "test"):
+        held = getattr(dataset, split)
+        labels = None if access.is_source(held) or dataset.num_classes is None else held.get("y")
+        if labels is None or not np.issubdtype(np.asarray(labels).dtype, np.integer) or not len(labels):
+            continue
+        low, high = int(np.min(labels)), int(np.max(labels))
+        if low < 0 or high >= dataset.num_classes:
+            raise DataError(f"data set {name!r}: {split} labels 'y' span {low}..{high}, outside 0.."
+                            f"{dataset.num_classes - 1} for its num_classes={dataset.num_classes}")
 
 
 def _check_splits_agree(dataset: Dataset, name: str) -> None:

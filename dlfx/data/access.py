@@ -11,7 +11,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from dlfx.errors import DataError
+from dlfx.errors import DataError, one_line
 
 
 class ArraySource:
@@ -58,13 +58,36 @@ def read(split: Any, indices: Sequence[int] | np.ndarray) -> dict[str, np.ndarra
     """The examples at `indices` as one batch (a dict of stacked arrays)."""
     indices = np.asarray(indices, np.int64)
     source = as_source(split)
-    if hasattr(source, "gather"):
+    if isinstance(source, ArraySource):
         return source.gather(indices)
-    records = [source[int(i)] for i in indices]
+    try:  # a user's source: its failures name the examples, not a frame of the reader thread
+        if hasattr(source, "gather"):
+            return source.gather(indices)
+        records = [(int(i), source[int(i)]) for i in indices]
+    except DataError:
+        raise
+    except Exception as e:
+        where = f"example {indices[0]}" if len(indices) == 1 else f"examples {indices.min()}..{indices.max()}"
+        raise DataError(f"reading {where} of data source {type(source).__name__} failed: {one_line(e)}") from None
     if not records:
         first = source[0]
         return {k: np.zeros((0, *np.shape(v)), np.asarray(v).dtype) for k, v in first.items()}
-    return {k: np.stack([np.asarray(r[k]) for r in records]) for k in records[0]}
+    return _stack(records, type(source).__name__)
+
+
+def _stack(records: list[tuple[int, Mapping]], source: str) -> dict[str, np.ndarray]:
+    """Examples [(index, {key: array})] stacked into a batch; one that differs in keys or shapes is named."""
+    first_index, first = records[0]
+    for index, record in records:
+        if not isinstance(record, Mapping) or set(record) != set(first):
+            got = sorted(record) if isinstance(record, Mapping) else type(record).__name__
+            raise DataError(f"data source {source}: example {index} has keys {got}, example {first_index} "
+                            f"{sorted(first)}")
+        for key in first:
+            if np.shape(record[key]) != np.shape(first[key]):
+                raise DataError(f"data source {source}: example {index} has {key!r} of shape "
+                                f"{np.shape(record[key])}, example {first_index} {np.shape(first[key])}")
+    return {k: np.stack([np.asarray(r[k]) for _, r in records]) for k in first}
 
 
 def element_spec(split: Any) -> dict[str, tuple[tuple[int, ...], np.dtype]]:

@@ -150,6 +150,9 @@ def staged_output(out: str) -> Iterator[str]:
         yield stage
         if os.path.isdir(out):
             os.rmdir(out)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(stage, 0o777 & ~umask)  # mkdtemp's 0700 would keep the data set from other users
         os.replace(stage, out)
         stage = None
     except OSError as e:
@@ -322,8 +325,8 @@ def _open_arrays(path: str, keys: dict[str, str], key: str) -> dict[str, np.ndar
             names = [n[:-4] for n in archive.namelist() if n.endswith(".npy")]
             missing = [stored for stored in keys.values() if stored not in names]
             if missing:
-                raise DataError(f"{path} has no array {missing[0]!r} (it holds {', '.join(names)}; "
-                                "map keys with config.data.keys)")
+                raise DataError(f"{path} has no array {missing[0]!r} (it holds {', '.join(names) or 'no arrays'}; "
+                                "map keys with config.data.keys, or `dlfx data convert --keys`)")
             return {name: _npz_member(path, archive, stored) for name, stored in keys.items()}
     except zipfile.BadZipFile:
         raise DataError(f"{path} is not a .npz file (nor a folder of .npy files)") from None

@@ -42,10 +42,14 @@ def _scan(folder: str, classes: list[str] | None) -> tuple[list[str], np.ndarray
         directory = os.path.join(folder, name)
         if not os.path.isdir(directory):
             continue
+        before = len(paths)
         for file in sorted(os.listdir(directory)):
             if file.lower().endswith(EXTENSIONS):
                 paths.append(os.path.join(directory, file))
                 labels.append(label)
+        if len(paths) == before and classes is found and len(found) > 1:  # the train split defines the classes
+            raise DataError(f"class folder {directory} holds no {'/'.join(EXTENSIONS)} images: a class no example "
+                            "teaches; remove the folder or add its images")
     if not paths:
         raise DataError(f"{folder} holds no {'/'.join(EXTENSIONS)} images in class folders")
     return paths, np.asarray(labels, np.int32), classes

@@ -57,6 +57,23 @@ class RecordSource:
         return f"RecordSource({len(self.paths)} shards)"
 
 
+def _open(shards: list[str], meta_path: str) -> RecordSource:
+    """A split's RecordSource, or one DataError naming the first shard that does not open as ArrayRecord."""
+    try:
+        return RecordSource(shards)
+    except Exception as e:
+        error = e
+    for shard in shards:
+        try:
+            RecordSource([shard])
+        except Exception as e:
+            error, bad = e, shard
+            break
+    else:
+        bad = shards[0]
+    raise DataError(f"{bad} (listed in {meta_path}) is not a readable ArrayRecord shard: {one_line(error)}") from None
+
+
 def _image_source(records: RecordSource, size: int, name: str, skip_bad: bool = False) -> images.ImageSource:
     def fetch(i: int) -> tuple[bytes, int]:
         example = records[i]
@@ -84,7 +101,7 @@ def array_record(path: str = "", image_size: int = 224, normalize: str = "imagen
     missing = [p for shards in splits.values() for p in shards if not os.path.isfile(p)]
     if missing:
         raise DataError(f"{missing[0]} (listed in {meta_path}) does not exist")
-    sources = {prefix: RecordSource(shards) for prefix, shards in splits.items()}
+    sources = {prefix: _open(shards, meta_path) for prefix, shards in splits.items()}
     metadata: dict[str, Any] = {"kind": kind}
     if meta.get("classes"):
         metadata["classes"] = meta["classes"]
@@ -98,13 +115,29 @@ def array_record(path: str = "", image_size: int = 224, normalize: str = "imagen
                    num_classes=meta.get("num_classes"), metadata=metadata)
 
 
+def _verify_image(encoded: bytes, path: str) -> None:
+    """A DataError naming `path` if its bytes are not a whole image (Pillow's structural check, no decode): the
+    shards keep bytes, not file names, so a damaged file is caught here or not by name at all."""
+    import io
+
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(encoded)) as image:
+            image.verify()
+    except Exception as e:
+        raise DataError(f"{path} is not a readable image ({one_line(e)}); fix or remove it before converting") from None
+
+
 def _examples(kind: str, split: Any) -> Any:
     """(index, example dict) of a split in order: encoded bytes for images, arrays otherwise."""
     if kind == "images":
         paths, labels = split
         for path, label in zip(paths, labels):
             with open(path, "rb") as f:
-                yield {"image": np.frombuffer(f.read(), np.uint8), "label": np.int32(label)}
+                encoded = f.read()
+            _verify_image(encoded, path)
+            yield {"image": np.frombuffer(encoded, np.uint8), "label": np.int32(label)}
     else:
         for start in range(0, length(split), 1024):
             batch = read(split, np.arange(start, min(start + 1024, length(split))))

@@ -18,6 +18,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 
 from dlfx import imports
 from dlfx.errors import ConfigError, one_line
@@ -134,8 +135,16 @@ def check(task: Any, model: Any, state: Any, batch: dict, name: str = "", axis_n
     except Exception as e:
         raise ConfigError(f"config.task ({label}) fails on this model and data (batch keys "
                           f"{sorted(batch)}): {one_line(e)}") from None
-    if loss.shape != (1,):
-        raise ConfigError(f"config.task ({label}): the loss must be a scalar, got shape {loss.shape[1:]}")
+    if not hasattr(loss, "shape") or loss.shape != (1,):
+        raise ConfigError(f"config.task ({label}): the loss must be a scalar, got "
+                          f"{f'shape {loss.shape[1:]}' if hasattr(loss, 'shape') else type(loss).__name__}")
+    if not jnp.issubdtype(loss.dtype, jnp.floating):
+        raise ConfigError(f"config.task ({label}): the loss must be a float scalar to differentiate, got "
+                          f"{loss.dtype}")
+    for what, value in (("loss's metrics", metrics), ("eval_sums", sums)):
+        if not isinstance(value, dict):
+            raise ConfigError(f"config.task ({label}): the {what} must be a dict of scalars, got "
+                              f"{type(value).__name__}")
     if set(metrics) != set(task.train_metrics):
         raise ConfigError(f"config.task ({label}) declares train_metrics {sorted(task.train_metrics)} but its loss "
                           f"returns {sorted(metrics)}")
@@ -144,3 +153,23 @@ def check(task: Any, model: Any, state: Any, batch: dict, name: str = "", axis_n
         raise ConfigError(f"config.task ({label}): metric {bad[0]!r} is not a scalar")
     if "count" not in sums:
         raise ConfigError(f"config.task ({label}): eval_sums must return a 'count' (the real examples summed)")
+    _check_finalize(task, label, sums)
+
+
+def _check_finalize(task: Any, label: str, sums: dict) -> None:
+    """Call `finalize` on stand-in totals (each sum 1, count 2): it must return a dict holding every declared
+    eval metric, or the run would fail only at its first eval."""
+    totals = {k: np.full(v.shape[1:], 2.0 if k == "count" else 1.0, np.dtype(v.dtype)) for k, v in sums.items()}
+    try:
+        final = task.finalize(totals)
+    except ConfigError:
+        raise
+    except Exception as e:
+        raise ConfigError(f"config.task ({label}): finalize fails on totals with keys {sorted(totals)}: "
+                          f"{one_line(e)}") from None
+    if not isinstance(final, dict):
+        raise ConfigError(f"config.task ({label}): finalize must return a dict of metrics, got {type(final).__name__}")
+    missing = [m for m in task.eval_metrics if m not in final]
+    if missing:
+        raise ConfigError(f"config.task ({label}) declares eval_metrics {list(task.eval_metrics)} but finalize "
+                          f"returns {sorted(final)} (no {', '.join(repr(m) for m in missing)})")
