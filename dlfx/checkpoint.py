@@ -171,10 +171,8 @@ class Checkpointer:
 
     def close(self) -> None:
         """Wait for pending saves and release the manager; raise CheckpointError if a save failed."""
-        try:
-            self.wait()
-        finally:
-            self.manager.close()
+        step, self._in_flight = self._in_flight, None
+        _close(self.manager, step, self.directory)
 
 
 class BestCheckpoint:
@@ -221,12 +219,9 @@ class BestCheckpoint:
         return saved
 
     def close(self) -> None:
-        """Wait for the save in flight and release the manager."""
-        try:
-            _wait_for(self.manager, self._in_flight, self.directory)
-        finally:
-            self._in_flight = None
-            self.manager.close()
+        """Wait for the save in flight and release the manager; raise CheckpointError if it failed."""
+        step, self._in_flight = self._in_flight, None
+        _close(self.manager, step, self.directory)
 
 
 def _wait_for(manager: ocp.CheckpointManager, step: int | None, directory: str) -> None:
@@ -236,6 +231,23 @@ def _wait_for(manager: ocp.CheckpointManager, step: int | None, directory: str) 
     except Exception as e:
         what = f"step {step}" if step is not None else "save"
         raise CheckpointError(f"checkpoint {what} in {directory} failed to save: {_first_line(e)}") from None
+
+
+def _close(manager: ocp.CheckpointManager, step: int | None, directory: str) -> None:
+    """Wait for `manager`'s save in flight and close it; the first failure as one CheckpointError (Orbax's
+    `close` waits again and raises the same failure raw)."""
+    error = None
+    try:
+        _wait_for(manager, step, directory)
+    except CheckpointError as e:
+        error = e
+    try:
+        manager.close()
+    except Exception as e:
+        what = f"step {step}" if step is not None else "save"
+        error = error or CheckpointError(f"checkpoint {what} in {directory} failed to save: {_first_line(e)}")
+    if error is not None:
+        raise error
 
 
 def _shape_mismatch(step_dir: str, abstract_state: Any) -> str | None:
@@ -318,11 +330,18 @@ def claim(directory: str, config: Any, workdir: str) -> None:
     from dlfx import config as config_lib
 
     folder = epath.Path(directory)
-    folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / (OWNER_FILE + ".tmp")
-    tmp.write_text(json.dumps({"workdir": _resolve(workdir), "config": config_lib.to_dict(config)}, indent=2,
-                              sort_keys=True))
-    tmp.replace(folder / OWNER_FILE)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps({"workdir": _resolve(workdir), "config": config_lib.to_dict(config)}, indent=2,
+                                  sort_keys=True))
+        tmp.replace(folder / OWNER_FILE)
+    except Exception as e:  # a full disk: no empty .tmp left, and the folder named (not the workdir)
+        try:
+            tmp.unlink(missing_ok=True)
+        except Exception:
+            pass
+        raise CheckpointError(f"cannot write {folder / OWNER_FILE}: {_first_line(e)}") from None
 
 
 def check_writable(directory: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -42,11 +43,20 @@ def _default_workdir(config_spec: str) -> str:
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     """Train a config in a workdir, resuming if it holds checkpoints."""
-    from dlfx import config as config_lib, runner
+    from dlfx.preemption import Preemption
 
-    from dlfx import parallel
+    with Preemption(single_process=True) as early:  # a SIGTERM while JAX imports (~1 s) is kept, not fatal
+        from dlfx import parallel
+    joined = parallel.initialize(args.coordinator_address, args.num_processes, args.process_id)  # before devices
+    preemption = None if joined else Preemption(single_process=True, requested=early.requested)
+    with preemption or contextlib.nullcontext():  # several processes: JAX's preemption notifier (runner.train)
+        return _train(args, extra, preemption)
 
-    parallel.initialize(args.coordinator_address, args.num_processes, args.process_id)  # before devices are used
+
+def _train(args: argparse.Namespace, extra: list[str], preemption) -> int:
+    """`cmd_train` once JAX is imported and the run's SIGTERM policy installed."""
+    from dlfx import config as config_lib, parallel, runner
+
     config = config_lib.load(args.config, split_overrides(extra))
     parallel.enable_compilation_cache(args.compilation_cache)
     if args.workdir is not None and not args.workdir.strip():
@@ -54,7 +64,7 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     workdir = args.workdir or _default_workdir(args.config)
     if not args.workdir:
         print(f"workdir: {workdir}", file=sys.stderr)
-    summary = runner.train(config, workdir, force=args.force)
+    summary = runner.train(config, workdir, force=args.force, preemption=preemption)
     if summary["process_index"] != 0:
         return 0
     final = " ".join(f"{k}={v:.4f}" for k, v in summary["eval"].items())

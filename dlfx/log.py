@@ -89,6 +89,8 @@ class RunLogger:
         except OSError as e:
             self._jsonl.close()
             raise _cannot_write(workdir, "events", e, "TensorBoard events to ") from None
+        self._events_error: OSError | None = None
+        self._keep_event_errors()
         self._bar = tqdm.tqdm(total=total_steps, initial=initial_step, desc="train", unit="step",
                               dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
 
@@ -103,8 +105,8 @@ class RunLogger:
             self._jsonl.flush()
         except OSError as e:
             raise _cannot_write(self._workdir, "metrics.jsonl", e) from None
-        if not self._events_writing():
-            stopped = OSError("tensorboardX's writer thread stopped (its error is above; a full disk?)")
+        if self._events_error is not None or not self._events_writing():
+            stopped = self._events_error or OSError("tensorboardX's writer thread stopped (its error is above)")
             raise _cannot_write(self._workdir, "events", stopped, "TensorBoard events to ")
         for name, value in metrics.items():
             self._events.add_scalar(f"{split}/{name}", float(value), global_step=int(step))
@@ -114,6 +116,25 @@ class RunLogger:
         else:
             shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
             self._bar.write(f"step {step} {split}: {shown}", file=sys.stderr)
+
+    def _keep_event_errors(self) -> None:
+        """Make tensorboardX's writer thread keep a write error (a full disk) for `write` to raise in the training
+        thread, naming its reason, rather than die with a traceback; later events are dropped."""
+        records = getattr(getattr(getattr(self._events, "file_writer", None), "event_writer", None), "_ev_writer",
+                          None)
+        for name in ("write_event", "flush") if records is not None else ():
+            setattr(records, name, self._keeping_errors(getattr(records, name)))
+
+    def _keeping_errors(self, method):
+        def guarded(*args):
+            if self._events_error is None:
+                try:
+                    return method(*args)
+                except OSError as e:
+                    self._events_error = e
+            return None
+
+        return guarded
 
     def _events_writing(self) -> bool:
         """False once tensorboardX's event-writer thread has died (it takes its error with it)."""

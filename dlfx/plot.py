@@ -117,9 +117,9 @@ def plot_curves(workdirs: Sequence[str], out: str, metrics: Sequence[str] | None
     return out
 
 
-def write_run_plots(workdir: str, model, state, dataset, task=None) -> None:
+def write_run_plots(workdir: str, model, state, dataset, task=None) -> bool:
     """`plots/curves.png`; `plots/confusion.png` for classifiers, `plots/reconstructions.png` for
-    autoencoders of images. A failure is a warning, never an error."""
+    autoencoders of images. A failure is a warning, never an error; returns whether all were written."""
     from dlfx import tasks
     from dlfx import data
     from dlfx.data import access
@@ -145,7 +145,10 @@ def write_run_plots(workdir: str, model, state, dataset, task=None) -> None:
             plot_reconstructions(model, variables, access.read(test, range(min(8, access.length(test))))["x"], task,
                                  os.path.join(workdir, "plots", "reconstructions.png"))
     except Exception as e:
-        print(f"dlfx: warning: could not write plots in {workdir}: {e}", file=sys.stderr)
+        print(f"dlfx: warning: could not write plots in {workdir}: {e} (rerun the same command to write them)",
+              file=sys.stderr)
+        return False
+    return True
 
 
 def plot_reconstructions(model, variables: dict, x: np.ndarray, task, out: str, seed: int = 0) -> str:

@@ -5,8 +5,6 @@ from __future__ import annotations
 import signal
 import threading
 
-import jax
-
 
 class Preemption:
     """Remembers a SIGTERM from `__enter__` to `__exit__` so the runner can act on it at a safe point.
@@ -16,12 +14,19 @@ class Preemption:
     `jax.distributed` on, JAX's own preemption notifier handles SIGTERM (Orbax's sync point) instead.
     """
 
-    def __init__(self):
-        self.requested = False
+    def __init__(self, single_process: bool | None = None, requested: bool = False):
+        """`single_process`: known before JAX is imported (the command line's start-up); None asks JAX.
+        `requested`: a SIGTERM an earlier Preemption already caught."""
+        self.requested, self.single_process = requested, single_process
         self._previous = None
 
     def __enter__(self) -> "Preemption":
-        if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+        single = self.single_process
+        if single is None:
+            import jax
+
+            single = jax.process_count() == 1
+        if single and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 

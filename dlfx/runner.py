@@ -5,6 +5,7 @@ Read `train` top to bottom; `dlfx.experiment.build` makes every piece it uses fr
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sys
@@ -25,10 +26,13 @@ from dlfx.preemption import Preemption
 from dlfx.workdir import DATA_FILE, WorkdirLock, read_status, write_json, write_status
 
 
-def train(config: ml_collections.ConfigDict, workdir: str, force: bool = False) -> dict[str, Any]:
-    """Train `config` in `workdir` (resuming from its newest valid checkpoint); return a summary."""
+def train(config: ml_collections.ConfigDict, workdir: str, force: bool = False,
+          preemption: Preemption | None = None) -> dict[str, Any]:
+    """Train `config` in `workdir` (resuming from its newest valid checkpoint); return a summary. `preemption`:
+    one the caller installed earlier (the command line, from its first moment), else one from here on."""
     start_time = time.time()
-    with Preemption() as preemption:  # SIGTERM from here on: the run saves what is new and exits 0
+    # SIGTERM from here on: the run saves what is new and exits 0
+    with contextlib.nullcontext(preemption) if preemption is not None else Preemption() as preemption:
         with remote.mirrored(workdir, writer=jax.process_index() == 0) as (local, saved):  # gs://: a local mirror
             return _train(config, local, force, preemption, start_time, saved) | {"workdir": workdir}
 
@@ -69,6 +73,7 @@ def _train(config, workdir, force, preemption, start_time, on_save=lambda: None)
             config_lib.write_workdir(config, workdir)  # with imports.json: where its import paths were found
             checkpoint.claim(ckpt_dir, config, workdir)
             write_json(os.path.join(workdir, DATA_FILE), data.describe(exp.dataset))  # model and vocabulary
+            write_status(workdir, "running", strict=True, pid=os.getpid(), total_steps=exp.total_steps)
     except BaseException as e:  # Ctrl-C included: a failed start leaves no half-made workdir and no lock
         if train_iter is not None:
             train_iter.release()
@@ -83,8 +88,6 @@ def _train(config, workdir, force, preemption, start_time, on_save=lambda: None)
         checkpointer.close()
         lock.release()
         return _finished_summary(exp, workdir, restored[0])
-    if is_main:
-        write_status(workdir, "running", pid=os.getpid(), total_steps=exp.total_steps)
     try:
         best = None
         if config.train.keep_best:  # the state of the best eval so far, beside the newest ones
@@ -92,8 +95,9 @@ def _train(config, workdir, force, preemption, start_time, on_save=lambda: None)
                                   tasks.best_mode(config.train.keep_best, exp.task, config.train.best_mode))
         summary = _loop(exp, config, workdir, checkpointer, train_iter, restored_or_fresh, start_time, preemption,
                         best, on_save)
+        plotted = True
         if is_main and summary["status"] == "finished":  # plots before the status: a kill here redoes them
-            plot.write_run_plots(workdir, exp.model, summary["state"], exp.dataset, exp.task)
+            plotted = plot.write_run_plots(workdir, exp.model, summary["state"], exp.dataset, exp.task)
     except BaseException as e:
         if is_main:
             error = one_line(e)
@@ -104,8 +108,32 @@ def _train(config, workdir, force, preemption, start_time, on_save=lambda: None)
         lock.release()
     if is_main:
         write_status(workdir, summary["status"], step=summary["step"], total_steps=exp.total_steps,
-                     wall_time=summary["wall_time"], steps_per_sec=summary["steps_per_sec"])
+                     wall_time=summary["wall_time"], steps_per_sec=summary["steps_per_sec"],
+                     **({} if plotted else {"plots": "failed"}))  # a rerun makes them
     return summary
+
+
+def _close_writers(checkpointer: Checkpointer, best: BestCheckpoint | None, logger: log.RunLogger,
+                   failing: BaseException | None) -> None:
+    """Wait for the saves in flight (the last good checkpoint is then complete) and close every writer, each
+    even when another fails. The first error is raised, unless one is already ending the run (`failing`):
+    that one stays the error reported, and a different one from here is a warning."""
+    first = None
+    for close in (checkpointer.close, best.close if best else None):
+        try:
+            if close is not None:
+                close()
+        except CheckpointError as e:
+            if failing is None and first is None:
+                first = e
+            elif not isinstance(failing, CheckpointError):
+                print(f"dlfx: warning: {e}", file=sys.stderr)
+    try:
+        logger.close()
+    except OSError as e:  # e.g. a full disk; never hide the error that stopped the run
+        print(f"dlfx: warning: could not flush the run logs: {e}", file=sys.stderr)
+    if first is not None:
+        raise first
 
 
 def _save_before_failing(checkpointer: Checkpointer, step: int, state, train_iter) -> None:
@@ -244,15 +272,7 @@ def _loop(exp, config, workdir, checkpointer, train_iter, start, start_time, pre
         raise
     finally:
         train_iter.release()
-        try:
-            checkpointer.close()  # waits for in-flight saves, so the last good checkpoint is complete
-            if best:
-                best.close()
-        finally:
-            try:
-                logger.close()
-            except OSError as e:  # e.g. a full disk; never hide the error that stopped the run
-                print(f"dlfx: warning: could not flush the run logs: {e}", file=sys.stderr)
+        _close_writers(checkpointer, best, logger, failing=sys.exc_info()[1])
     if status == "preempted" and is_main:
         what = f"saved step {step} to {checkpointer.directory}" if saved else f"at step {step}, nothing new to save"
         print(f"dlfx: preempted: {what}; rerun the same command to resume", file=sys.stderr)

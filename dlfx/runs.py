@@ -108,7 +108,7 @@ def is_finished(workdir: str, total_steps: int) -> bool:
     """True if the run in `workdir` did everything: all steps, final eval, plots and status."""
     status = read_status(workdir)
     return status["status"] == "finished" and status.get("step") == total_steps and \
-        final_eval(workdir, total_steps) is not None
+        status.get("plots") != "failed" and final_eval(workdir, total_steps) is not None
 
 
 def logged_final_eval(workdir: str, step: int, is_main: bool, metric: str) -> dict[str, float] | None:

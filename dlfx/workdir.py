@@ -212,13 +212,16 @@ def write_json(path: str, value: Any) -> None:
     write_text(path, json.dumps(value, indent=2, sort_keys=True) + "\n")
 
 
-def write_status(workdir: str, status: str, **fields) -> None:
-    """Atomically record the run's state in `workdir/status.json` (running/finished/preempted/failed)."""
+def write_status(workdir: str, status: str, strict: bool = False, **fields) -> None:
+    """Atomically record the run's state in `workdir/status.json` (running/finished/preempted/failed); a write
+    error is a warning (never hiding the error that ended a run), or with `strict` (a run starting) raised."""
     path = os.path.join(workdir, "status.json")
     text = json.dumps({"status": status, "updated": time.time(), **fields}, indent=2)
     try:
         write_text(path, text)
     except OSError as e:  # a full disk: written over the old status, in the block that already holds it
+        if strict:
+            raise
         try:
             with open(path, "r+") as f:
                 f.write(text)

@@ -394,3 +394,117 @@ def test_files_that_fail_to_write_leave_no_temporary_or_empty_file(tmp_path, mon
     with pytest.raises(ConfigError, match=r"cannot write the lock .*\.lock: No space left on device"):
         workdir_lib.WorkdirLock(str(tmp_path)).acquire()
     assert not os.path.exists(tmp_path / ".lock")
+
+
+def test_closing_after_a_failed_save_reports_one_error_and_closes_every_writer(tmp_path, monkeypatch, capsys):
+    """Orbax's own `close` re-raises a failed save raw: the checkpointers turn it into the one CheckpointError;
+    the runner closes the best checkpoint and the logs even when the first close fails, and an error already
+    ending the run stays the one reported."""
+    ckpt = Checkpointer(str(tmp_path / "ck"))
+    ckpt.save(4, {"w": np.zeros(3, np.float32)})
+    ckpt.wait()
+
+    def raw(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(ckpt.manager, "close", raw)
+    with pytest.raises(CheckpointError, match="No space left on device"):
+        ckpt.close()
+    closed = []
+
+    class Writer:
+        def __init__(self, name, error=None):
+            self.name, self.error = name, error
+
+        def close(self):
+            closed.append(self.name)
+            if self.error:
+                raise self.error
+
+    first = CheckpointError("checkpoint step 30 failed to save")
+    writers = Writer("checkpointer", first), Writer("best", CheckpointError("best failed")), Writer("logger")
+    with pytest.raises(CheckpointError, match="step 30"):
+        runner._close_writers(*writers, failing=None)
+    assert closed == ["checkpointer", "best", "logger"]
+    assert "warning: best failed" in capsys.readouterr().err
+    runner._close_writers(*writers, failing=CheckpointError("checkpoint step 20 failed to save"))  # not raised
+    assert "warning" not in capsys.readouterr().err  # the same failure, not a second line
+
+
+def test_a_full_disk_under_the_event_writer_names_its_reason_without_a_thread_traceback(tmp_path):
+    logger = log.RunLogger(str(tmp_path), 100, 0)
+    worker = logger._events.file_writer.event_writer._worker
+
+    def disk_full(*args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    logger._events.file_writer.event_writer._ev_writer._py_recordio_writer.write = disk_full
+    with pytest.raises(WorkdirError, match=r"cannot write TensorBoard events to .*events: No space left on device"):
+        for step in range(1, 200):
+            logger.write(step, "train", {"loss": 1.0})
+            time.sleep(0.01)
+    assert worker.is_alive()  # it kept the error for the training thread instead of dying with a traceback
+    logger.close()
+
+
+def test_a_start_that_cannot_write_its_status_or_checkpoint_owner_fails_cleanly(repo_root, tmp_path, monkeypatch):
+    """A full disk at start: the `running` status is part of the start (a run without any status would list as
+    `unknown`), so the half-made workdir is removed; the checkpoint folder's owner file is named when it cannot
+    be written, and leaves no `.tmp`."""
+    from dlfx import workdir as workdir_lib
+
+    def status_disk_full(*args, strict=False, **kwargs):
+        if strict:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(runner, "write_status", status_disk_full)
+    with pytest.raises(ConfigError, match="cannot use workdir .*: No space left on device"):
+        runner.train(tiny(repo_root, "train.steps=5"), str(tmp_path / "run"))
+    assert not os.path.exists(tmp_path / "run")
+    monkeypatch.setattr(runner, "write_status", workdir_lib.write_status)
+
+    from etils import epath
+
+    def owner_disk_full(self, *args):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(type(epath.Path(str(tmp_path))), "replace", owner_disk_full)
+    ck = tmp_path / "ck"
+    with pytest.raises(CheckpointError, match=f"cannot write {ck}/dlfx_run.json: No space left on device"):
+        runner.train(tiny(repo_root, "train.steps=5", f"train.checkpoint_dir={ck}"), str(tmp_path / "run2"))
+    assert not os.path.exists(ck / "dlfx_run.json.tmp")
+
+
+def test_plots_a_full_disk_kept_from_being_written_are_made_by_the_rerun(repo_root, tmp_path, monkeypatch):
+    from dlfx import plot
+
+    workdir = str(tmp_path / "run")
+    config = tiny(repo_root, "train.steps=5")
+    save_figure = plot.save_figure
+
+    def disk_full(*args):
+        raise ConfigError("cannot write figure: No space left on device")
+
+    monkeypatch.setattr(plot, "save_figure", disk_full)
+    assert runner.train(config, workdir)["status"] == "finished"
+    plots = os.path.join(workdir, "plots")
+    assert runner.read_status(workdir)["plots"] == "failed" and not (os.path.exists(plots) and os.listdir(plots))
+    monkeypatch.setattr(plot, "save_figure", save_figure)
+    runner.train(config, workdir)
+    assert "curves.png" in os.listdir(os.path.join(workdir, "plots")) and "plots" not in runner.read_status(workdir)
+
+
+def test_the_command_line_keeps_a_sigterm_from_before_the_run_starts(repo_root, tmp_path, monkeypatch, capsys):
+    """`dlfx train` takes SIGTERM from its first moment (JAX's import takes ~1 s): one that lands before the
+    runner starts ends the run as preempted with exit 0, nothing trained, the same command then resumes."""
+    from dlfx import cli
+
+    monkeypatch.setattr(parallel, "enable_compilation_cache", lambda *a: os.kill(os.getpid(), signal.SIGTERM))
+    workdir = str(tmp_path / "run")
+    args = ["train", "--config", os.path.join(repo_root, "configs/digits_cnn.py"), "--workdir", workdir,
+            *cli_args("train.steps=5")]
+    assert cli.main(args) == 0
+    assert "preempted" in capsys.readouterr().err
+    assert runner.read_status(workdir)["status"] == "preempted"
+    monkeypatch.undo()
+    assert cli.main(args) == 0 and runner.read_status(workdir)["status"] == "finished"
