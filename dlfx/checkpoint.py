@@ -20,6 +20,7 @@ from dlfx.errors import CheckpointError, one_line
 
 log = logging.getLogger("dlfx")
 BEST_FOLDER = "best"  # inside the checkpoint folder: the state of the best eval (train.keep_best)
+LOGS_ITEM = "unwritten_logs"  # a step's item: metric records a full disk kept out of the run files
 
 
 def _first_line(error: BaseException) -> str:
@@ -73,8 +74,10 @@ class Checkpointer:
         """Saved steps, oldest first (a save still in flight included)."""
         return sorted(self.manager.all_steps())
 
-    def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator | None = None) -> bool:
+    def save(self, step: int, state: Any, data_iterator: grain.DatasetIterator | None = None,
+             logs: list[dict] | None = None) -> bool:
         """Start an async save of `state` (and the iterator position) at `step`; False if already saved.
+        `logs`: metric records the run files could not take, kept with the step (see `unwritten_logs`).
 
         A failure of this save, or of an earlier async one (disk full, I/O error), raises CheckpointError.
         """
@@ -82,12 +85,28 @@ class Checkpointer:
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:  # one global position, the same on every process: any process count restores it
             items["data_state"] = ocp.args.JsonSave(_iterator_state(data_iterator))
+        if logs:
+            items[LOGS_ITEM] = ocp.args.JsonSave({"records": logs})
         try:
             saved = self.manager.save(step, args=ocp.args.Composite(**items))
         except Exception as e:
             raise CheckpointError(f"cannot save checkpoint step {step} in {self.directory}: {_first_line(e)}") from None
         self._in_flight = step if saved else None
         return saved
+
+    def unwritten_logs(self, step: int) -> list[dict]:
+        """The metric records saved with `step` because the run files could not take them (usually none)."""
+        if not (epath.Path(self.directory) / str(step) / LOGS_ITEM).is_dir():
+            return []
+        try:
+            kept = self.manager.restore(step, args=ocp.args.Composite(**{LOGS_ITEM: ocp.args.JsonRestore()}))
+            records = kept[LOGS_ITEM]["records"]
+        except Exception as e:
+            raise CheckpointError(f"checkpoint {self.directory}/{step}: its unwritten metric records do not read "
+                                  f"back: {_first_line(e)}") from None
+        if not (isinstance(records, list) and all(isinstance(r, dict) for r in records)):
+            raise CheckpointError(f"checkpoint {self.directory}/{step}: its unwritten metric records are damaged")
+        return records
 
     def restore(self, step: int, abstract_state: Any,
                 data_iterator: grain.DatasetIterator | None = None) -> Any:

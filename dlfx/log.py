@@ -75,6 +75,8 @@ class RunLogger:
 
     def __init__(self, workdir: str, total_steps: int, initial_step: int, enabled: bool = True):
         self.enabled = enabled
+        self.failure: WorkdirError | None = None  # the first run-file write error; records after it are kept
+        self.unwritten: list[dict] = []
         if not enabled:
             return
         from tensorboardX import SummaryWriter  # imported lazily: it is slow to import
@@ -95,27 +97,49 @@ class RunLogger:
                               dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
 
     def write(self, step: int, split: str, metrics: Mapping[str, float]) -> None:
-        """Record one set of scalar metrics for `split` ('train' or 'eval') at `step`."""
+        """Record one set of scalar metrics for `split` ('train' or 'eval') at `step`.
+
+        A file that cannot be written (a full disk) does not raise here: from then on the records are kept in
+        `unwritten` and the error in `failure`, so that the runner ends the step, saves them with a checkpoint
+        and stops (`replay` writes them on resume).
+        """
         if not self.enabled:
             return
         record = {"step": int(step), "split": split, **{k: float(v) for k, v in metrics.items()},
                   "wall_time": time.time()}
-        try:
-            self._jsonl.write(json.dumps(record) + "\n")
-            self._jsonl.flush()
-        except OSError as e:
-            raise _cannot_write(self._workdir, "metrics.jsonl", e) from None
-        if self._events_error is not None or not self._events_writing():
-            stopped = self._events_error or OSError("tensorboardX's writer thread stopped (its error is above)")
-            raise _cannot_write(self._workdir, "events", stopped, "TensorBoard events to ")
-        for name, value in metrics.items():
-            self._events.add_scalar(f"{split}/{name}", float(value), global_step=int(step))
+        if self.failure is None:
+            self.failure = self._record(record)
+        if self.failure is not None:
+            self.unwritten.append(record)
+            return
         if split == "train":
             self._bar.set_postfix(loss=f"{metrics['loss']:.4f}", steps_per_s=f"{metrics.get('steps_per_sec', 0):.1f}",
                                   refresh=False)
         else:
             shown = " ".join(f"{k}={v:.4f}" for k, v in metrics.items())
             self._bar.write(f"step {step} {split}: {shown}", file=sys.stderr)
+
+    def replay(self, records: list[dict]) -> None:
+        """Write records an earlier attempt kept unwritten (saved with its checkpoint) to the run files."""
+        for record in records if self.enabled else ():
+            self.failure = self.failure or self._record(record)
+            if self.failure is not None:
+                raise self.failure
+
+    def _record(self, record: dict) -> WorkdirError | None:
+        """Append `record` to `metrics.jsonl` and the event files; the error if either cannot be written."""
+        try:
+            self._jsonl.write(json.dumps(record) + "\n")
+            self._jsonl.flush()
+        except OSError as e:
+            return _cannot_write(self._workdir, "metrics.jsonl", e)
+        if self._events_error is not None or not self._events_writing():
+            stopped = self._events_error or OSError("tensorboardX's writer thread stopped (its error is above)")
+            return _cannot_write(self._workdir, "events", stopped, "TensorBoard events to ")
+        for name, value in record.items():
+            if name not in ("step", "split", "wall_time"):
+                self._events.add_scalar(f"{record['split']}/{name}", float(value), global_step=record["step"])
+        return None
 
     def _keep_event_errors(self) -> None:
         """Make tensorboardX's writer thread keep a write error (a full disk) for `write` to raise in the training

@@ -19,7 +19,7 @@ from dlfx import config as config_lib
 from dlfx import checkpoint, data, feed, log, optim, parallel, plot, preflight, remote, runs, steps, tasks
 from dlfx import train_metrics as train_metrics_lib
 from dlfx.checkpoint import BestCheckpoint, Checkpointer
-from dlfx.errors import CheckpointError, ConfigError, WorkdirError, one_line
+from dlfx.errors import CheckpointError, ConfigError, one_line
 from dlfx.experiment import build, evaluate, init_from_pretrained
 from dlfx.restore import checkpoint_dir, evaluate_workdir, restore_run  # noqa: F401  (re-exported)
 from dlfx.preemption import Preemption
@@ -136,18 +136,29 @@ def _close_writers(checkpointer: Checkpointer, best: BestCheckpoint | None, logg
         raise first
 
 
-def _save_before_failing(checkpointer: Checkpointer, step: int, state, train_iter) -> None:
-    """Try to keep the steps since the last checkpoint before a run-file error ends the run (one process:
-    a save takes every process). A gs:// run's logs go to a local mirror but its checkpoints to the bucket."""
+def _save_before_failing(checkpointer: Checkpointer, step: int, state, train_iter, logs: list[dict]) -> None:
+    """Try to keep the steps since the last checkpoint, and the metric records the run files could not take,
+    before a run-file error ends the run (one process: a save takes every process). A gs:// run's logs go to a
+    local mirror but its checkpoints to the bucket."""
     if jax.process_count() > 1 or step <= max(checkpointer.steps(), default=0):
         return
     try:
-        checkpointer.save(step, state, train_iter)
+        checkpointer.save(step, state, train_iter, logs=logs)
         checkpointer.wait()
     except CheckpointError as e:
         print(f"dlfx: could not save step {step} either: {e}", file=sys.stderr)
         return
-    print(f"dlfx: saved step {step} to {checkpointer.directory} before stopping", file=sys.stderr)
+    print(f"dlfx: saved step {step} and the {len(logs)} metric records the run files could not take to "
+          f"{checkpointer.directory} before stopping", file=sys.stderr)
+
+
+def _replay_unwritten(checkpointer: Checkpointer, logger: log.RunLogger, workdir: str, step: int) -> None:
+    """Write the metric records an earlier attempt saved with checkpoint `step` (its run files were full), each
+    once: an attempt that wrote them and died before its next checkpoint resumes from `step` again."""
+    kept = checkpointer.unwritten_logs(step)
+    if kept:
+        written = {(r["step"], r["split"]) for r in log.read_metrics(workdir)}
+        logger.replay([r for r in kept if (r.get("step"), r.get("split")) not in written])
 
 
 def _finished_summary(exp, workdir: str, state) -> dict[str, Any]:
@@ -176,6 +187,8 @@ def _loop(exp, config, workdir, checkpointer, train_iter, start, start_time, pre
     logger = log.RunLogger(workdir, exp.total_steps, step, enabled=is_main)
     if restored_step is not None:
         logger.message(f"resumed from step {step} in {remote.shown(workdir)}")
+        if is_main and jax.process_count() == 1:  # only one process saves them
+            _replay_unwritten(checkpointer, logger, workdir, step)
     elif config.init_from.path:
         logger.message(f"initialized from {config.init_from.path} ({config.init_from.format})")
     if config.optimizer.freeze:
@@ -244,6 +257,9 @@ def _loop(exp, config, workdir, checkpointer, train_iter, start, start_time, pre
                 if best:
                     best.offer(step, state, eval_metrics)
             scheduled = due.save and cadence.allows()  # asked on every process alike (a collective when several)
+            if logger.failure is not None:  # a run file could not be written (a full disk): keep this step and
+                _save_before_failing(checkpointer, step, state, train_iter, logger.unwritten)  # its records
+                raise logger.failure
             if preempted or scheduled:
                 checkpointer.save(step, state, train_iter)
                 cadence.saved()
@@ -266,10 +282,9 @@ def _loop(exp, config, workdir, checkpointer, train_iter, start, start_time, pre
                 logger.write(step, "eval", eval_metrics)
             if best and status == "finished":  # also after a kill between the eval's log line and this save
                 best.offer(step, state, eval_metrics)
+        if logger.failure is not None:  # the final eval's record: a rerun evaluates again
+            raise logger.failure
         saved = status != "preempted" or step in checkpointer.steps()
-    except WorkdirError:  # the run files cannot be written (a full local disk); the checkpoints may still be
-        _save_before_failing(checkpointer, step, state, train_iter)
-        raise
     finally:
         train_iter.release()
         _close_writers(checkpointer, best, logger, failing=sys.exc_info()[1])

@@ -7,6 +7,7 @@ import errno
 import glob
 import os
 import pickle
+import re
 import shutil
 import signal
 import subprocess
@@ -296,13 +297,13 @@ def test_a_dead_event_writer_ends_the_run_log_with_one_error_not_a_hang(tmp_path
     outcome = []
 
     def write_many():
-        try:
-            for step in range(1, 60):  # 13 scalars a step: the library's queue of 10 filled on the first
-                logger.write(step, "train", {"loss": 1.0, **{f"m{i}": 0.0 for i in range(12)}})
-                time.sleep(0.01)
-            outcome.append("no error")
-        except WorkdirError as e:
-            outcome.append(str(e))
+        for step in range(1, 60):  # 13 scalars a step: the library's queue of 10 filled on the first
+            logger.write(step, "train", {"loss": 1.0, **{f"m{i}": 0.0 for i in range(12)}})
+            if logger.failure is not None:
+                outcome.append(str(logger.failure))
+                return
+            time.sleep(0.01)
+        outcome.append("no error")
 
     writer = threading.Thread(target=write_many, daemon=True)
     writer.start()
@@ -315,28 +316,34 @@ def test_a_dead_event_writer_ends_the_run_log_with_one_error_not_a_hang(tmp_path
 def test_a_run_file_error_keeps_the_steps_since_the_last_checkpoint(repo_root, tmp_path, monkeypatch, capsys):
     """A metrics write that fails mid-run (a full local disk; a gs:// run's mirror) saves the newest step first
     where the checkpoints can still be written, and the rerun resumes from it to the uninterrupted result."""
-    config = tiny(repo_root, "train.checkpoint_every=0")
-    write = log.RunLogger.write
+    config = tiny(repo_root, "train.checkpoint_every=0", "train.eval_every=5")
+    record = log.RunLogger._record
 
-    def fail_at_step_15(self, step, split, metrics):
-        if step >= 15:
-            raise WorkdirError("cannot write metrics.jsonl: No space left on device")
-        return write(self, step, split, metrics)
+    def full_from_step_15(self, entry):
+        if entry["step"] >= 15:
+            return WorkdirError("cannot write metrics.jsonl: No space left on device")
+        return record(self, entry)
 
-    monkeypatch.setattr(log.RunLogger, "write", fail_at_step_15)
+    monkeypatch.setattr(log.RunLogger, "_record", full_from_step_15)
     workdir = str(tmp_path / "run")
     with pytest.raises(WorkdirError, match="metrics.jsonl"):
         runner.train(config, workdir)
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"))
     saved = checkpointer.steps()
+    kept = checkpointer.unwritten_logs(saved[-1])
     checkpointer.close()
     assert len(saved) == 1 and saved[0] >= 15  # the logged step 15 is read while the next call runs
-    assert f"saved step {saved[0]}" in capsys.readouterr().err
-    monkeypatch.setattr(log.RunLogger, "write", write)
+    assert {(r["step"], r["split"]) for r in kept} >= {(15, "train"), (15, "eval")}
+    assert f"saved step {saved[0]} and the {len(kept)} metric records" in capsys.readouterr().err
+    monkeypatch.setattr(log.RunLogger, "_record", record)
     resumed = runner.train(config, workdir)
     whole = runner.train(config, str(tmp_path / "whole"))
     assert resumed["step"] == 20
     assert_bit_identical(resumed["state"].params, whole["state"].params)
+    drop = ("wall_time", "steps_per_sec")  # the same history, line for line
+    lines = [[{k: v for k, v in r.items() if k not in drop} for r in log.read_metrics(w)] for w in (workdir,
+                                                                                                   whole["workdir"])]
+    assert lines[0] == lines[1]
 
 
 def test_a_failed_async_save_is_reported_with_its_own_step(tmp_path, monkeypatch):
@@ -439,10 +446,13 @@ def test_a_full_disk_under_the_event_writer_names_its_reason_without_a_thread_tr
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     logger._events.file_writer.event_writer._ev_writer._py_recordio_writer.write = disk_full
-    with pytest.raises(WorkdirError, match=r"cannot write TensorBoard events to .*events: No space left on device"):
-        for step in range(1, 200):
-            logger.write(step, "train", {"loss": 1.0})
-            time.sleep(0.01)
+    for step in range(1, 200):
+        logger.write(step, "train", {"loss": 1.0})
+        if logger.failure is not None:
+            break
+        time.sleep(0.01)
+    assert re.match(r"cannot write TensorBoard events to .*events: No space left on device", str(logger.failure))
+    assert logger.unwritten and logger.unwritten[0]["step"] == step  # kept for the checkpoint
     assert worker.is_alive()  # it kept the error for the training thread instead of dying with a traceback
     logger.close()
 
