@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import signal
 import sys
 import threading
 import time
@@ -49,8 +50,14 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         from dlfx import parallel
     joined = parallel.initialize(args.coordinator_address, args.num_processes, args.process_id)  # before devices
     preemption = None if joined else Preemption(single_process=True, requested=early.requested)
-    with preemption or contextlib.nullcontext():  # several processes: JAX's preemption notifier (runner.train)
-        return _train(args, extra, preemption)
+    try:
+        with preemption or contextlib.nullcontext():  # several processes: JAX's preemption notifier (runner.train)
+            return _train(args, extra, preemption)
+    finally:
+        if getattr(args, "whole_process", False) and threading.current_thread() is threading.main_thread():
+            # the run has ended (or failed): a SIGTERM while this process prints its error and exits cannot cut
+            # anything short, and must not turn its exit status into 143
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
 
 def _train(args: argparse.Namespace, extra: list[str], preemption) -> int:
@@ -175,7 +182,7 @@ def cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
     from dlfx import runs, sweep
 
     rows = sweep.sweep(args.config, args.grid, args.workdir_root, split_overrides(extra), args.parallel, args.metric)
-    print(runs.table(rows, f"final_{args.metric}" if f"final_{args.metric}" in runs.COLUMNS else None))
+    print(runs.table(rows, f"final_{args.metric}", extra=(f"final_{args.metric}",)))
     failed = [r["name"] for r in rows if r["status"] != "finished"]
     if failed:
         print(f"dlfx: sweep: {len(failed)} run(s) did not finish: {', '.join(failed)}", file=sys.stderr)
@@ -320,6 +327,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(name)s: %(levelname)s: %(message)s")
     orbax_noise.quiet()
     args, extra = make_parser().parse_known_args(argv)
+    args.whole_process = argv is None  # the console script: this process is the command
     try:
         return args.func(args, extra)
     except DlfxError as e:

@@ -139,6 +139,7 @@ class RunLogger:
         for name, value in record.items():
             if name not in ("step", "split", "wall_time"):
                 self._events.add_scalar(f"{record['split']}/{name}", float(value), global_step=record["step"])
+        self._events.flush()  # what the writer thread wrote so far: a full disk shows now, not at close
         return None
 
     def _keep_event_errors(self) -> None:

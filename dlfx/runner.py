@@ -19,7 +19,7 @@ from dlfx import config as config_lib
 from dlfx import checkpoint, data, feed, log, optim, parallel, plot, preflight, remote, runs, steps, tasks
 from dlfx import train_metrics as train_metrics_lib
 from dlfx.checkpoint import BestCheckpoint, Checkpointer
-from dlfx.errors import CheckpointError, ConfigError, one_line
+from dlfx.errors import CheckpointError, ConfigError, WorkdirError, one_line
 from dlfx.experiment import build, evaluate, init_from_pretrained
 from dlfx.restore import checkpoint_dir, evaluate_workdir, restore_run  # noqa: F401  (re-exported)
 from dlfx.preemption import Preemption
@@ -114,7 +114,7 @@ def _train(config, workdir, force, preemption, start_time, on_save=lambda: None)
 
 
 def _close_writers(checkpointer: Checkpointer, best: BestCheckpoint | None, logger: log.RunLogger,
-                   failing: BaseException | None) -> None:
+                   failing: BaseException | None, workdir: str = "") -> None:
     """Wait for the saves in flight (the last good checkpoint is then complete) and close every writer, each
     even when another fails. The first error is raised, unless one is already ending the run (`failing`):
     that one stays the error reported, and a different one from here is a warning."""
@@ -130,8 +130,12 @@ def _close_writers(checkpointer: Checkpointer, best: BestCheckpoint | None, logg
                 print(f"dlfx: warning: {e}", file=sys.stderr)
     try:
         logger.close()
-    except OSError as e:  # e.g. a full disk; never hide the error that stopped the run
-        print(f"dlfx: warning: could not flush the run logs: {e}", file=sys.stderr)
+    except OSError as e:  # a full disk: never hide the error that stopped the run; else this one stops it
+        if failing is None and first is None:
+            first = WorkdirError(f"could not flush the run logs (TensorBoard events) to {remote.shown(workdir)}: "
+                                 f"{e.strerror or e}")
+        else:
+            print(f"dlfx: warning: could not flush the run logs: {e}", file=sys.stderr)
     if first is not None:
         raise first
 
@@ -248,7 +252,8 @@ def _loop(exp, config, workdir, checkpointer, train_iter, start, start_time, pre
                     train_iter.regroup(call_sizes)
             window.read_deferred()  # the next call is queued: the device never waits on logging
             preempted = preemption.requested or (jax.process_count() > 1 and checkpointer.reached_preemption(step))
-            due = train_metrics_lib.due(step, exp.total_steps, config.train, preempted)
+            # a run file that could not be written stops the run like a preemption: the window is read now
+            due = train_metrics_lib.due(step, exp.total_steps, config.train, preempted or logger.failure is not None)
             if due.log:
                 window.close(step, read_now=due.read)
             if due.eval:
@@ -287,7 +292,7 @@ def _loop(exp, config, workdir, checkpointer, train_iter, start, start_time, pre
         saved = status != "preempted" or step in checkpointer.steps()
     finally:
         train_iter.release()
-        _close_writers(checkpointer, best, logger, failing=sys.exc_info()[1])
+        _close_writers(checkpointer, best, logger, failing=sys.exc_info()[1], workdir=workdir)
     if status == "preempted" and is_main:
         what = f"saved step {step} to {checkpointer.directory}" if saved else f"at step {step}, nothing new to save"
         print(f"dlfx: preempted: {what}; rerun the same command to resume", file=sys.stderr)

@@ -75,24 +75,27 @@ def _cell(value) -> str:
     return str(value)
 
 
-def table(rows: list[dict], sort: str | None = None, as_csv: bool = False) -> str:
+def table(rows: list[dict], sort: str | None = None, as_csv: bool = False, extra: tuple[str, ...] = ()) -> str:
     """The rows as an aligned text table (or CSV), optionally sorted by a column: numbers best first (losses
-    and wall time ascending, accuracies descending), missing values last."""
+    and wall time ascending, accuracies descending), missing values last. `extra`: columns after the usual ones
+    (e.g. `final_<metric>` of a task's own eval metric)."""
+    columns = COLUMNS + tuple(c for c in extra if c not in COLUMNS)
+    rows = [{**{c: None for c in columns}, **r} for r in rows]
     if sort:
-        if sort not in COLUMNS:
-            raise ConfigError(f"--sort {sort!r} is not a column ({', '.join(COLUMNS)})")
+        if sort not in columns:
+            raise ConfigError(f"--sort {sort!r} is not a column ({', '.join(columns)})")
         numeric = all(isinstance(r[sort], (int, float)) or r[sort] is None for r in rows)
-        sign = 1 if sort in LOWER_IS_BETTER else -1
+        sign = 1 if sort in LOWER_IS_BETTER or sort.endswith("loss") else -1
         key = (lambda r: (r[sort] is None, sign * (r[sort] or 0))) if numeric else (lambda r: str(r[sort]))
         rows = sorted(rows, key=key)
     if as_csv:
         out = io.StringIO()
         writer = csv.writer(out)
-        writer.writerow(COLUMNS)
-        writer.writerows([["" if r[c] is None else r[c] for c in COLUMNS] for r in rows])
+        writer.writerow(columns)
+        writer.writerows([["" if r[c] is None else r[c] for c in columns] for r in rows])
         return out.getvalue().rstrip("\n")
-    cells = [list(COLUMNS)] + [[_cell(r[c]) for c in COLUMNS] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(COLUMNS))]
+    cells = [list(columns)] + [[_cell(r[c]) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(row, widths)).rstrip() for row in cells)
 
 

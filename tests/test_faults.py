@@ -436,6 +436,9 @@ def test_closing_after_a_failed_save_reports_one_error_and_closes_every_writer(t
     assert "warning: best failed" in capsys.readouterr().err
     runner._close_writers(*writers, failing=CheckpointError("checkpoint step 20 failed to save"))  # not raised
     assert "warning" not in capsys.readouterr().err  # the same failure, not a second line
+    events_lost = Writer("logger", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    with pytest.raises(WorkdirError, match="could not flush the run logs .*: No space left on device"):
+        runner._close_writers(Writer("checkpointer"), None, events_lost, failing=None)  # not a finished run
 
 
 def test_a_full_disk_under_the_event_writer_names_its_reason_without_a_thread_traceback(tmp_path):
@@ -518,3 +521,29 @@ def test_the_command_line_keeps_a_sigterm_from_before_the_run_starts(repo_root, 
     assert runner.read_status(workdir)["status"] == "preempted"
     monkeypatch.undo()
     assert cli.main(args) == 0 and runner.read_status(workdir)["status"] == "finished"
+
+
+def test_a_run_file_error_between_log_points_loses_no_record(repo_root, tmp_path, monkeypatch):
+    """Plain log points are read one call late: the run file fails while the step-10 window is on its way. The
+    failure stops the run like a preemption (the window read now, the step saved with every unwritten record):
+    the rerun's history holds each uninterrupted record once, the ones before the stop equal, plus the stop's."""
+    config = tiny(repo_root, "train.checkpoint_every=0", "train.eval_every=0", "train.steps_per_call=5")
+    record = log.RunLogger._record
+
+    def full_from_step_5(self, entry):  # found at step 10, when the step-5 window is read
+        return WorkdirError("cannot write metrics.jsonl: No space left on device") if entry["step"] >= 5 \
+            else record(self, entry)
+
+    monkeypatch.setattr(log.RunLogger, "_record", full_from_step_5)
+    workdir = str(tmp_path / "run")
+    with pytest.raises(WorkdirError):
+        runner.train(config, workdir)
+    monkeypatch.setattr(log.RunLogger, "_record", record)
+    runner.train(config, workdir)
+    whole = runner.train(config, str(tmp_path / "whole"))
+    drop = ("wall_time", "steps_per_sec")
+    resumed, uninterrupted = ([{k: v for k, v in r.items() if k not in drop} for r in log.read_metrics(w)]
+                              for w in (workdir, whole["workdir"]))
+    keys = [(r["step"], r["split"]) for r in resumed]
+    assert len(keys) == len(set(keys)) and set(keys) >= {(r["step"], r["split"]) for r in uninterrupted}
+    assert [r for r in resumed if r["step"] <= 10] == [r for r in uninterrupted if r["step"] <= 10]

@@ -31,7 +31,7 @@ class FlakySource:
 def test_a_source_failing_mid_run_names_the_example():
     with pytest.raises(DataError, match=r"reading example 10 of data source FlakySource failed: OSError: network"):
         access.read(FlakySource(), [10])
-    with pytest.raises(DataError, match=r"examples 9\.\.11 of data source FlakySource"):
+    with pytest.raises(DataError, match=r"reading example 10 of data source FlakySource"):  # not the batch's range
         access.read(FlakySource(), [9, 10, 11])
     with pytest.raises(DataError, match=r"example 12 has 'x' of shape \(5,\), example 11 \(4,\)"):
         access.read(FlakySource(), [11, 12])
@@ -85,6 +85,24 @@ def test_convert_maps_array_keys(tmp_path, capsys):
     assert data.load({"name": "array_record", "path": str(tmp_path / "o2")}).num_classes == 2
 
 
+def test_convert_to_a_full_disk_is_one_line(tmp_path, monkeypatch):
+    np.savez(tmp_path / "a.npz", x=np.ones((20, 3), np.float32), y=np.arange(20, dtype=np.int32) % 2)
+
+    class FullWriter:
+        def __init__(self, *args):
+            pass
+
+        def write(self, record):
+            raise RuntimeError("write() failed: No space left on device")
+
+    import array_record.python.array_record_module as module
+
+    monkeypatch.setattr(module, "ArrayRecordWriter", FullWriter)
+    with pytest.raises(DataError, match=r"cannot write --out .*out: RuntimeError: write\(\) failed: No space left"):
+        records.convert("arrays", str(tmp_path / "a.npz"), str(tmp_path / "out"), test_fraction=0.25)
+    assert sorted(os.listdir(tmp_path)) == ["a.npz"]
+
+
 def test_runs_lists_a_run_whose_module_folder_moved(repo_root, tmp_path):
     workdir = tmp_path / "run"
     workdir.mkdir()
@@ -94,6 +112,7 @@ def test_runs_lists_a_run_whose_module_folder_moved(repo_root, tmp_path):
     (workdir / "metrics.jsonl").write_text(json.dumps({"step": 5, "split": "eval", "loss": 0.5, "gain_db": 3.0}) + "\n")
     row = runs.summarize(str(workdir))
     assert row["status"] != "damaged" and row["final_gain_db"] == 3.0
+    assert "final_gain_db" in runs.table([row], "final_gain_db", extra=("final_gain_db",)).splitlines()[0]
     with pytest.raises(ConfigError, match="moved_away"):  # what imports the modules still says where they were
         config_lib.read_workdir_config(str(workdir))
 

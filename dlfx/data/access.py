@@ -60,19 +60,24 @@ def read(split: Any, indices: Sequence[int] | np.ndarray) -> dict[str, np.ndarra
     source = as_source(split)
     if isinstance(source, ArraySource):
         return source.gather(indices)
-    try:  # a user's source: its failures name the examples, not a frame of the reader thread
-        if hasattr(source, "gather"):
-            return source.gather(indices)
-        records = [(int(i), source[int(i)]) for i in indices]
-    except DataError:
-        raise
-    except Exception as e:
-        where = f"example {indices[0]}" if len(indices) == 1 else f"examples {indices.min()}..{indices.max()}"
-        raise DataError(f"reading {where} of data source {type(source).__name__} failed: {one_line(e)}") from None
+    if hasattr(source, "gather"):
+        return _reading(source, indices, lambda: source.gather(indices))
+    records = [(int(i), _reading(source, [i], lambda: source[int(i)])) for i in indices]
     if not records:
         first = source[0]
         return {k: np.zeros((0, *np.shape(v)), np.asarray(v).dtype) for k, v in first.items()}
     return _stack(records, type(source).__name__)
+
+
+def _reading(source: Any, indices: Sequence[int], read_them: Any) -> Any:
+    """`read_them()`; a user's source failing names the example(s) it was asked for, not a reader-thread frame."""
+    try:
+        return read_them()
+    except DataError:
+        raise
+    except Exception as e:
+        where = f"example {indices[0]}" if len(indices) == 1 else f"examples {min(indices)}..{max(indices)}"
+        raise DataError(f"reading {where} of data source {type(source).__name__} failed: {one_line(e)}") from None
 
 
 def _stack(records: list[tuple[int, Mapping]], source: str) -> dict[str, np.ndarray]:

@@ -174,12 +174,15 @@ def convert(kind: str, source: str, out: str, shards: int = 1, **options: Any) -
         for prefix, split in splits.items():
             count = min(shards, max(counts[prefix], 1)) if prefix == "train" else 1
             names = [f"{prefix}-{i:05d}-of-{count:05d}.array_record" for i in range(count)]
-            writers = [ArrayRecordWriter(os.path.join(stage, n), "group_size:1") for n in names]
             per_shard = -(-counts[prefix] // count)  # contiguous blocks keep the split's order
-            for index, example in enumerate(_examples(meta["kind"], split)):
-                writers[index // per_shard].write(serialize(example))
-            for writer in writers:
-                writer.close()
+            try:  # the writer reports a full disk as a RuntimeError
+                writers = [ArrayRecordWriter(os.path.join(stage, n), "group_size:1") for n in names]
+                for index, example in enumerate(_examples(meta["kind"], split)):
+                    writers[index // per_shard].write(serialize(example))
+                for writer in writers:
+                    writer.close()
+            except RuntimeError as e:
+                raise DataError(f"cannot write --out {out}: {one_line(e)}") from None
             meta["splits"][prefix] = {"shards": names, "num_examples": counts[prefix]}
         with open(os.path.join(stage, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)
