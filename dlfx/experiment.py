@@ -173,6 +173,8 @@ def build(config: ml_collections.ConfigDict, dataset: data.Dataset | None = None
                           f"(height, width, channels), but "
                           f"{dataset.name!r} examples have shape {tuple(dataset.example_shape)}")
     task = build_task(config, dataset)
+    if isinstance(task, tasks.Classification):
+        data.check_labels(dataset)
     if config.train.keep_best:
         tasks.best_mode(config.train.keep_best, task, config.train.best_mode)
     per_epoch = data.steps_per_epoch(data.num_examples(dataset.train), config.data.batch_size)
@@ -238,4 +240,8 @@ def evaluate(exp: Experiment, state: steps.TrainState, eval_step: Any) -> dict[s
         sums = eval_step(state, parallel.shard_batch(local, exp.mesh, exp.mode))
         totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
         dispatch.add(totals)
-    return {k: float(v) for k, v in exp.task.finalize(jax.device_get(totals)).items()}
+    try:
+        return {k: float(v) for k, v in exp.task.finalize(jax.device_get(totals)).items()}
+    except Exception as e:  # a user's task: one line (the newest checkpoint is saved before the final eval)
+        raise ConfigError(f"config.task ({exp.config.task.get('name', '') or type(exp.task).__name__}): finalize "
+                          f"failed on the eval totals: {one_line(e)}") from None

@@ -139,8 +139,15 @@ class RunLogger:
         for name, value in record.items():
             if name not in ("step", "split", "wall_time"):
                 self._events.add_scalar(f"{record['split']}/{name}", float(value), global_step=record["step"])
-        self._events.flush()  # what the writer thread wrote so far: a full disk shows now, not at close
         return None
+
+    def flush(self) -> None:
+        """Push the buffered TensorBoard events to disk (an fsync: the runner calls it at checkpoints), so that a
+        full disk shows as `failure` while the run can still keep its step, not first at `close`."""
+        if self.enabled and self.failure is None:
+            self._events.flush()
+            if self._events_error is not None:
+                self.failure = _cannot_write(self._workdir, "events", self._events_error, "TensorBoard events to ")
 
     def _keep_event_errors(self) -> None:
         """Make tensorboardX's writer thread keep a write error (a full disk) for `write` to raise in the training
@@ -185,3 +192,5 @@ class RunLogger:
                 self._events.close()  # raises on a full disk; the metrics file is closed all the same
             finally:
                 self._jsonl.close()
+            if self._events_error is not None:  # kept by the writer's guard: the last events did not reach the disk
+                raise self._events_error

@@ -44,11 +44,14 @@ def _unraisable(hook):
             return
         hook(unraisable)
 
+    quiet_hook.dlfx_quiet = True
     return quiet_hook
 
 
 def quiet() -> None:
-    """Install the filters on the root logger's handlers and the unraisable-exception hook (command line only)."""
+    """Install the filters on the root logger's handlers and the unraisable-exception hook (command line only;
+    once, however often the command line runs in one process)."""
     for handler in logging.getLogger().handlers:
-        handler.addFilter(_log_filter)
-    sys.unraisablehook = _unraisable(sys.unraisablehook)
+        handler.addFilter(_log_filter)  # a filter already there is not added twice
+    if not getattr(sys.unraisablehook, "dlfx_quiet", False):
+        sys.unraisablehook = _unraisable(sys.unraisablehook)

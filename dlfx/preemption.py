@@ -18,7 +18,7 @@ class Preemption:
         """`single_process`: known before JAX is imported (the command line's start-up); None asks JAX.
         `requested`: a SIGTERM an earlier Preemption already caught."""
         self.requested, self.single_process = requested, single_process
-        self._previous = None
+        self._previous, self._installed = None, False
 
     def __enter__(self) -> "Preemption":
         single = self.single_process
@@ -27,13 +27,13 @@ class Preemption:
 
             single = jax.process_count() == 1
         if single and threading.current_thread() is threading.main_thread():
-            self._previous = signal.signal(signal.SIGTERM, self._handle)
+            self._previous, self._installed = signal.signal(signal.SIGTERM, self._handle), True
         return self
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
 
     def __exit__(self, *exc) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGTERM, self._previous)
-            self._previous = None
+        if self._installed:  # None: the handler before was installed from C; the default then
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if self._previous is None else self._previous)
+            self._previous, self._installed = None, False

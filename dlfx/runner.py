@@ -16,10 +16,10 @@ import jax
 import ml_collections
 
 from dlfx import config as config_lib
-from dlfx import checkpoint, data, feed, log, optim, parallel, plot, preflight, remote, runs, steps, tasks
+from dlfx import checkpoint, data, feed, log, optim, parallel, plot, preflight, remote, runs, steps, stopping, tasks
 from dlfx import train_metrics as train_metrics_lib
 from dlfx.checkpoint import BestCheckpoint, Checkpointer
-from dlfx.errors import CheckpointError, ConfigError, WorkdirError, one_line
+from dlfx.errors import ConfigError, one_line
 from dlfx.experiment import build, evaluate, init_from_pretrained
 from dlfx.restore import checkpoint_dir, evaluate_workdir, restore_run  # noqa: F401  (re-exported)
 from dlfx.preemption import Preemption
@@ -113,58 +113,6 @@ def _train(config, workdir, force, preemption, start_time, on_save=lambda: None)
     return summary
 
 
-def _close_writers(checkpointer: Checkpointer, best: BestCheckpoint | None, logger: log.RunLogger,
-                   failing: BaseException | None, workdir: str = "") -> None:
-    """Wait for the saves in flight (the last good checkpoint is then complete) and close every writer, each
-    even when another fails. The first error is raised, unless one is already ending the run (`failing`):
-    that one stays the error reported, and a different one from here is a warning."""
-    first = None
-    for close in (checkpointer.close, best.close if best else None):
-        try:
-            if close is not None:
-                close()
-        except CheckpointError as e:
-            if failing is None and first is None:
-                first = e
-            elif not isinstance(failing, CheckpointError):
-                print(f"dlfx: warning: {e}", file=sys.stderr)
-    try:
-        logger.close()
-    except OSError as e:  # a full disk: never hide the error that stopped the run; else this one stops it
-        if failing is None and first is None:
-            first = WorkdirError(f"could not flush the run logs (TensorBoard events) to {remote.shown(workdir)}: "
-                                 f"{e.strerror or e}")
-        else:
-            print(f"dlfx: warning: could not flush the run logs: {e}", file=sys.stderr)
-    if first is not None:
-        raise first
-
-
-def _save_before_failing(checkpointer: Checkpointer, step: int, state, train_iter, logs: list[dict]) -> None:
-    """Try to keep the steps since the last checkpoint, and the metric records the run files could not take,
-    before a run-file error ends the run (one process: a save takes every process). A gs:// run's logs go to a
-    local mirror but its checkpoints to the bucket."""
-    if jax.process_count() > 1 or step <= max(checkpointer.steps(), default=0):
-        return
-    try:
-        checkpointer.save(step, state, train_iter, logs=logs)
-        checkpointer.wait()
-    except CheckpointError as e:
-        print(f"dlfx: could not save step {step} either: {e}", file=sys.stderr)
-        return
-    print(f"dlfx: saved step {step} and the {len(logs)} metric records the run files could not take to "
-          f"{checkpointer.directory} before stopping", file=sys.stderr)
-
-
-def _replay_unwritten(checkpointer: Checkpointer, logger: log.RunLogger, workdir: str, step: int) -> None:
-    """Write the metric records an earlier attempt saved with checkpoint `step` (its run files were full), each
-    once: an attempt that wrote them and died before its next checkpoint resumes from `step` again."""
-    kept = checkpointer.unwritten_logs(step)
-    if kept:
-        written = {(r["step"], r["split"]) for r in log.read_metrics(workdir)}
-        logger.replay([r for r in kept if (r.get("step"), r.get("split")) not in written])
-
-
 def _finished_summary(exp, workdir: str, state) -> dict[str, Any]:
     """The summary of a finished run, read back from its files (nothing is written)."""
     status = read_status(workdir)
@@ -191,8 +139,6 @@ def _loop(exp, config, workdir, checkpointer, train_iter, start, start_time, pre
     logger = log.RunLogger(workdir, exp.total_steps, step, enabled=is_main)
     if restored_step is not None:
         logger.message(f"resumed from step {step} in {remote.shown(workdir)}")
-        if is_main and jax.process_count() == 1:  # only one process saves them
-            _replay_unwritten(checkpointer, logger, workdir, step)
     elif config.init_from.path:
         logger.message(f"initialized from {config.init_from.path} ({config.init_from.format})")
     if config.optimizer.freeze:
@@ -219,7 +165,10 @@ def _loop(exp, config, workdir, checkpointer, train_iter, start, start_time, pre
     status = "finished"
     cadence = checkpoint.SaveCadence(config.train.checkpoint_min_interval_s)
     first_step_s: float | None = None  # time to first step, from process start (compilation included)
+    failing: BaseException | None = None
     try:
+        if restored_step is not None and is_main and jax.process_count() == 1:  # only one process saves them
+            stopping.replay_unwritten(checkpointer, logger, workdir, step)
         if preemption.requested:  # SIGTERM during start-up: no step run, nothing new to save
             status = "preempted"
         while status == "finished" and step < exp.total_steps:
@@ -262,8 +211,10 @@ def _loop(exp, config, workdir, checkpointer, train_iter, start, start_time, pre
                 if best:
                     best.offer(step, state, eval_metrics)
             scheduled = due.save and cadence.allows()  # asked on every process alike (a collective when several)
+            if preempted or scheduled:
+                logger.flush()
             if logger.failure is not None:  # a run file could not be written (a full disk): keep this step and
-                _save_before_failing(checkpointer, step, state, train_iter, logger.unwritten)  # its records
+                stopping.save_before_failing(checkpointer, step, state, train_iter, logger.unwritten)  # its records
                 raise logger.failure
             if preempted or scheduled:
                 checkpointer.save(step, state, train_iter)
@@ -290,9 +241,12 @@ def _loop(exp, config, workdir, checkpointer, train_iter, start, start_time, pre
         if logger.failure is not None:  # the final eval's record: a rerun evaluates again
             raise logger.failure
         saved = status != "preempted" or step in checkpointer.steps()
+    except BaseException as e:
+        failing = e
+        raise
     finally:
         train_iter.release()
-        _close_writers(checkpointer, best, logger, failing=sys.exc_info()[1], workdir=workdir)
+        stopping.close_writers(checkpointer, best, logger, failing=failing, workdir=workdir)
     if status == "preempted" and is_main:
         what = f"saved step {step} to {checkpointer.directory}" if saved else f"at step {step}, nothing new to save"
         print(f"dlfx: preempted: {what}; rerun the same command to resume", file=sys.stderr)

@@ -9,7 +9,7 @@ import os
 import jax
 import numpy as np
 
-from dlfx import config as config_lib, log
+from dlfx import config as config_lib, log, tasks
 from dlfx.errors import ConfigError
 from dlfx.workdir import read_status
 
@@ -85,7 +85,8 @@ def table(rows: list[dict], sort: str | None = None, as_csv: bool = False, extra
         if sort not in columns:
             raise ConfigError(f"--sort {sort!r} is not a column ({', '.join(columns)})")
         numeric = all(isinstance(r[sort], (int, float)) or r[sort] is None for r in rows)
-        sign = 1 if sort in LOWER_IS_BETTER or sort.endswith("loss") else -1
+        metric = sort.removeprefix("final_")
+        sign = 1 if sort in LOWER_IS_BETTER or metric in tasks.LOWER_IS_BETTER or metric.endswith("loss") else -1
         key = (lambda r: (r[sort] is None, sign * (r[sort] or 0))) if numeric else (lambda r: str(r[sort]))
         rows = sorted(rows, key=key)
     if as_csv:

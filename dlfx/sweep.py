@@ -97,8 +97,8 @@ def sweep(config_spec: str, grid_items: Sequence[str], root: str, overrides: Seq
         rows.append(row)
     logged = sorted({k[len("final_"):] for row in rows for k, v in row.items() if k.startswith("final_") and v is not None})
     if logged and metric not in logged:
-        raise ConfigError(f"--metric {metric}: the runs' eval metrics are {', '.join(logged)} (the runs are kept: "
-                          "rerun the sweep with one of them to tabulate and plot it)")
+        print(f"sweep: warning: --metric {metric} is not an eval metric of these runs (they log "
+              f"{', '.join(logged)}); rerun the sweep with one of them to tabulate and plot it", file=sys.stderr)
     for key, values in grid:
         if len(values) > 1 and any(row[metric] is not None for row in rows):
             plot.plot_sweep(rows, key, metric, os.path.join(root, f"sweep_{key.rsplit('.', 1)[-1]}.png"))

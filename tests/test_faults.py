@@ -19,7 +19,7 @@ import jax
 import numpy as np
 import pytest
 
-from dlfx import config as config_lib, log, parallel, runner
+from dlfx import config as config_lib, log, parallel, runner, stopping
 from dlfx.checkpoint import Checkpointer
 from dlfx.errors import CheckpointError, ConfigError, DataError, NonFiniteError, WorkdirError
 
@@ -431,14 +431,14 @@ def test_closing_after_a_failed_save_reports_one_error_and_closes_every_writer(t
     first = CheckpointError("checkpoint step 30 failed to save")
     writers = Writer("checkpointer", first), Writer("best", CheckpointError("best failed")), Writer("logger")
     with pytest.raises(CheckpointError, match="step 30"):
-        runner._close_writers(*writers, failing=None)
+        stopping.close_writers(*writers, failing=None)
     assert closed == ["checkpointer", "best", "logger"]
     assert "warning: best failed" in capsys.readouterr().err
-    runner._close_writers(*writers, failing=CheckpointError("checkpoint step 20 failed to save"))  # not raised
+    stopping.close_writers(*writers, failing=CheckpointError("checkpoint step 20 failed to save"))  # not raised
     assert "warning" not in capsys.readouterr().err  # the same failure, not a second line
     events_lost = Writer("logger", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
     with pytest.raises(WorkdirError, match="could not flush the run logs .*: No space left on device"):
-        runner._close_writers(Writer("checkpointer"), None, events_lost, failing=None)  # not a finished run
+        stopping.close_writers(Writer("checkpointer"), None, events_lost, failing=None)  # not a finished run
 
 
 def test_a_full_disk_under_the_event_writer_names_its_reason_without_a_thread_traceback(tmp_path):
@@ -457,7 +457,8 @@ def test_a_full_disk_under_the_event_writer_names_its_reason_without_a_thread_tr
     assert re.match(r"cannot write TensorBoard events to .*events: No space left on device", str(logger.failure))
     assert logger.unwritten and logger.unwritten[0]["step"] == step  # kept for the checkpoint
     assert worker.is_alive()  # it kept the error for the training thread instead of dying with a traceback
-    logger.close()
+    with pytest.raises(OSError, match="No space left on device"):  # and close says the events are incomplete
+        logger.close()
 
 
 def test_a_start_that_cannot_write_its_status_or_checkpoint_owner_fails_cleanly(repo_root, tmp_path, monkeypatch):

@@ -130,12 +130,13 @@ BAD = [
     (["task.name=nets:Denoiser"], "config.task"),
     (["task.name=tasks:IntLoss"], "the loss must be a float scalar to differentiate, got int32"),
     (["task.name=tasks:NoGain"], "declares eval_metrics ['loss', 'input_mse', 'gain_db'] but finalize returns"),
-    (["task.name=tasks:BadFinalize"], "finalize fails on totals with keys ['count', 'input_mse', 'loss']"),
+    (["task.name=tasks:BadFinalize"], "finalize must return a dict of metrics, got list"),
     (["model.name=nets:Raises"], "config.model (nets:Raises) failed when initialized"),
     (["model.name=/somewhere/nets.py:Denoiser"], "give a module name, not a file path"),
     (["data.name=data:no_x"], "its train examples have no 'x' (the model's input); they have 'inp', 'clean'"),
     (["data.name=data:objects"], "train 'clean' has dtype object, not numbers"),
-    (["data.name=data:bad_labels"], "train labels 'y' span 5..7, outside 0..2 for its num_classes=3"),
+    (["data.name=data:bad_labels", "task.name=classification"],
+     "train labels 'y' span 5..7, outside 0..2 for its num_classes=3"),
 ]
 
 
@@ -167,7 +168,7 @@ def test_bad_user_targets_are_one_clear_error_and_leave_no_workdir(repo_root, tm
                 "        out, updates = apply_model(model, variables, batch['x'], rng, train)\n"
                 "        return jnp.int32(1), {'loss': jnp.float32(1)}, updates\n"
                 "\n\nclass NoGain(Denoising):\n    def finalize(self, totals):\n        return means(totals)\n"
-                "\n\nclass BadFinalize(Denoising):\n    def finalize(self, totals):\n        return totals['nosuch']\n")
+                "\n\nclass BadFinalize(Denoising):\n    def finalize(self, totals):\n        return [totals['loss']]\n")
     for name in ("nets", "data", "tasks"):
         sys.modules.pop(name, None)  # each case imports its own copy ...
     monkeypatch.syspath_prepend(str(folder))  # ... from its own folder, ahead of another test's

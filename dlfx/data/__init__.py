@@ -79,14 +79,15 @@ def _check_dataset(dataset: Any, name: str) -> None:
             raise DataError(f"data set {name!r}: its {split} examples have no 'x' (the model's input); they have "
                             f"{', '.join(repr(k) for k in spec) or 'no keys'}")
         for key, (_, dtype) in spec.items():
-            if np.dtype(dtype).kind not in "biufc":
+            if np.dtype(dtype).kind in "OSUMm":  # ml_dtypes' bfloat16/float8 are kind 'V' and welcome
                 raise DataError(f"data set {name!r}: {split} {key!r} has dtype {np.dtype(dtype)}, not numbers "
                                 "(convert it to a numeric numpy array)")
-    _check_labels(dataset, name)
 
 
-def _check_labels(dataset: Dataset, name: str) -> None:
-    """In-memory integer labels lie in 0..num_classes-1 (out of range they would train on NaN losses)."""
+def check_labels(dataset: Dataset) -> None:
+    """For the built-in classification task: in-memory integer labels lie in 0..num_classes-1 (out of range
+    they train on NaN losses). A task of one's own may use other labels (an ignore index)."""
+    name = dataset.name
     for split in ("train", "test"):
         held = getattr(dataset, split)
         labels = None if access.is_source(held) or dataset.num_classes is None else held.get("y")

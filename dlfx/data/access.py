@@ -83,6 +83,10 @@ def _reading(source: Any, indices: Sequence[int], read_them: Any) -> Any:
 def _stack(records: list[tuple[int, Mapping]], source: str) -> dict[str, np.ndarray]:
     """Examples [(index, {key: array})] stacked into a batch; one that differs in keys or shapes is named."""
     first_index, first = records[0]
+    try:
+        return {k: np.stack([np.asarray(r[k]) for _, r in records]) for k in first}
+    except (ValueError, KeyError, TypeError):
+        pass  # find the example at fault
     for index, record in records:
         if not isinstance(record, Mapping) or set(record) != set(first):
             got = sorted(record) if isinstance(record, Mapping) else type(record).__name__

@@ -115,6 +115,14 @@ def array_record(path: str = "", image_size: int = 224, normalize: str = "imagen
                    num_classes=meta.get("num_classes"), metadata=metadata)
 
 
+def _writing(out: str, write: Any) -> Any:
+    """`write()`; the ArrayRecord writer's RuntimeError (a full disk) as one DataError line naming --out."""
+    try:
+        return write()
+    except RuntimeError as e:
+        raise DataError(f"cannot write --out {out}: {one_line(e)}") from None
+
+
 def _verify_image(encoded: bytes, path: str) -> None:
     """A DataError naming `path` if its bytes are not a whole image (Pillow's structural check, no decode): the
     shards keep bytes, not file names, so a damaged file is caught here or not by name at all."""
@@ -175,14 +183,11 @@ def convert(kind: str, source: str, out: str, shards: int = 1, **options: Any) -
             count = min(shards, max(counts[prefix], 1)) if prefix == "train" else 1
             names = [f"{prefix}-{i:05d}-of-{count:05d}.array_record" for i in range(count)]
             per_shard = -(-counts[prefix] // count)  # contiguous blocks keep the split's order
-            try:  # the writer reports a full disk as a RuntimeError
-                writers = [ArrayRecordWriter(os.path.join(stage, n), "group_size:1") for n in names]
-                for index, example in enumerate(_examples(meta["kind"], split)):
-                    writers[index // per_shard].write(serialize(example))
-                for writer in writers:
-                    writer.close()
-            except RuntimeError as e:
-                raise DataError(f"cannot write --out {out}: {one_line(e)}") from None
+            writers = _writing(out, lambda: [ArrayRecordWriter(os.path.join(stage, n), "group_size:1") for n in names])
+            for index, example in enumerate(_examples(meta["kind"], split)):
+                _writing(out, lambda: writers[index // per_shard].write(serialize(example)))
+            for writer in writers:
+                _writing(out, writer.close)
             meta["splits"][prefix] = {"shards": names, "num_examples": counts[prefix]}
         with open(os.path.join(stage, "meta.json"), "w") as f:
             json.dump(meta, f, indent=1)

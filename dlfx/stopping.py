@@ -1,0 +1,67 @@
+"""How a run's writers close and what it keeps when a run file cannot be written (a full disk).
+
+The runner calls these from its loop (`dlfx.runner`): every writer closes even when one fails, the first
+error is the one reported, and a step whose metric records the run files could not take is saved with them.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+
+from dlfx import log, remote
+from dlfx.checkpoint import BestCheckpoint, Checkpointer
+from dlfx.errors import CheckpointError, WorkdirError
+
+
+def close_writers(checkpointer: Checkpointer, best: BestCheckpoint | None, logger: log.RunLogger,
+                  failing: BaseException | None, workdir: str = "") -> None:
+    """Wait for the saves in flight (the last good checkpoint is then complete) and close every writer, each
+    even when another fails. The first error is raised, unless one is already ending the run (`failing`):
+    that one stays the error reported, and a different one from here is a warning."""
+    first = None
+    for close in (checkpointer.close, best.close if best else None):
+        try:
+            if close is not None:
+                close()
+        except CheckpointError as e:
+            if failing is None and first is None:
+                first = e
+            elif not isinstance(failing, CheckpointError):
+                print(f"dlfx: warning: {e}", file=sys.stderr)
+    try:
+        logger.close()
+    except OSError as e:  # a full disk: never hide the error that stopped the run; else this one stops it
+        if failing is None and first is None:
+            first = WorkdirError(f"could not flush the run logs (TensorBoard events) to {remote.shown(workdir)}: "
+                                 f"{e.strerror or e}")
+        else:
+            print(f"dlfx: warning: could not flush the run logs: {e}", file=sys.stderr)
+    if first is not None:
+        raise first
+
+
+def save_before_failing(checkpointer: Checkpointer, step: int, state, train_iter, logs: list[dict]) -> None:
+    """Try to keep the steps since the last checkpoint, and the metric records the run files could not take,
+    before a run-file error ends the run (one process: a save takes every process). A gs:// run's logs go to a
+    local mirror but its checkpoints to the bucket."""
+    if jax.process_count() > 1 or step <= max(checkpointer.steps(), default=0):
+        return
+    try:
+        checkpointer.save(step, state, train_iter, logs=logs)
+        checkpointer.wait()
+    except CheckpointError as e:
+        print(f"dlfx: could not save step {step} either: {e}", file=sys.stderr)
+        return
+    print(f"dlfx: saved step {step} and the {len(logs)} metric records the run files could not take to "
+          f"{checkpointer.directory} before stopping", file=sys.stderr)
+
+
+def replay_unwritten(checkpointer: Checkpointer, logger: log.RunLogger, workdir: str, step: int) -> None:
+    """Write the metric records an earlier attempt saved with checkpoint `step` (its run files were full), each
+    once: an attempt that wrote them and died before its next checkpoint resumes from `step` again."""
+    kept = checkpointer.unwritten_logs(step)
+    if kept:
+        written = {(r["step"], r["split"]) for r in log.read_metrics(workdir)}
+        logger.replay([r for r in kept if (r.get("step"), r.get("split")) not in written])
