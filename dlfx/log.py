@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import sys
@@ -13,7 +12,7 @@ import tqdm
 
 from dlfx import remote
 from dlfx.errors import ConfigError, WorkdirError
-from dlfx.workdir import read_jsonl
+from dlfx.workdir import read_jsonl, write_text
 
 
 _IMPORT_TIME = time.time()
@@ -59,14 +58,9 @@ def truncate_metrics(workdir: str, last_step: int) -> None:
     if not os.path.lexists(path):
         return
     kept = [r for r in read_metrics(workdir) if r.get("step", 0) <= last_step]
-    tmp = path + ".tmp"
     try:
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in kept)
-        os.replace(tmp, path)
+        write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
     except OSError as e:  # the old file stays whole
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
         raise _cannot_write(workdir, "metrics.jsonl", e) from None
 
 
