@@ -36,7 +36,7 @@ def close_writers(checkpointer: Checkpointer, best: BestCheckpoint | None, logge
         if failing is None and first is None:
             first = WorkdirError(f"could not flush the run logs (TensorBoard events) to {remote.shown(workdir)}: "
                                  f"{e.strerror or e}")
-        else:
+        elif not isinstance(failing, WorkdirError):  # a run-file error already says the logs failed
             print(f"dlfx: warning: could not flush the run logs: {e}", file=sys.stderr)
     if first is not None:
         raise first
