@@ -248,8 +248,13 @@ def _wait_for(manager: ocp.CheckpointManager, step: int | None, directory: str) 
     try:
         manager.wait_until_finished()
     except Exception as e:
-        what = f"step {step}" if step is not None else "save"
-        raise CheckpointError(f"checkpoint {what} in {directory} failed to save: {_first_line(e)}") from None
+        raise _save_failed(step, directory, e) from None
+
+
+def _save_failed(step: int | None, directory: str, error: Exception) -> CheckpointError:
+    """The one line for an async save (of `step`, where known) that failed."""
+    what = f"step {step}" if step is not None else "save"
+    return CheckpointError(f"checkpoint {what} in {directory} failed to save: {_first_line(error)}")
 
 
 def _close(manager: ocp.CheckpointManager, step: int | None, directory: str) -> None:
@@ -263,8 +268,7 @@ def _close(manager: ocp.CheckpointManager, step: int | None, directory: str) -> 
     try:
         manager.close()
     except Exception as e:
-        what = f"step {step}" if step is not None else "save"
-        error = error or CheckpointError(f"checkpoint {what} in {directory} failed to save: {_first_line(e)}")
+        error = error or _save_failed(step, directory, e)
     if error is not None:
         raise error
 
