@@ -85,7 +85,7 @@ class Checkpointer:
         items = {"state": ocp.args.StandardSave(state)}
         if data_iterator is not None:  # one global position, the same on every process: any process count restores it
             items["data_state"] = ocp.args.JsonSave(_iterator_state(data_iterator))
-        if logs:
+        if logs is not None:  # every process names the item alike; process 0 alone writes JSON
             items[LOGS_ITEM] = ocp.args.JsonSave({"records": logs})
         try:
             saved = self.manager.save(step, args=ocp.args.Composite(**items))

@@ -19,7 +19,7 @@ from dlfx import config as config_lib
 from dlfx import checkpoint, data, feed, log, optim, parallel, plot, preflight, remote, runs, steps, stopping, tasks
 from dlfx import train_metrics as train_metrics_lib
 from dlfx.checkpoint import BestCheckpoint, Checkpointer
-from dlfx.errors import ConfigError, one_line
+from dlfx.errors import ConfigError, WorkdirError, one_line
 from dlfx.experiment import build, evaluate, init_from_pretrained
 from dlfx.restore import checkpoint_dir, evaluate_workdir, restore_run  # noqa: F401  (re-exported)
 from dlfx.preemption import Preemption
@@ -131,7 +131,7 @@ def _finished_summary(exp, workdir: str, state) -> dict[str, Any]:
 def _loop(exp, config, workdir, checkpointer, train_iter, start, start_time, preemption,
           best=None, on_save=lambda: None) -> dict[str, Any]:
     """Train from `start` = (state, restored step or None for a fresh state) to the last step; see `train`."""
-    is_main = jax.process_index() == 0
+    is_main, multi = jax.process_index() == 0, jax.process_count() > 1
     state, restored_step = start
     step = int(jax.device_get(state.step))
     if is_main:
@@ -167,7 +167,7 @@ def _loop(exp, config, workdir, checkpointer, train_iter, start, start_time, pre
     first_step_s: float | None = None  # time to first step, from process start (compilation included)
     failing: BaseException | None = None
     try:
-        if restored_step is not None and is_main and jax.process_count() == 1:  # only one process saves them
+        if restored_step is not None:
             stopping.replay_unwritten(checkpointer, logger, workdir, step)
         if preemption.requested:  # SIGTERM during start-up: no step run, nothing new to save
             status = "preempted"
@@ -200,9 +200,11 @@ def _loop(exp, config, workdir, checkpointer, train_iter, start, start_time, pre
                     call_sizes = feed.call_sizes(exp, chosen)
                     train_iter.regroup(call_sizes)
             window.read_deferred()  # the next call is queued: the device never waits on logging
-            preempted = preemption.requested or (jax.process_count() > 1 and checkpointer.reached_preemption(step))
-            # a run file that could not be written stops the run like a preemption: the window is read now
-            due = train_metrics_lib.due(step, exp.total_steps, config.train, preempted or logger.failure is not None)
+            preempted = preemption.requested or (multi and checkpointer.reached_preemption(step))
+            # a run file that could not be written stops the run like a preemption: the window is read now (with
+            # several processes, at the next point where they all read it: only process 0 writes the run files)
+            due = train_metrics_lib.due(step, exp.total_steps, config.train,
+                                        preempted or (not multi and logger.failure is not None))
             if due.log:
                 window.close(step, read_now=due.read)
             if due.eval:
@@ -213,9 +215,11 @@ def _loop(exp, config, workdir, checkpointer, train_iter, start, start_time, pre
             scheduled = due.save and cadence.allows()  # asked on every process alike (a collective when several)
             if preempted or scheduled:
                 logger.flush()
-            if logger.failure is not None:  # a run file could not be written (a full disk): keep this step and
-                stopping.save_before_failing(checkpointer, step, state, train_iter, logger.unwritten)  # its records
-                raise logger.failure
+            if (due.read and stopping.process_zero_failed(logger)) if multi else logger.failure is not None:
+                # a run file could not be written (a full disk): keep this step and its records, then stop
+                stopping.save_before_failing(checkpointer, step, state, train_iter, logger.unwritten)
+                raise logger.failure or WorkdirError(f"stopped at step {step}: process 0 could not write the run "
+                                                     "files (its error says why)")
             if preempted or scheduled:
                 checkpointer.save(step, state, train_iter)
                 cadence.saved()

@@ -42,26 +42,42 @@ def close_writers(checkpointer: Checkpointer, best: BestCheckpoint | None, logge
         raise first
 
 
+def process_zero_failed(logger: log.RunLogger) -> bool:
+    """Whether process 0 (the one that writes the run files) has a run-file error, on every process alike: a
+    collective, so every process asks at the same step."""
+    failed = logger.failure is not None
+    if jax.process_count() > 1:
+        import numpy as np
+        from jax.experimental import multihost_utils
+
+        failed = bool(multihost_utils.broadcast_one_to_all(np.int32(failed)))
+    return failed
+
+
 def save_before_failing(checkpointer: Checkpointer, step: int, state, train_iter, logs: list[dict]) -> None:
     """Try to keep the steps since the last checkpoint, and the metric records the run files could not take,
-    before a run-file error ends the run (one process: a save takes every process). A gs:// run's logs go to a
-    local mirror but its checkpoints to the bucket."""
-    if jax.process_count() > 1 or step <= max(checkpointer.steps(), default=0):
+    before a run-file error ends the run (every process calls it: a save takes them all; only process 0 holds
+    records). A gs:// run's logs go to a local mirror but its checkpoints to the bucket."""
+    if step <= max(checkpointer.steps(), default=0):
         return
+    is_main = jax.process_index() == 0
     try:
         checkpointer.save(step, state, train_iter, logs=logs)
         checkpointer.wait()
     except CheckpointError as e:
-        print(f"dlfx: could not save step {step} either: {e}", file=sys.stderr)
+        if is_main:
+            print(f"dlfx: could not save step {step} either: {e}", file=sys.stderr)
         return
-    print(f"dlfx: saved step {step} and the {len(logs)} metric records the run files could not take to "
-          f"{checkpointer.directory} before stopping", file=sys.stderr)
+    if is_main:
+        print(f"dlfx: saved step {step} and the {len(logs)} metric records the run files could not take to "
+              f"{checkpointer.directory} before stopping", file=sys.stderr)
 
 
 def replay_unwritten(checkpointer: Checkpointer, logger: log.RunLogger, workdir: str, step: int) -> None:
     """Write the metric records an earlier attempt saved with checkpoint `step` (its run files were full), each
-    once: an attempt that wrote them and died before its next checkpoint resumes from `step` again."""
+    once: an attempt that wrote them and died before its next checkpoint resumes from `step` again. Every
+    process reads them (a restore may be a collective); process 0 writes them."""
     kept = checkpointer.unwritten_logs(step)
-    if kept:
+    if kept and jax.process_index() == 0:
         written = {(r["step"], r["split"]) for r in log.read_metrics(workdir)}
         logger.replay([r for r in kept if (r.get("step"), r.get("split")) not in written])

@@ -18,7 +18,7 @@ OVERRIDES = ["model.features=(8, 16)", "model.hidden_dim=32", "data.batch_size=6
              "train.checkpoint_min_interval_s=0.001"]  # every save still due; 2 processes agree through process 0
 
 
-def _launch(workdir, processes=2, config="configs/digits_cnn.py", overrides=OVERRIDES, pythonpath=""):
+def _launch(workdir, processes=2, config="configs/digits_cnn.py", overrides=OVERRIDES, pythonpath="", check=True):
     """`launch/local.sh` with 4 fake devices per process; every wait is bounded."""
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env.update(DLFX_LOCAL_DEVICES=str(8 // processes), PYTHON=sys.executable, DLFX_TIMEOUT="240",
@@ -28,7 +28,8 @@ def _launch(workdir, processes=2, config="configs/digits_cnn.py", overrides=OVER
     cmd = ["bash", os.path.join(REPO, "launch/local.sh"), str(processes), config, "--workdir",
            workdir] + [f"--config.{o}" for o in overrides]
     result = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0 or not check, result.stderr[-3000:]
+    return result
 
 
 def _final_params(workdir):
@@ -81,6 +82,50 @@ def test_elastic_resume_two_to_one(reference, two_process_run, tmp_path):
     config = config_lib.load(os.path.join(REPO, "configs/digits_cnn.py"), OVERRIDES)
     one = runner.train(config, workdir)  # 1 process continues 20 -> 30 from the 2 processes' checkpoint
     chex.assert_trees_all_close(one["state"].params, ref_state.params, rtol=1e-5, atol=1e-6)
+
+
+_FULL_FROM_STEP_15 = '''
+import runpy
+
+from dlfx import log
+from dlfx.errors import WorkdirError
+
+_record = log.RunLogger._record
+
+
+def _full_from_step_15(self, entry):  # process 0 alone writes the run files
+    if entry["step"] >= 15:
+        return WorkdirError("cannot write metrics.jsonl: No space left on device")
+    return _record(self, entry)
+
+
+log.RunLogger._record = _full_from_step_15
+get_config = runpy.run_path(CONFIG)["get_config"]
+'''
+
+
+def test_a_run_file_error_on_process_0_stops_every_process_and_loses_nothing(reference, tmp_path):
+    """Process 0's run files fail at step 15: both processes stop together at the next point where they read the
+    metrics (the step-20 save), keep step 20 with the unwritten records, and the rerun ends equal to 1 process."""
+    ref_dir, ref_state = reference
+    workdir = str(tmp_path / "run")
+    shutil.copytree(ref_dir, workdir)
+    for step in ("20", "30"):
+        shutil.rmtree(os.path.join(workdir, "checkpoints", step))
+    full = tmp_path / "full_disk.py"
+    full.write_text(_FULL_FROM_STEP_15.replace("CONFIG", repr(os.path.join(REPO, "configs/digits_cnn.py"))))
+    failed = _launch(workdir, config=str(full), check=False)
+    assert failed.returncode != 0
+    assert "cannot write metrics.jsonl: No space left on device" in failed.stderr
+    assert "saved step 20 and the 2 metric records the run files could not take" in failed.stderr
+    assert "Traceback" not in failed.stderr
+    assert sorted(int(s) for s in os.listdir(os.path.join(workdir, "checkpoints")) if s.isdigit()) == [10, 20]
+    _launch(workdir)
+    records = [r for r in log.read_metrics(workdir) if r["split"] == "train"]
+    assert [r["step"] for r in records] == list(range(5, 31, 5))
+    np.testing.assert_allclose(_train_losses(workdir), _train_losses(ref_dir), rtol=1e-5)
+    state, step = _final_params(workdir)
+    chex.assert_trees_all_close(state.params, ref_state.params, rtol=1e-5, atol=1e-6)
 
 
 _LOGGED_ARRAYS = '''
