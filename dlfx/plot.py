@@ -7,9 +7,10 @@ import sys
 from typing import Sequence
 
 import numpy as np
+from etils import epath
 
-from dlfx import log
-from dlfx.errors import ConfigError
+from dlfx import log, remote
+from dlfx.errors import ConfigError, one_line
 
 
 def _pyplot():
@@ -41,7 +42,14 @@ IMAGE_FORMATS = ("png", "pdf", "svg", "jpg", "jpeg")
 def output_path(out: str, default_name: str = "curves.png") -> str:
     """Where a figure given by `-o` goes: a folder gets `default_name` inside it, a bare name gets `.png`;
     an extension matplotlib cannot write is refused."""
-    if out.endswith(os.sep) or os.path.isdir(out):
+    if remote.is_remote(out):
+        try:
+            is_dir = out.endswith("/") or epath.Path(out).is_dir()
+        except Exception as e:
+            raise ConfigError(f"cannot reach {out}: {one_line(e)}") from None
+        if is_dir:
+            return remote.join(out, default_name)
+    elif out.endswith(os.sep) or os.path.isdir(out):
         return os.path.join(out, default_name)
     ext = os.path.splitext(out)[1].lstrip(".").lower()
     if not ext:

@@ -2,7 +2,7 @@
 
 A training process pulls the run's files into a temporary mirror, writes there with plain file I/O (appends,
 atomic renames, TensorBoard event files), and a background thread pushes what changed back to the remote
-folder: every `PUSH_SECONDS`, after every checkpoint save, and at the end. Readers (`eval`, `sample`,
+folder: every `PUSH_SECONDS`, before every checkpoint save, and at the end. Readers (`eval`, `sample`,
 `runs`, `plot`, `load_run`) pull the run's small files the same way. Checkpoints never pass through a
 mirror: Orbax reads and writes `REMOTE/checkpoints` itself. The remote folder's `.lock` names the host and
 process that trains there; one not refreshed for `STALE_SECONDS` belongs to a run that is gone.
@@ -19,22 +19,26 @@ import contextlib
 import glob
 import json
 import os
+import re
 import shutil
 import socket
 import sys
 import tempfile
 import threading
 import time
+import uuid
 from typing import Callable, Iterator
 
 from etils import epath
 
-from dlfx.errors import ConfigError, WorkdirError, one_line
+from dlfx.errors import ConfigError, DlfxError, WorkdirError, one_line
 from dlfx.workdir import write_json
 
 PUSH_SECONDS = 30.0
 STALE_SECONDS = 600.0
+LOCK_SETTLE_SECONDS = 1.0  # between writing the remote lock and reading it back
 LOCK = ".lock"
+REMOTE_LOCK = ".lock.remote"  # a reader's copy of a run's remote lock
 MARKER = ".dlfx_mirror_of"  # beside a mirror (in its temporary parent): the URL of the folder it copies
 OWNER = ".dlfx_mirror_owner"  # beside it too: the process that made the mirror, and whether it writes
 PREFIX = "dlfx-mirror-"
@@ -42,15 +46,38 @@ NEVER_PULLED = ("checkpoints", "corrupt_checkpoints")  # Orbax reads them in pla
 NOT_READ = NEVER_PULLED + ("events", "plots")  # what readers do not need
 
 
+SCHEMES = ("gs", "s3", "az", "hf")  # the URL schemes etils.epath reaches
+_ONE_SLASH = re.compile(r"(?i)(gs|gcs|s3|az|hf|file|https?):/(?!/)")
+
+
 def is_remote(path: str) -> bool:
-    """True for a URL (gs://bucket/...), False for a local path."""
-    return "://" in str(path)
+    """True for a URL (gs://bucket/...), False for a local path. A URL dlfx cannot reach (an unknown scheme, no
+    bucket) or a local path that is a mistyped URL (`gs:/x`) is refused with a ConfigError."""
+    path = str(path)
+    scheme, sep, rest = path.partition("://")
+    if not sep:
+        if _ONE_SLASH.match(path):
+            raise ConfigError(f"{path!r} looks like a URL with one slash: write {path.split(':')[0]}://BUCKET/... "
+                              f"(or ./{path} for a local folder)")
+        return False
+    if scheme not in SCHEMES:
+        hint = " (in lower case)" if scheme.lower() in SCHEMES else ""
+        raise ConfigError(f"{path}: dlfx reaches {', '.join(s + '://' for s in SCHEMES)} folders{hint} and local "
+                          f"paths, not {scheme}://")
+    if not rest.split("/")[0]:  # gs:// or gs:///x: the filesystem's root, no run folder
+        raise ConfigError(f"{path!r} names no bucket: give a folder such as {scheme}://BUCKET/runs/NAME")
+    return True
+
+
+def normalized(url: str) -> str:
+    """One spelling of a URL (no double or trailing slashes), so that a folder is known as itself."""
+    return str(epath.Path(url)) if is_remote(url) else url
 
 
 def origin(workdir: str) -> str:
     """The folder a workdir stands for: the URL of a mirror, a URL as given, else the absolute local path."""
     if is_remote(workdir):
-        return str(workdir)
+        return normalized(workdir)
     marker = os.path.join(os.path.dirname(os.path.abspath(workdir)), MARKER)
     if os.path.isfile(marker):
         with open(marker) as f:
@@ -124,6 +151,16 @@ def _orphans() -> list[tuple[str, dict, str]]:
     return found
 
 
+def lock_age(held: dict) -> float | None:
+    """Seconds since a remote lock was refreshed, or None if it is stale (older than `STALE_SECONDS`, no valid
+    time, or a time further ahead than a clock can be off)."""
+    stamp = held.get("time")
+    if isinstance(stamp, bool) or not isinstance(stamp, (int, float)):
+        return None
+    age = time.time() - stamp
+    return max(age, 0.0) if -STALE_SECONDS < age < STALE_SECONDS else None
+
+
 def _snapshot(local: str) -> dict[str, tuple[int, int]]:
     """{relative path: (size, mtime_ns)} of the files a mirror at `local` pushes (checkpoints, temporary and lock
     files left out)."""
@@ -132,7 +169,7 @@ def _snapshot(local: str) -> dict[str, tuple[int, int]]:
         if folder == local:
             subdirs[:] = [d for d in subdirs if d not in NEVER_PULLED]
         for name in files:
-            if name == LOCK or name.endswith(".tmp"):
+            if name in (LOCK, REMOTE_LOCK) or name.endswith(".tmp"):
                 continue
             path = os.path.join(folder, name)
             with contextlib.suppress(FileNotFoundError):
@@ -141,18 +178,18 @@ def _snapshot(local: str) -> dict[str, tuple[int, int]]:
     return found
 
 
-def _pull(remote: epath.Path, local: str, skip: tuple[str, ...]) -> None:
+def _pull(remote: epath.Path, local: str, skip: tuple[str, ...], locks: bool = False) -> None:
     """Copy the remote folder's files into `local`: remote errors as ConfigErrors, local ones (a full disk) as
-    the OSErrors they are."""
+    the OSErrors they are. `locks`: a run's `.lock` comes as `.lock.remote` (readers: is the run live?)."""
     try:
         entries = [(path, path.is_dir()) for path in remote.iterdir()
-                   if path.name not in skip and path.name != LOCK]
+                   if path.name not in skip and (locks or path.name != LOCK)]
     except Exception as e:
         raise _fail("read the run folder", str(remote), e) from None
     for path, is_dir in entries:
-        target = os.path.join(local, path.name)
+        target = os.path.join(local, REMOTE_LOCK if path.name == LOCK else path.name)
         if is_dir:
-            _pull(path, target, skip)
+            _pull(path, target, skip, locks)
             continue
         try:
             content = path.read_bytes()
@@ -167,16 +204,15 @@ class Mirror:
     """A temporary local copy of the remote folder `url` (created by the first write if `url` is new).
 
     With `writer`, this process trains there: it holds the remote lock, and `push()` copies every file that
-    changed since the last push (a background thread calls it; `request_push()` wakes it). `close()` pushes
+    changed since the last push (a background thread calls it, and the runner before each checkpoint save). `close()` pushes
     what is left, releases the lock and deletes the copy; a start-up that failed (no `status.json` in the
     mirror) pushes nothing, so a new remote folder is left empty as it was.
     """
 
     def __init__(self, url: str, writer: bool = False, skip: tuple[str, ...] = NEVER_PULLED):
-        scheme, _, path = url.partition("://")
-        if scheme != "file" and not path.split("/")[0]:  # gs:// or gs:///x: the filesystem's root, no run folder
-            raise ConfigError(f"{url!r} names no bucket: give a folder such as {scheme}://BUCKET/runs/NAME")
-        self.remote, self.url, self.writer = epath.Path(url), url.rstrip("/"), writer
+        is_remote(url)  # refuses a URL dlfx cannot reach
+        self.url = normalized(url)
+        self.remote, self.writer = epath.Path(self.url), writer
         for root, owner, _ in _orphans():
             if not owner.get("writer") or not owner.get("pulled"):
                 shutil.rmtree(root, ignore_errors=True)  # a dead reader's or an unfinished pull: nothing of its own
@@ -186,7 +222,7 @@ class Mirror:
             raise _local_fail(url, tempfile.gettempdir(), e) from None
         self.local = os.path.join(self.root, self.remote.name or "run")
         self._sent: dict[str, tuple[int, int]] = {}
-        self._lock_held, self._push_lock = False, threading.Lock()
+        self._lock_held, self._push_lock, self._token = False, threading.Lock(), uuid.uuid4().hex
         self._wake, self._stop, self._thread = threading.Event(), threading.Event(), None
         try:
             with open(os.path.join(self.root, MARKER), "w") as f:
@@ -203,7 +239,7 @@ class Mirror:
             if writer:
                 self._take_lock()
             if exists:
-                _pull(self.remote, self.local, skip)
+                _pull(self.remote, self.local, skip, locks=not writer)
                 self._sent = _snapshot(self.local)
             self._write_owner(pulled=True)  # from here on the mirror may hold lines of its own
         except BaseException as e:
@@ -216,6 +252,11 @@ class Mirror:
             self._thread = threading.Thread(target=self._pusher, daemon=True, name="dlfx-push")
             self._thread.start()
 
+    def named(self, error: DlfxError) -> DlfxError:
+        """`error` with this temporary copy's paths named by the URL they stand for (the copy is deleted next)."""
+        text = str(error)
+        return error if self.local not in text else type(error)(text.replace(self.local, self.url))
+
     def _write_owner(self, pulled: bool) -> None:
         """Record this process beside the mirror, and whether the pull is done (a mirror whose process died
         before that holds nothing of its own, maybe half-written files)."""
@@ -223,7 +264,7 @@ class Mirror:
 
     # --- the remote lock -------------------------------------------------------------------------
     def _owner(self) -> dict:
-        return dict(_process(), time=time.time())
+        return dict(_process(), time=time.time(), token=self._token)
 
     def _take_lock(self) -> None:
         lock = self.remote / LOCK
@@ -234,18 +275,28 @@ class Mirror:
         except Exception as e:
             raise _fail("read the lock", str(lock), e) from None
         gone = isinstance(held, dict) and _gone(held)
-        if isinstance(held, dict) and (held.get("host"), held.get("pid")) != (socket.gethostname(), os.getpid()):
-            age = time.time() - float(held.get("time") or 0)
-            if age < STALE_SECONDS and not gone:
-                raise ConfigError(f"{self.url} is in use by process {held.get('pid')} on host {held.get('host')} "
-                                  f"(its lock {lock} was refreshed {age:.0f} s ago); wait for it, or remove the "
-                                  f"lock if that run is gone (a lock not refreshed for {STALE_SECONDS:.0f} s is "
-                                  "taken over)")
-            why = "which is no longer running" if gone else f"not refreshed for {age:.0f} s"
+        if held is not None and not isinstance(held, dict):
+            print(f"dlfx: warning: taking over the lock {lock}, which names no process", file=sys.stderr)
+        elif held is not None and (held.get("host"), held.get("pid")) != (socket.gethostname(), os.getpid()):
+            age = lock_age(held)
+            if age is not None and not gone:
+                raise self._in_use(held, age)
+            why = "which is no longer running" if gone else \
+                f"not refreshed for {STALE_SECONDS:.0f} s" if age is None else f"not refreshed for {age:.0f} s"
             print(f"dlfx: warning: taking over the lock {lock} of process {held.get('pid')} on host "
                   f"{held.get('host')}, {why}", file=sys.stderr)
         self._write_lock()
         self._lock_held = True
+        # no atomic create on every filesystem: two runs that read "free" at once both wrote; the later write wins
+        # and the other run, reading back after a pause, sees it and steps back
+        time.sleep(LOCK_SETTLE_SECONDS)
+        try:
+            now = json.loads(lock.read_text())
+        except Exception:
+            now = None
+        if not (isinstance(now, dict) and now.get("token") == self._token):
+            self._lock_held = False
+            raise self._in_use(now if isinstance(now, dict) else {}, 0.0)
         if gone:
             self._finish_push_of(held)
         for root, owner, url in _orphans():
@@ -254,6 +305,11 @@ class Mirror:
                       f"{owner.get('pid')} stopped without copying them; they were not copied, because the lock "
                       "no longer named that process (a later run may have replaced them): copy what you need "
                       "and delete it", file=sys.stderr)
+
+    def _in_use(self, held: dict, age: float) -> ConfigError:
+        return ConfigError(f"{self.url} is in use by process {held.get('pid')} on host {held.get('host')} (its lock "
+                           f"{self.remote / LOCK} was refreshed {age:.0f} s ago); wait for it, or remove the lock if "
+                           f"that run is gone (a lock not refreshed for {STALE_SECONDS:.0f} s is taken over)")
 
     def _finish_push_of(self, held: dict) -> None:
         """Push what the dead writer `held` left unpushed in its mirror here (every file of a started run, as
@@ -300,14 +356,15 @@ class Mirror:
                     (self.remote / LOCK).unlink()
 
     # --- pushing -----------------------------------------------------------------------------------
-    def push(self) -> None:
-        """Copy every file that changed since the last push to the remote folder; refresh the lock."""
+    def push(self, everything: bool = False) -> None:
+        """Copy every file that changed since the last push (`everything`: every file, also one deleted remotely
+        meanwhile) to the remote folder; refresh the lock."""
         if not os.path.isfile(os.path.join(self.local, "status.json")):
             return  # the run has not started (or its start-up failed): nothing of it belongs remote
         with self._push_lock:
             now = _snapshot(self.local)
             for rel, stamp in now.items():
-                if self._sent.get(rel) == stamp:
+                if self._sent.get(rel) == stamp and not everything:
                     continue
                 try:
                     with open(os.path.join(self.local, rel), "rb") as f:
@@ -325,9 +382,16 @@ class Mirror:
             if self._lock_held:
                 self._write_lock()
 
-    def request_push(self) -> None:
-        """Wake the pusher now (e.g. after a checkpoint save, so the logs up to it are remote too)."""
-        self._wake.set()
+    def push_before_save(self) -> None:
+        """Push now, in the caller's thread: called before each checkpoint save, so that the logs up to a
+        checkpoint are remote before it exists (a resume from it never logs those steps again). A failure is a
+        warning; the pusher retries."""
+        try:
+            self.push()
+        except Exception as e:
+            print(f"dlfx: warning: could not copy the run to {self.url} before a checkpoint ({one_line(e)}); "
+                  "retrying", file=sys.stderr)
+            self._wake.set()
 
     def _pusher(self) -> None:
         warned = False
@@ -353,7 +417,7 @@ class Mirror:
         try:
             if self.writer:
                 try:
-                    self.push()
+                    self.push(everything=True)  # also what was deleted remotely while the run wrote it
                 except Exception as e:
                     self._lock_held = False
                     raise ConfigError(f"could not copy the run to {self.url} ({one_line(e)}); its files "
@@ -365,14 +429,16 @@ class Mirror:
 
 @contextlib.contextmanager
 def mirrored(workdir: str, writer: bool) -> Iterator[tuple[str, Callable[[], None]]]:
-    """(local folder to train in, call after each checkpoint save): `workdir` itself if it is local, else a
+    """(local folder to train in, call before each checkpoint save): `workdir` itself if it is local, else a
     mirror of it that is pushed back (by `writer`, the process that writes the logs)."""
     if not is_remote(workdir):
         yield workdir, lambda: None
         return
     mirror = Mirror(workdir, writer=writer)
     try:
-        yield mirror.local, mirror.request_push
+        yield mirror.local, mirror.push_before_save
+    except DlfxError as e:
+        raise mirror.named(e) from e.__cause__
     finally:
         mirror.close()
 
@@ -393,6 +459,8 @@ def readable(path: str) -> Iterator[str]:
     mirror = Mirror(path, skip=NOT_READ)
     try:
         yield mirror.local
+    except DlfxError as e:
+        raise mirror.named(e) from e.__cause__
     finally:
         mirror.close()
 

@@ -33,11 +33,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, force: bool = False,
     start_time = time.time()
     # SIGTERM from here on: the run saves what is new and exits 0
     with contextlib.nullcontext(preemption) if preemption is not None else Preemption() as preemption:
-        with remote.mirrored(workdir, writer=jax.process_index() == 0) as (local, saved):  # gs://: a local mirror
-            return _train(config, local, force, preemption, start_time, saved) | {"workdir": workdir}
+        with remote.mirrored(workdir, writer=jax.process_index() == 0) as (local, pushed):  # gs://: a local mirror
+            return _train(config, local, force, preemption, start_time, pushed) | {"workdir": workdir}
 
 
-def _train(config, workdir, force, preemption, start_time, on_save=lambda: None) -> dict[str, Any]:
+def _train(config, workdir, force, preemption, start_time, before_save=lambda: None) -> dict[str, Any]:
     """See `train`: set up the workdir, run the loop, record the outcome."""
     config_lib.check_workdir(config, workdir, force)
     preflight.check_training_devices(config)
@@ -94,7 +94,7 @@ def _train(config, workdir, force, preemption, start_time, on_save=lambda: None)
             best = BestCheckpoint(ckpt_dir, config.train.keep_best,
                                   tasks.best_mode(config.train.keep_best, exp.task, config.train.best_mode))
         summary = _loop(exp, config, workdir, checkpointer, train_iter, restored_or_fresh, start_time, preemption,
-                        best, on_save)
+                        best, before_save)
         plotted = True
         if is_main and summary["status"] == "finished":  # plots before the status: a kill here redoes them
             plotted = plot.write_run_plots(workdir, exp.model, summary["state"], exp.dataset, exp.task)
@@ -129,7 +129,7 @@ def _finished_summary(exp, workdir: str, state) -> dict[str, Any]:
 
 
 def _loop(exp, config, workdir, checkpointer, train_iter, start, start_time, preemption,
-          best=None, on_save=lambda: None) -> dict[str, Any]:
+          best=None, before_save=lambda: None) -> dict[str, Any]:
     """Train from `start` = (state, restored step or None for a fresh state) to the last step; see `train`."""
     is_main, multi = jax.process_index() == 0, jax.process_count() > 1
     state, restored_step = start
@@ -221,9 +221,9 @@ def _loop(exp, config, workdir, checkpointer, train_iter, start, start_time, pre
                 raise logger.failure or WorkdirError(f"stopped at step {step}: process 0 could not write the run "
                                                      "files (its error says why)")
             if preempted or scheduled:
+                before_save()  # a remote workdir gets the logs up to this checkpoint first
                 checkpointer.save(step, state, train_iter)
                 cadence.saved()
-                on_save()  # a remote workdir gets the logs up to this checkpoint
             if preempted:
                 status = "preempted"
                 break
@@ -231,6 +231,7 @@ def _loop(exp, config, workdir, checkpointer, train_iter, start, start_time, pre
         # --- Final checkpoint and eval (a rerun after a kill here does only what is missing) ----
         if status == "finished":
             if step not in checkpointer.steps():
+                before_save()
                 checkpointer.save(step, state, train_iter)  # first: the newest state is safe before the eval
             logged = runs.logged_final_eval(workdir, step, is_main, config.train.keep_best)
             if preemption.requested:  # the eval is left for the rerun

@@ -126,8 +126,18 @@ def read_lock(path: str) -> tuple[str, int, bool]:
 
 
 def lock_holder_alive(workdir: str) -> bool:
-    """True if `workdir/.lock` names a live process on this host (a run in progress)."""
+    """True if `workdir/.lock` names a live process on this host (a run in progress); for a reader's copy of a
+    gs:// run, if its remote lock was refreshed lately by a process not known to be gone."""
     path = os.path.join(workdir, ".lock")
+    if os.path.isfile(os.path.join(workdir, ".lock.remote")):  # a reader's copy of a gs:// run
+        from dlfx import remote
+
+        try:
+            with open(os.path.join(workdir, ".lock.remote")) as f:
+                held = json.load(f)
+        except (OSError, ValueError):
+            return False
+        return isinstance(held, dict) and remote.lock_age(held) is not None and not remote._gone(held)
     if not os.path.lexists(path):
         return False
     host, _, live = read_lock(path)

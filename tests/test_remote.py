@@ -57,6 +57,7 @@ def gcs(tmp_path, monkeypatch):
 
     for protocol in ("gs", "gcs"):
         fsspec.register_implementation(protocol, FakeGCS, clobber=True)
+    monkeypatch.setattr(remote, "LOCK_SETTLE_SECONDS", 0.0)  # one writer at a time here (see the race test)
     backend.fsspec_backend._get_filesystem.cache_clear()
     yield root
     backend.fsspec_backend._get_filesystem.cache_clear()
@@ -271,3 +272,78 @@ def test_a_dead_writers_mirror_is_pushed_by_the_run_that_takes_over_and_a_dead_r
         taker.close()
         alive.close()
     assert os.listdir(tmp_path / "tmp") == ["dlfx-mirror-earlier"]
+
+
+def test_urls_dlfx_cannot_reach_are_one_line_errors_and_one_folder_has_one_spelling(repo_root, tmp_path, gcs,
+                                                                                     monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for url, message in [("GS://bucket/x", "not GS://"), ("gcs://bucket/x", "not gcs://"), ("file:///x", "not file://"),
+                         ("gs:/x", "looks like a URL with one slash"), ("gs://", "names no bucket")]:
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            runner.train(_config(repo_root, tmp_path, "train.steps=2"), url)
+        assert cli.main(["runs", url]) == 2 and message in capsys.readouterr().err
+    assert cli.main(["plot", "gs://bucket/none", "-o", "gs://"]) == 2
+    assert not os.path.exists(tmp_path / "gs:") and not list(gcs.iterdir())
+
+    config = _config(repo_root, tmp_path, "train.steps=2", "train.eval_every=0", "train.checkpoint_every=0")
+    assert runner.train(config, "gs://bucket//runs/a/")["status"] == "finished"
+    assert sorted(os.listdir(gcs / "bucket" / "runs" / "a"))[:2] == ["config.json", "data.json"]
+    again = runner.train(config, "gs://bucket/runs/a")  # the same folder: finished, not "another run's checkpoints"
+    assert again["status"] == "finished" and again["step"] == 2
+    # a figure named without an extension, or an existing folder, gets the name the local path would
+    assert cli.main(["plot", "gs://bucket/runs/a", "-o", "gs://bucket/figs/noext"]) == 0
+    assert capsys.readouterr().out.strip() == "gs://bucket/figs/noext.png"
+    assert cli.main(["plot", "gs://bucket/runs/a", "-o", "gs://bucket/runs/a"]) == 0
+    assert capsys.readouterr().out.strip() == "gs://bucket/runs/a/curves.png"
+    assert (gcs / "bucket" / "figs" / "noext.png").is_file() and (gcs / "bucket" / "runs" / "a" / "curves.png").is_file()
+    # a damaged file is named by its URL, not by the temporary copy it was read in
+    (gcs / "bucket" / "runs" / "a" / "metrics.jsonl").write_bytes(b"\x00\xff" * 8)
+    assert cli.main(["plot", "gs://bucket/runs/a"]) == 2
+    err = capsys.readouterr().err
+    assert "gs://bucket/runs/a/metrics.jsonl" in err and "dlfx-mirror-" not in err
+
+
+def test_a_remote_lock_is_read_by_readers_and_a_lost_race_for_it_steps_back(tmp_path, gcs, monkeypatch, capsys):
+    folder = gcs / "bucket" / "live"
+    folder.mkdir(parents=True)
+    (folder / "status.json").write_text(json.dumps({"status": "running", "step": 3, "total_steps": 9}))
+    for stamp, status in [(time.time() - 5, "running"), (time.time() - 3600, "failed"), ("abc", "failed")]:
+        (folder / ".lock").write_text(json.dumps({"host": "tpu-vm-7", "pid": 12, "time": stamp}))
+        with remote.readable("gs://bucket/live") as local:  # another host's run: its lock is refreshed
+            assert workdir.read_status(local)["status"] == status
+    # a lock whose time is not a number is stale: taken over with a warning, not a traceback
+    remote.Mirror("gs://bucket/live", writer=True).close()
+    assert "taking over the lock" in capsys.readouterr().err
+
+    # two runs that found the lock free at once: the later write wins, the other reads it back and steps back
+    other = {"host": "tpu-vm-9", "pid": 77, "time": time.time(), "token": "theirs"}
+    monkeypatch.setattr(remote, "LOCK_SETTLE_SECONDS", 0.01)
+    real_sleep = time.sleep
+
+    def other_writes_meanwhile(seconds):
+        (gcs / "bucket" / "race" / ".lock").write_text(json.dumps(other))
+        real_sleep(seconds)
+
+    monkeypatch.setattr(remote.time, "sleep", other_writes_meanwhile)
+    with pytest.raises(ConfigError, match="gs://bucket/race is in use by process 77 on host tpu-vm-9"):
+        remote.Mirror("gs://bucket/race", writer=True)
+    assert json.loads((gcs / "bucket" / "race" / ".lock").read_text()) == other  # theirs, left alone
+
+
+def test_the_logs_reach_the_bucket_before_each_checkpoint_and_files_deleted_there_come_back(
+        repo_root, tmp_path, gcs, monkeypatch):
+    """A resume starts at the newest checkpoint and never logs the steps before it again: a machine lost just
+    after a save (the last one too) must not take metric lines that were only in its local copy."""
+    run = gcs / "bucket" / "s"
+    save, seen = checkpoint.Checkpointer.save, {}
+
+    def save_and_look(self, step, *args, **kwargs):
+        seen[step] = [r["step"] for r in log.read_metrics(str(run)) if r["split"] == "train"]
+        (run / "config.json").unlink(missing_ok=True)  # deleted in the bucket while the run writes
+        return save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", save_and_look)
+    monkeypatch.setattr(remote, "PUSH_SECONDS", 3600.0)  # no timed push: only the ones before saves
+    runner.train(_config(repo_root, tmp_path), "gs://bucket/s")
+    assert seen == {4: [2, 4], 8: [2, 4, 6, 8]}
+    assert json.loads((run / "config.json").read_text())  # pushed again at the end
