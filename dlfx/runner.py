@@ -176,7 +176,12 @@ def _loop(exp, config, workdir, checkpointer, train_iter, start, start_time, pre
             try:
                 batch = next(train_iter)
             except (data.WorkerLost, data.Interrupted) as e:  # keep the steps since the last save (one process)
-                if jax.process_count() == 1 and step > max(checkpointer.steps(), default=0):
+                window.read_deferred()  # the records up to this step first, as a preemption at a step writes them
+                if window.pending:
+                    window.close(step, read_now=True)
+                if not multi and step > max(checkpointer.steps(), default=0):
+                    logger.flush()
+                    before_save()
                     checkpointer.save(step, state, train_iter)
                 if isinstance(e, data.WorkerLost):
                     logger.message(f"newest checkpoint: step {max(checkpointer.steps(), default=0)}")

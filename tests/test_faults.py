@@ -548,3 +548,30 @@ def test_a_run_file_error_between_log_points_loses_no_record(repo_root, tmp_path
     keys = [(r["step"], r["split"]) for r in resumed]
     assert len(keys) == len(set(keys)) and set(keys) >= {(r["step"], r["split"]) for r in uninterrupted}
     assert [r for r in resumed if r["step"] <= 10] == [r for r in uninterrupted if r["step"] <= 10]
+
+
+def test_sigterm_while_the_reader_holds_the_next_batch_back_loses_no_record(repo_root, tmp_path, monkeypatch):
+    """The step-5 log point is read one call late; a SIGTERM while the reader stalls on step 6's batch ends the run
+    before that call: the step-5 line is written before the save, and the rerun's history equals an uninterrupted
+    run's."""
+    from dlfx import data
+
+    config = tiny(repo_root, "train.steps=10", "train.steps_per_call=1")
+    real_next, calls = data.DevicePrefetcher.__next__, []
+
+    def stalls_at_step_6(self):
+        calls.append(1)
+        if len(calls) == 6:
+            raise data.Interrupted("interrupted while waiting for the next batch")
+        return real_next(self)
+
+    monkeypatch.setattr(data.DevicePrefetcher, "__next__", stalls_at_step_6)
+    workdir = str(tmp_path / "run")
+    assert runner.train(config, workdir)["status"] == "preempted"
+    monkeypatch.undo()
+    assert runner.train(config, workdir)["status"] == "finished"
+    whole = runner.train(config, str(tmp_path / "whole"))
+    drop = ("wall_time", "steps_per_sec")
+    resumed, uninterrupted = ([{k: v for k, v in r.items() if k not in drop} for r in log.read_metrics(w)]
+                              for w in (workdir, whole["workdir"]))
+    assert resumed == uninterrupted
