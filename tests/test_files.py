@@ -448,3 +448,56 @@ def test_releasing_a_pipeline_stops_only_its_own_worker_processes(tmp_path):
     next(pooled)
     pooled.release()
     assert not prefetch._grain_workers()
+
+
+def test_image_and_record_sources_refuse_or_read_what_a_second_probe_tried(tmp_path, monkeypatch):
+    import io
+    import json
+
+    from PIL import Image
+
+    from dlfx.data import images, records
+
+    root = tmp_path / "images"
+    _image_folder(root)
+    (root / "train" / "cat" / "._0.png").write_bytes(b"\x00\x05\x16\x07 AppleDouble")  # macOS metadata: not read
+    assert len(data.load({"name": "image_folder", "path": str(root), "image_size": 8}).train) == 12
+    wide = io.BytesIO()  # 16-bit grayscale: scaled to 8 bits, not clipped to white
+    Image.fromarray(np.array([[0, 30000, 65535]], np.uint16)).save(wide, format="PNG")
+    np.testing.assert_array_equal(np.asarray(images.decode(wide.getvalue()))[0, :, 0], [0, 117, 255])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 8)  # a decompression bomb: one line, also for skip_bad_images
+    with pytest.raises(DataError, match="cannot decode image big.png: .*decompression bomb"):
+        images.decode(_png(6, 6), "big.png")
+    monkeypatch.undo()
+
+    out = tmp_path / "records"
+    records.convert("image_folder", str(root), str(out))
+    streamed = data.load({"name": "array_record", "path": str(out), "image_size": 8})
+
+    def damaged(self, index):
+        raise RuntimeError("Corrupted Riegeli/records file: chunk data hash mismatch")
+
+    monkeypatch.setattr(records.RecordSource, "__getitem__", damaged)
+    with pytest.raises(DataError, match=r"example 3 of .*records \(train\) does not read back: .*Corrupted"):
+        access.read(streamed.train, [3])
+    monkeypatch.undo()
+    meta = json.loads((out / "meta.json").read_text())
+    for shards in ([], "train-00000-of-00001.array_record", [None]):
+        (out / "meta.json").write_text(json.dumps({**meta, "splits": {**meta["splits"], "val": {"shards": shards}}}))
+        with pytest.raises(DataError, match=r"meta.json is not a dlfx ArrayRecord description: splits.val.shards "
+                                            "must be a non-empty list"):
+            data.load({"name": "array_record", "path": str(out)})
+    np.savez(tmp_path / "strings.npz", x=np.array(["a", "b"] * 10), y=np.zeros(20, np.int32))
+    with pytest.raises(DataError, match="'x' has dtype <U1, not numbers"):
+        records.convert("arrays", str(tmp_path / "strings.npz"), str(tmp_path / "s"), test_fraction=0.25)
+    assert not (tmp_path / "s").exists()
+
+
+def _png(width, height):
+    import io
+
+    from PIL import Image
+
+    encoded = io.BytesIO()
+    Image.fromarray(np.zeros((height, width, 3), np.uint8)).save(encoded, format="PNG")
+    return encoded.getvalue()

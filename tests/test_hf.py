@@ -85,3 +85,12 @@ def test_hf_errors_name_the_problem(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "datasets", None)  # the [hf] extra missing
     with pytest.raises(DataError, match=r"pip install 'dlfx\[hf\]'"):
         data.load({"name": "hf", "path": str(tmp_path / "d")})
+
+
+def test_a_null_label_is_named(tmp_path):
+    nulls = datasets.DatasetDict({split: datasets.Dataset.from_dict({"x": np.zeros((4, 3), np.float32),
+                                                                     "label": [0, 1, None, 2]})
+                                  for split in ("train", "test")})
+    nulls.save_to_disk(str(tmp_path / "nulls"))
+    with pytest.raises(DataError, match="example 2 of split 'train' has no label .column 'label' is null"):
+        data.load({"name": "hf", "path": str(tmp_path / "nulls")})

@@ -129,7 +129,13 @@ def hf(path: str = "", keys: tuple = (), train_split: str = "train", test_split:
     if hasattr(feature, "num_classes"):  # a datasets.ClassLabel
         num_classes = num_classes or feature.num_classes
     elif not num_classes and np.issubdtype(np.asarray(train_table[:1][mapping["y"]]).dtype, np.integer):
-        num_classes = 1 + max(int(max(t[mapping["y"]])) for t in (train_table, test_table))
+        labels = [list(t[mapping["y"]]) for t in (train_table, test_table)]
+        missing = [(split, column.index(None)) for split, column in zip((train_split, test_split), labels)
+                   if None in column]
+        if missing:
+            raise DataError(f"{path}: example {missing[0][1]} of split {missing[0][0]!r} has no label (column "
+                            f"{mapping['y']!r} is null there)")
+        num_classes = 1 + max(int(max(column)) for column in labels)
     metadata = {}
     if isinstance(train, images.ImageSource):
         images.check_normalize(normalize, image_size)

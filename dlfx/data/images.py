@@ -44,7 +44,7 @@ def _scan(folder: str, classes: list[str] | None) -> tuple[list[str], np.ndarray
             continue
         before = len(paths)
         for file in sorted(os.listdir(directory)):
-            if file.lower().endswith(EXTENSIONS):
+            if file.lower().endswith(EXTENSIONS) and not file.startswith("."):  # e.g. macOS's ._x.png
                 paths.append(os.path.join(directory, file))
                 labels.append(label)
         if len(paths) == before and classes is found and len(found) > 1:  # the train split defines the classes
@@ -67,8 +67,11 @@ def decode(image: str | os.PathLike | bytes, what: str = ""):
                 image = file.read()
         with Image.open(io.BytesIO(image)) as opened:
             opened.load()
+            if opened.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit: scaled to 8 bits, not clipped to white
+                opened = Image.fromarray(np.rint(np.asarray(opened, np.float64) / 257.0).clip(0, 255).astype(np.uint8))
             return opened if opened.mode == "RGB" else opened.convert("RGB")
-    except (OSError, UnidentifiedImageError) as e:  # Pillow names bytes by their BytesIO object's address
+    except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:  # Pillow names bytes by their
+        # BytesIO object's address
         why = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(e)) or type(e).__name__
         raise DataError(f"cannot decode image {what}: {why}") from None
 

@@ -76,7 +76,11 @@ def _open(shards: list[str], meta_path: str) -> RecordSource:
 
 def _image_source(records: RecordSource, size: int, name: str, skip_bad: bool = False) -> images.ImageSource:
     def fetch(i: int) -> tuple[bytes, int]:
-        example = records[i]
+        try:
+            example = records[i]
+        except Exception as e:  # a damaged record (a checksum mismatch) inside a shard that opened
+            raise DataError(f"example {i} of {os.path.dirname(records.paths[0])} ({name}) does not read back: "
+                            f"{one_line(e)}") from None
         return example["image"].tobytes(), int(example["label"])
 
     return images.ImageSource(fetch, len(records), size, name, skip_bad, os.path.dirname(records.paths[0]))
@@ -91,8 +95,12 @@ def array_record(path: str = "", image_size: int = 224, normalize: str = "imagen
     try:
         with open(meta_path) as f:
             meta = json.load(f)
-        splits = {prefix: [os.path.join(path, shard) for shard in meta["splits"][prefix]["shards"]]
-                  for prefix, _ in SPLITS}
+        listed = {prefix: meta["splits"][prefix]["shards"] for prefix, _ in SPLITS}
+        for prefix, shards in listed.items():
+            if not (isinstance(shards, list) and shards and all(isinstance(s, str) and s for s in shards)):
+                raise DataError(f"{meta_path} is not a dlfx ArrayRecord description: splits.{prefix}.shards must "
+                                f"be a non-empty list of shard file names, got {json.dumps(shards)[:80]}")
+        splits = {prefix: [os.path.join(path, shard) for shard in shards] for prefix, shards in listed.items()}
         kind = meta["kind"]
     except FileNotFoundError:
         raise DataError(f"config.data.path: {meta_path} does not exist (write the folder with `dlfx data convert`)") from None
@@ -172,6 +180,9 @@ def convert(kind: str, source: str, out: str, shards: int = 1, **options: Any) -
         counts = {"train": len(train[0]), "val": len(val[0])}
     elif kind == "arrays":
         dataset = files.arrays(source, **options)
+        from dlfx.data import _check_dataset  # numbers only: safetensors stores no strings or objects
+
+        _check_dataset(dataset, source)
         splits = {"train": as_source(dataset.train), "val": as_source(dataset.test)}
         meta = {"kind": "arrays", "num_classes": dataset.num_classes, "classes": []}
         counts = {prefix: length(split) for prefix, split in splits.items()}
