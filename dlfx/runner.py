@@ -23,7 +23,7 @@ from dlfx.errors import ConfigError, WorkdirError, one_line
 from dlfx.experiment import build, evaluate, init_from_pretrained
 from dlfx.restore import checkpoint_dir, evaluate_workdir, restore_run  # noqa: F401  (re-exported)
 from dlfx.preemption import Preemption
-from dlfx.workdir import DATA_FILE, WorkdirLock, read_status, write_json, write_status
+from dlfx.workdir import DATA_FILE, WorkdirLock, read_json, read_status, write_json, write_status
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, force: bool = False,
@@ -62,6 +62,13 @@ def _train(config, workdir, force, preemption, start_time, before_save=lambda: N
             train_iter.interrupted = lambda: preemption.requested
         checkpointer = Checkpointer(ckpt_dir, keep=config.train.keep)
         restored = checkpointer.restore_latest(exp.abstract_state, train_iter)
+        described = os.path.join(workdir, DATA_FILE)
+        if restored is not None and os.path.isfile(described):  # the same data set, or the order is another's
+            try:
+                description = read_json(described)
+            except ConfigError:  # damaged: written anew below
+                description = {}
+            data.check_unchanged(description, exp.dataset, remote.join(remote.shown(workdir), DATA_FILE))
         if restored is None:  # a fresh run (from pretrained weights, if asked): the one live state
             state = exp.init()
             restored_or_fresh = (init_from_pretrained(exp, state) if config.init_from.path else state), None

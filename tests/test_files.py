@@ -501,3 +501,27 @@ def _png(width, height):
     encoded = io.BytesIO()
     Image.fromarray(np.zeros((height, width, 3), np.uint8)).save(encoded, format="PNG")
     return encoded.getvalue()
+
+
+def test_a_resume_on_a_changed_data_set_is_refused(repo_root, tmp_path):
+    """The checkpoint's data order is that of its data set: resuming on more (or fewer) examples is refused."""
+    import shutil
+
+    from dlfx.errors import ConfigError
+
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(96, 8, 8, 1)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x[:64], y=np.zeros(64, np.int32))
+    config = config_lib.load(os.path.join(repo_root, "configs/digits_mlp.py"), [
+        "data.name=arrays", f"data.path={tmp_path / 'd.npz'}", "data.test_fraction=0.25", "data.batch_size=16",
+        "model.hidden_dims=(8,)", "train.epochs=0", "train.steps=4", "train.eval_every=0", "train.checkpoint_every=2",
+        "optimizer.warmup_steps=1", "parallel.num_devices=1"])
+    workdir = str(tmp_path / "run")
+    runner.train(config, workdir)
+    shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))  # as if stopped after step 2
+    np.savez(tmp_path / "d.npz", x=x, y=np.zeros(96, np.int32))
+    with pytest.raises(ConfigError, match=r"config.data: the train split has 72 examples, but the run was trained on "
+                                          r"48 \(.*data.json\): the data set changed"):
+        runner.train(config, workdir)
+    np.savez(tmp_path / "d.npz", x=x[:64], y=np.zeros(64, np.int32))  # the same data again: resumes
+    assert runner.train(config, workdir)["status"] == "finished"

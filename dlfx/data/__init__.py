@@ -151,7 +151,22 @@ def describe(dataset: Dataset) -> dict[str, Any]:
         metadata[key] = value
     return {"name": dataset.name, "num_classes": dataset.num_classes, "metadata": metadata,
             "example": {k: {"shape": list(shape), "dtype": str(dtype)}
-                        for k, (shape, dtype) in access.element_spec(dataset.train).items()}}
+                        for k, (shape, dtype) in access.element_spec(dataset.train).items()},
+            "num_examples": {split: access.length(getattr(dataset, split)) for split in ("train", "test")}}
+
+
+def check_unchanged(description: Mapping[str, Any], dataset: Dataset, where: str) -> None:
+    """A resumed run reads the data set its checkpoint was trained on: the example counts `describe` recorded
+    (in `where`) are this data set's, else the saved data order cannot continue (a ConfigError)."""
+    recorded = description.get("num_examples") if isinstance(description, Mapping) else None
+    if not isinstance(recorded, Mapping):
+        return  # written by an older dlfx
+    for split in ("train", "test"):
+        now = access.length(getattr(dataset, split))
+        if recorded.get(split) not in (None, now):
+            raise ConfigError(f"config.data: the {split} split has {now} examples, but the run was trained on "
+                              f"{recorded[split]} ({where}): the data set changed, so its checkpoint's data order "
+                              "cannot continue; restore that data, or train afresh (--force, or a new --workdir)")
 
 
 def stand_in(description: Mapping[str, Any]) -> Dataset:
