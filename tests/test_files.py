@@ -323,6 +323,11 @@ def test_writers_and_sources_refuse_or_survive_what_a_probe_tried(tmp_path):
     meta_path = wide / "meta.json"
     meta_path.write_text(meta_path.read_text().replace('"uint16"', '"uint32"'))
     np.testing.assert_array_equal(files.tokens(str(wide), seq_len=8).train[0]["x"], ids[:8])
+    meta_path.write_text(meta_path.read_text().replace('"dtype": "uint32",', ''))
+    assert '"dtype"' not in meta_path.read_text()
+    with pytest.raises(DataError, match="every second one is 0: it looks like uint32 ids"):  # not read as uint16
+        files.tokens(str(wide), seq_len=8)
+    meta_path.write_text(meta_path.read_text().replace('{', '{"dtype": "uint32", ', 1))
     val = np.fromfile(wide / "val.bin", np.uint32)
     val[3] = 999
     val.tofile(wide / "val.bin")

@@ -121,6 +121,11 @@ def tokens(path: str = "", seq_len: int = 1024, dtype: str = "") -> Dataset:
         if largest >= meta["vocab_size"]:
             raise DataError(f"{path}/{name} holds token id {largest} >= vocab_size {meta['vocab_size']} "
                             f"(is config.data.dtype={dtype!r} the dtype it was written with?)")
+    if not written and dtype == "uint16":  # the default: uint32 ids read as uint16 leave every other one 0
+        start = train[:min(len(train), 1 << 16) // 2 * 2]
+        if len(start) >= 64 and not start[1::2].any() and start[::2].any():
+            raise DataError(f"{path}: train.bin reads as uint16 ids of which every second one is 0: it looks "
+                            "like uint32 ids; add \"dtype\": \"uint32\" to its meta.json (or set config.data.dtype)")
     encoding = meta.get("encoding", "chars" if meta.get("vocab") else "ids")
     metadata: dict[str, Any] = {"kind": "tokens", "encoding": encoding, "char_level": encoding == "chars"}
     if meta.get("vocab") is not None:
