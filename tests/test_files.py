@@ -309,7 +309,14 @@ def test_writers_and_sources_refuse_or_survive_what_a_probe_tried(tmp_path):
     os.mkfifo(corpus / "pipe")  # not a regular file: skipped, never read (it would block)
     (tmp_path / "out.tmp").mkdir()
     (tmp_path / "out.tmp" / "mine.txt").write_text("keep me")  # a user's folder beside --out survives
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    import socket
+
+    left = tmp_path / f".out.partial-{socket.gethostname()}-{dead.pid}-abc_12"  # a SIGKILLed writer's stage
+    left.mkdir()
     meta = files.write_tokens(str(corpus), str(tmp_path / "out"), "chars")
+    assert not left.exists()
     assert "\r" in meta["vocab"] and (tmp_path / "out.tmp" / "mine.txt").read_text() == "keep me"
     assert sorted(os.listdir(tmp_path / "out")) == ["meta.json", "train.bin", "val.bin"]
     with pytest.raises(DataError, match="its folder .* does not exist"):

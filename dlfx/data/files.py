@@ -12,9 +12,12 @@ import codecs
 import contextlib
 import json
 import os
+import re
 import shutil
 import signal
+import socket
 import tempfile
+import sys
 import threading
 import zipfile
 from typing import Any, Iterator
@@ -146,12 +149,14 @@ def staged_output(out: str) -> Iterator[str]:
     parent = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(parent):
         raise DataError(f"--out {out}: its folder {parent} does not exist")
+    _remove_dead_stages(parent, os.path.basename(out))
     previous = signal.getsignal(signal.SIGTERM)
     if threading.current_thread() is threading.main_thread():  # SIGTERM unwinds like Ctrl-C: the stage is removed
         signal.signal(signal.SIGTERM, _raise_terminated)
     stage = None
     try:
-        stage = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.partial-")
+        stage = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(out)}.partial-{socket.gethostname()}-"
+                                                    f"{os.getpid()}-")
         yield stage
         if os.path.isdir(out):
             os.rmdir(out)
@@ -167,6 +172,18 @@ def staged_output(out: str) -> Iterator[str]:
             shutil.rmtree(stage, ignore_errors=True)
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, previous)
+
+
+def _remove_dead_stages(parent: str, name: str) -> None:
+    """Remove the stages of `name` that a killed (SIGKILL) writer of this machine left in `parent`."""
+    from dlfx.workdir import _alive
+
+    pattern = re.compile(re.escape(f".{name}.partial-{socket.gethostname()}-") + r"(\d+)-[^-]+$")
+    for entry in os.listdir(parent):
+        found = pattern.match(entry)
+        if found and not _alive(int(found.group(1))):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+            print(f"dlfx: removed {os.path.join(parent, entry)}, left by a writer that was killed", file=sys.stderr)
 
 
 class Terminated(KeyboardInterrupt):
@@ -234,7 +251,7 @@ def _read_chunks(files: list[str], binary: bool) -> Iterator[Any]:
 def write_tokens(source: str, out: str, vocab: str = "chars", val_fraction: float = 0.1) -> dict:
     """Write a token folder from a text file or a folder of them, streaming (never the whole corpus in
     memory): `bytes` = UTF-8 bytes as ids 0-255; `chars` = the corpus's characters, sorted. The last
-    `val_fraction` of the tokens is `val.bin`. Written to `OUT.tmp` and renamed; returns meta.json."""
+    `val_fraction` of the tokens is `val.bin`. Written to a hidden stage beside OUT and renamed; returns meta.json."""
     if vocab not in ("bytes", "chars"):
         raise DataError(f"--vocab {vocab!r} is not one of bytes, chars")
     if not 0 < val_fraction < 1:

@@ -163,7 +163,7 @@ def _examples(kind: str, split: Any) -> Any:
 
 def convert(kind: str, source: str, out: str, shards: int = 1, **options: Any) -> dict:
     """Write `dlfx data convert`'s folder from an `image_folder` (encoded files, no re-encoding) or an `arrays`
-    source (`options`: its arguments, e.g. test_fraction); streamed, written to OUT.tmp then renamed."""
+    source (`options`: its arguments, e.g. test_fraction); streamed into a hidden stage beside OUT, then renamed."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
     from dlfx.data import files
