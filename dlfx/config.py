@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import contextlib
 import difflib
 import importlib.util
 import inspect
@@ -160,8 +161,20 @@ def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
     return keys
 
 
+def _argument_keys(config: ml_collections.ConfigDict) -> list[str]:
+    """`model.X` / `data.X` for the arguments of the configured model and data source a config leaves out."""
+    from dlfx import data, models
+
+    keys = []
+    with contextlib.suppress(Exception):  # an unknown model or source: no suggestions from it
+        keys += [f"model.{name}" for name in models.fields(config.model.name)]
+    with contextlib.suppress(Exception):
+        keys += [f"data.{name}" for name in inspect.signature(data.resolve(config.data.name)).parameters]
+    return keys
+
+
 def _unknown_key(key: str, config: ml_collections.ConfigDict) -> ConfigError:
-    leaves = flat_keys(config)
+    leaves = flat_keys(config) + _argument_keys(config)
     candidates = sorted({".".join(k.split(".")[:i + 1]) for k in leaves for i in range(k.count(".") + 1)})
     close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
     hint = f"; did you mean config.{close[0]}?" if close else ""

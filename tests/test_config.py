@@ -16,6 +16,11 @@ def _write(tmp_path, text, name="cfg.py"):
     return str(path)
 
 
+def test_a_misspelt_argument_the_config_leaves_at_its_default_is_suggested(repo_root):
+    with pytest.raises(ConfigError, match="config.data.skip_bad_image; did you mean config.data.skip_bad_images"):
+        config_lib.load(os.path.join(repo_root, "configs/finetune_resnet_folder.py"), ["data.skip_bad_image=true"])
+
+
 def test_load_applies_overrides_with_types(repo_root):
     c = config_lib.load(os.path.join(repo_root, "configs/digits_cnn.py"), [
         "optimizer.learning_rate=0.01", "train.epochs=3", "optimizer.nesterov=true",
