@@ -147,7 +147,7 @@ def cmd_plot(args: argparse.Namespace, extra: list[str]) -> int:
     from dlfx import plot, remote
 
     _no_extra(extra)
-    out = plot.output_path(args.output or remote.join(args.runs[0], "plots", "curves.png"))
+    out = plot.output_path(remote.join(args.runs[0], "plots", "curves.png") if args.output is None else args.output)
     metrics = None if args.metrics is None else [m.strip() for m in args.metrics.split(",") if m.strip()]
     with contextlib.ExitStack() as stack:  # gs:// runs are read from (and a gs:// figure written through) local copies
         runs = [stack.enter_context(remote.readable(run)) for run in args.runs]

@@ -54,8 +54,11 @@ def checkpoint_shapes(step_dir: str) -> dict[str, tuple[tuple[int, ...], str]]:
     try:
         with ocp.StandardCheckpointer() as checkpointer:
             local = "://" not in step_dir
-            tree = checkpointer.metadata(os.path.join(os.path.abspath(step_dir) if local else step_dir,
-                                                      "state")).item_metadata.tree
+            item = checkpointer.metadata(os.path.join(os.path.abspath(step_dir) if local else step_dir,
+                                                      "state")).item_metadata
+            if item is None:
+                raise ValueError("its metadata does not read back (damaged or cut-off files)")
+            tree = item.tree
     except Exception as e:
         raise CheckpointError(f"cannot read checkpoint {step_dir}: {one_line(e)}") from None
     finally:

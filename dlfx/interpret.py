@@ -136,6 +136,8 @@ def parse_indices(text: str, limit: int) -> list[int]:
     try:
         if ".." in text:
             first, last = (int(v) for v in text.split(".."))
+            if first <= last and not (0 <= first and last < limit):  # checked before a list of them is made
+                raise ConfigError(f"--index {text!r}: indices must be in [0, {limit})")
             indices = list(range(first, last + 1))
         else:
             indices = [int(v) for v in text.split(",") if v.strip()]
@@ -145,7 +147,8 @@ def parse_indices(text: str, limit: int) -> list[int]:
         raise ConfigError(f"--index {text!r} selects no example (A..B needs A <= B)")
     bad = [i for i in indices if not 0 <= i < limit]
     if bad:
-        raise ConfigError(f"--index {text!r}: indices must be in [0, {limit}) (bad: {bad})")
+        shown = ", ".join(map(str, bad[:5])) + (f", ... ({len(bad)} in all)" if len(bad) > 5 else "")
+        raise ConfigError(f"--index {text!r}: indices must be in [0, {limit}) (bad: {shown})")
     return indices
 
 

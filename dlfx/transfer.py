@@ -63,6 +63,9 @@ def _compile(patterns: Iterable[str], key: str) -> list[str]:
 def _dlfx_step_dirs(path: str, step: int) -> list[str]:
     """Candidate `<step>/state` folders under a workdir, checkpoints folder or step folder, newest first."""
     path = os.path.abspath(path)  # Orbax reads no metadata through a relative path
+    if not os.path.isdir(path):
+        raise TransferError(f"init_from: {path} is a file, not a dlfx run or checkpoint folder (init_from.format "
+                            f"says what it holds: one of {', '.join(FORMATS)})")
     if os.path.isdir(os.path.join(path, "state")):
         return [os.path.join(path, "state")]
     ckpt = os.path.join(path, "checkpoints") if os.path.isdir(os.path.join(path, "checkpoints")) else path
@@ -89,7 +92,10 @@ def _read_dlfx(path: str, step: int) -> dict[str, np.ndarray]:
         for state_dir in _dlfx_step_dirs(path, step):
             try:
                 checkpointer = ocp.StandardCheckpointer()
-                meta = checkpointer.metadata(state_dir).item_metadata.tree
+                item = checkpointer.metadata(state_dir).item_metadata
+                if item is None:
+                    raise ValueError("its metadata does not read back (damaged or cut-off files)")
+                meta = item.tree
                 target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=cpu), meta)
                 state = checkpointer.restore(state_dir, target)  # any saved device count restores here
             except Exception as e:  # an unreadable step: try the previous one, like resume does
@@ -109,8 +115,13 @@ def _read_hf_folder(path: str) -> tuple[dict[str, np.ndarray], dict]:
     config_path = os.path.join(path, "config.json")
     if not os.path.isfile(config_path):
         raise TransferError(f"init_from: {config_path} not found (a Hugging Face folder holds config.json)")
-    with open(config_path) as f:
-        config = json.load(f)
+    try:
+        with open(config_path) as f:
+            config = json.load(f)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TransferError(f"init_from: {config_path} does not read as JSON: {one_line(e)}") from None
+    if not isinstance(config, dict):
+        raise TransferError(f"init_from: {config_path} must hold a JSON object, not a {type(config).__name__}")
     for name in ("model.safetensors", "pytorch_model.bin"):
         if os.path.isfile(os.path.join(path, name)):
             return convert.read_state_dict(os.path.join(path, name)), config
@@ -248,5 +259,8 @@ def _example_input(model: Any, flat: Mapping[str, np.ndarray]) -> np.ndarray:
         side = math.isqrt(flat["params/pos_embed"].shape[1] - 1) * model.patch_size
         channels = flat["params/patch_embed/kernel"].shape[2]
         return np.zeros((1, side, side, channels), np.float32)
+    if "params/conv1/kernel" not in flat:
+        raise TransferError("import_weights: none of the source's tensors maps to a dlfx model "
+                            "(no token embedding, ViT patch embedding or ResNet stem found)")
     channels = flat["params/conv1/kernel"].shape[2]
     return np.zeros((1, 64, 64, channels), np.float32)

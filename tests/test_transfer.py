@@ -193,3 +193,32 @@ def test_bad_sources_are_one_line_errors(tmp_path):
     (tmp_path / "w.safetensors").write_bytes(b"not safetensors")
     with pytest.raises(TransferError, match="not a readable safetensors"):
         transfer.import_weights(str(tmp_path / "w.safetensors"), "torchvision_resnet")
+    (tmp_path / "w.npz").write_bytes(b"weights")  # a file where a dlfx run folder is expected
+    with pytest.raises(TransferError, match=r"w.npz is a file, not a dlfx run or checkpoint folder .init_from.format"):
+        transfer.load_pretrained({"params": {}}, {"path": str(tmp_path / "w.npz"), "format": "dlfx"})
+    for text, why in [("{not json", "does not read as JSON"), ("[]", "must hold a JSON object, not a list")]:
+        (tmp_path / "hf" / "config.json").write_text(text)
+        with pytest.raises(TransferError, match=why):
+            transfer.import_weights(str(tmp_path / "hf"), "hf_gpt2")
+    from safetensors.numpy import save_file
+
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({"n_embd": 8, "n_head": 2, "n_layer": 1,
+                                                             "n_positions": 16, "vocab_size": 11}))
+    save_file({"foo.bar": np.zeros(3, np.float32)}, str(tmp_path / "hf" / "model.safetensors"))
+    with pytest.raises(TransferError, match="none of the source.s tensors maps to a dlfx model"):
+        transfer.import_weights(str(tmp_path / "hf"), "hf_gpt2")
+
+
+def test_sampling_at_a_tiny_temperature_is_greedy_and_cli_ranges_are_checked_before_use():
+    from dlfx import interpret, plot
+    from dlfx.models.transformer import sample_logits
+
+    logits = jax.numpy.array([[1.0, 2.0, 3.0, -1.0]])
+    for temperature in (0.0, 1e-30, 1e-40, 1e-300):  # float32 turns the last two into 0: greedy, not token 0
+        assert int(sample_logits(logits, jax.random.PRNGKey(0), temperature)[0]) == 2
+    with pytest.raises(ConfigError, match=r"--index '0..1000000000000': indices must be in \[0, 10\)$"):
+        interpret.parse_indices("0..1000000000000", 10)  # refused before a list of 10^12 is built
+    with pytest.raises(ConfigError, match=r"bad: 10, 11, 12, 13, 14, ... \(90 in all\)"):
+        interpret.parse_indices(",".join(map(str, range(100))), 10)
+    with pytest.raises(ConfigError, match="-o is empty"):
+        plot.output_path("")

@@ -330,9 +330,10 @@ def add_positions(x: jnp.ndarray, wpe: jnp.ndarray, start: Any = 0, decode: bool
 
 def sample_logits(logits: jnp.ndarray, rng: jnp.ndarray, temperature: float) -> jnp.ndarray:
     """Greedy (temperature 0) or temperature-scaled categorical sampling of the next token."""
-    if temperature == 0.0:
+    if temperature <= float(np.finfo(np.float32).tiny):  # 0, or so small that float32 would divide by zero
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(rng, logits / temperature, axis=-1).astype(jnp.int32)
+    scaled = (logits - jnp.max(logits, axis=-1, keepdims=True)) / temperature  # the best at 0: never inf - inf
+    return jax.random.categorical(rng, scaled, axis=-1).astype(jnp.int32)
 
 
 @functools.partial(jax.jit, static_argnames=("model", "length", "temperature"))
