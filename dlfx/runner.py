@@ -213,10 +213,12 @@ def _loop(exp, config, workdir, checkpointer, train_iter, start, start_time, pre
                     train_iter.regroup(call_sizes)
             window.read_deferred()  # the next call is queued: the device never waits on logging
             preempted = preemption.requested or (multi and checkpointer.reached_preemption(step))
-            # a run file that could not be written stops the run like a preemption: the window is read now (with
-            # several processes, at the next point where they all read it: only process 0 writes the run files)
-            due = train_metrics_lib.due(step, exp.total_steps, config.train,
-                                        preempted or (not multi and logger.failure is not None))
+            due = train_metrics_lib.due(step, exp.total_steps, config.train, preempted)
+            # a run file that could not be written stops the run at the next log point, its window read now (so
+            # the rerun's windows are an uninterrupted run's); with several processes, at the next point where
+            # they all read it (only process 0 writes the run files)
+            if not multi and logger.failure is not None and due.log and not due.read:
+                due = train_metrics_lib.due(step, exp.total_steps, config.train, True)
             if due.log:
                 window.close(step, read_now=due.read)
             if due.eval:
@@ -227,7 +229,7 @@ def _loop(exp, config, workdir, checkpointer, train_iter, start, start_time, pre
             scheduled = due.save and cadence.allows()  # asked on every process alike (a collective when several)
             if preempted or scheduled:
                 logger.flush()
-            if (due.read and stopping.process_zero_failed(logger)) if multi else logger.failure is not None:
+            if due.read and (stopping.process_zero_failed(logger) if multi else logger.failure is not None):
                 # a run file could not be written (a full disk): keep this step and its records, then stop
                 stopping.save_before_failing(checkpointer, step, state, train_iter, logger.unwritten)
                 raise logger.failure or WorkdirError(f"stopped at step {step}: process 0 could not write the run "
