@@ -118,7 +118,7 @@ def format_table(shapes: dict[str, tuple[tuple[int, ...], str]]) -> str:
     lines += [f"{p:<{width}}  {s:<{shape_width}}  {d:<8}  {c:>12,}" for p, s, d, c in rows]
     totals: dict[str, int] = {}
     for p, _, _, c in rows:
-        group = p.split("/")[0] if p.startswith(("params/", "batch_stats/")) else "total"
+        group = p.split("/")[0] if p.startswith(("params/", "batch_stats/")) else "parameters"
         totals[group] = totals.get(group, 0) + c
     lines.append("total: " + ", ".join(f"{c:,} {g}" for g, c in totals.items()) if rows else "total: 0")
     return "\n".join(lines)
