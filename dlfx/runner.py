@@ -76,6 +76,9 @@ def _train(config, workdir, force, preemption, start_time, before_save=lambda: N
             restored_or_fresh = restored
         done = (restored is not None and restored[1] == exp.total_steps
                 and runs.is_finished(workdir, exp.total_steps))
+        # a rerun after the last step (its eval or plots missing) keeps the timing of the run that trained
+        timing = {k: v for k, v in read_status(workdir).items() if k in ("wall_time", "steps_per_sec")} \
+            if restored is not None and restored[1] == exp.total_steps else {}
         if is_main and not done:
             config_lib.write_workdir(config, workdir)  # with imports.json: where its import paths were found
             checkpoint.claim(ckpt_dir, config, workdir)
@@ -115,7 +118,7 @@ def _train(config, workdir, force, preemption, start_time, before_save=lambda: N
         lock.release()
     if is_main:
         write_status(workdir, summary["status"], step=summary["step"], total_steps=exp.total_steps,
-                     wall_time=summary["wall_time"], steps_per_sec=summary["steps_per_sec"],
+                     **({"wall_time": summary["wall_time"], "steps_per_sec": summary["steps_per_sec"]} | timing),
                      **({} if plotted else {"plots": "failed"}))  # a rerun makes them
     return summary
 

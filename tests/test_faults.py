@@ -502,10 +502,13 @@ def test_plots_a_full_disk_kept_from_being_written_are_made_by_the_rerun(repo_ro
     monkeypatch.setattr(plot, "save_figure", disk_full)
     assert runner.train(config, workdir)["status"] == "finished"
     plots = os.path.join(workdir, "plots")
-    assert runner.read_status(workdir)["plots"] == "failed" and not (os.path.exists(plots) and os.listdir(plots))
+    trained = runner.read_status(workdir)
+    assert trained["plots"] == "failed" and not (os.path.exists(plots) and os.listdir(plots))
     monkeypatch.setattr(plot, "save_figure", save_figure)
     runner.train(config, workdir)
-    assert "curves.png" in os.listdir(os.path.join(workdir, "plots")) and "plots" not in runner.read_status(workdir)
+    again = runner.read_status(workdir)
+    assert "curves.png" in os.listdir(os.path.join(workdir, "plots")) and "plots" not in again
+    assert (again["wall_time"], again["steps_per_sec"]) == (trained["wall_time"], trained["steps_per_sec"])
 
 
 def test_the_command_line_keeps_a_sigterm_from_before_the_run_starts(repo_root, tmp_path, monkeypatch, capsys):
