@@ -186,13 +186,7 @@ def _loop(exp, config, workdir, checkpointer, train_iter, start, start_time, pre
             try:
                 batch = next(train_iter)
             except (data.WorkerLost, data.Interrupted) as e:  # keep the steps since the last save (one process)
-                window.read_deferred()  # the records up to this step first, as a preemption at a step writes them
-                if window.pending:
-                    window.close(step, read_now=True)
-                if not multi and step > max(checkpointer.steps(), default=0):
-                    logger.flush()
-                    before_save()
-                    checkpointer.save(step, state, train_iter)
+                stopping.keep_before_stopping(checkpointer, window, logger, step, state, train_iter, before_save)
                 if isinstance(e, data.WorkerLost):
                     logger.message(f"newest checkpoint: step {max(checkpointer.steps(), default=0)}")
                     raise

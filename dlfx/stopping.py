@@ -7,8 +7,11 @@ error is the one reported, and a step whose metric records the run files could n
 from __future__ import annotations
 
 import sys
+from typing import Any, Callable
 
 import jax
+import numpy as np
+from jax.experimental import multihost_utils
 
 from dlfx import log, remote
 from dlfx.checkpoint import BestCheckpoint, Checkpointer
@@ -43,13 +46,9 @@ def close_writers(checkpointer: Checkpointer, best: BestCheckpoint | None, logge
 
 
 def process_zero_failed(logger: log.RunLogger) -> bool:
-    """Whether process 0 (the one that writes the run files) has a run-file error, on every process alike: a
-    collective, so every process asks at the same step."""
+    """Whether process 0 (it writes the run files) has a run-file error, on every process (a collective)."""
     failed = logger.failure is not None
     if jax.process_count() > 1:
-        import numpy as np
-        from jax.experimental import multihost_utils
-
         failed = bool(multihost_utils.broadcast_one_to_all(np.int32(failed)))
     return failed
 
@@ -71,6 +70,25 @@ def save_before_failing(checkpointer: Checkpointer, step: int, state, train_iter
     if is_main:
         print(f"dlfx: saved step {step} and the {len(logs)} metric records the run files could not take to "
               f"{checkpointer.directory} before stopping", file=sys.stderr)
+
+
+def keep_before_stopping(checkpointer: Checkpointer, window: Any, logger: log.RunLogger, step: int, state: Any,
+                         train_iter: Any, before_save: Callable[[], None]) -> None:
+    """Before a run stops between steps (SIGTERM while a stalled reader held the next batch, a lost data worker):
+    write the window read one call late and the partial one, then save the steps since the last checkpoint (one
+    process: a save takes every process); a run-file error keeps the records with the step and is raised."""
+    window.read_deferred()
+    if window.pending:
+        window.close(step, read_now=True)
+    if jax.process_count() > 1:
+        return
+    logger.flush()
+    if logger.failure is not None:
+        save_before_failing(checkpointer, step, state, train_iter, logger.unwritten)
+        raise logger.failure
+    if step > max(checkpointer.steps(), default=0):
+        before_save()  # a remote workdir gets the logs up to this checkpoint first
+        checkpointer.save(step, state, train_iter)
 
 
 def replay_unwritten(checkpointer: Checkpointer, logger: log.RunLogger, workdir: str, step: int) -> None:

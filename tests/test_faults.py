@@ -527,11 +527,12 @@ def test_the_command_line_keeps_a_sigterm_from_before_the_run_starts(repo_root, 
     assert cli.main(args) == 0 and runner.read_status(workdir)["status"] == "finished"
 
 
-def test_a_run_file_error_between_log_points_loses_no_record(repo_root, tmp_path, monkeypatch):
-    """Plain log points are read one call late: the run file fails when the step-5 window is read, at step 6. The
-    run goes on to the next log point (10), reads its window now and saves step 10 with every unwritten record:
+@pytest.mark.parametrize("per_call", [1, 5])
+def test_a_run_file_error_between_log_points_loses_no_record(repo_root, tmp_path, monkeypatch, per_call):
+    """Plain log points are read one call late: the run file fails when the step-5 window is read (at step 6, or
+    at 10 with 5 steps per call). The run goes on to the next log point (10), reads its window now and saves step 10 with every unwritten record:
     the rerun's history equals an uninterrupted run's, line for line (no partial window at step 6)."""
-    config = tiny(repo_root, "train.checkpoint_every=0", "train.eval_every=0", "train.steps_per_call=1")
+    config = tiny(repo_root, "train.checkpoint_every=0", "train.eval_every=0", f"train.steps_per_call={per_call}")
     record = log.RunLogger._record
 
     def full_from_step_5(self, entry):
@@ -545,21 +546,24 @@ def test_a_run_file_error_between_log_points_loses_no_record(repo_root, tmp_path
     assert Checkpointer(os.path.join(workdir, "checkpoints")).steps() == [10]
     monkeypatch.setattr(log.RunLogger, "_record", record)
     runner.train(config, workdir)
-    whole = runner.train(config, str(tmp_path / "whole"))
-    drop = ("wall_time", "steps_per_sec")
-    resumed, uninterrupted = ([{k: v for k, v in r.items() if k not in drop} for r in log.read_metrics(w)]
-                              for w in (workdir, whole["workdir"]))
-    assert resumed == uninterrupted
+    assert _history(workdir) == _history(runner.train(config, str(tmp_path / "whole"))["workdir"])
 
 
-def test_sigterm_while_the_reader_holds_the_next_batch_back_loses_no_record(repo_root, tmp_path, monkeypatch):
+def _history(workdir: str) -> list[dict]:
+    """A run's metric records without their timings (equal for equal runs)."""
+    return [{k: v for k, v in r.items() if k not in ("wall_time", "steps_per_sec")} for r in log.read_metrics(workdir)]
+
+
+@pytest.mark.parametrize("disk_full", [False, True])
+def test_sigterm_while_the_reader_holds_the_next_batch_back_loses_no_record(repo_root, tmp_path, monkeypatch,
+                                                                            disk_full):
     """The step-5 log point is read one call late; a SIGTERM while the reader stalls on step 6's batch ends the run
-    before that call: the step-5 line is written before the save, and the rerun's history equals an uninterrupted
-    run's."""
+    before that call: the step-5 line is written before the save (or, on a full disk, saved with it), and the
+    rerun's history equals an uninterrupted run's."""
     from dlfx import data
 
     config = tiny(repo_root, "train.steps=10", "train.steps_per_call=1")
-    real_next, calls = data.DevicePrefetcher.__next__, []
+    real_next, calls, record = data.DevicePrefetcher.__next__, [], log.RunLogger._record
 
     def stalls_at_step_6(self):
         calls.append(1)
@@ -567,13 +571,18 @@ def test_sigterm_while_the_reader_holds_the_next_batch_back_loses_no_record(repo
             raise data.Interrupted("interrupted while waiting for the next batch")
         return real_next(self)
 
+    def full_from_step_5(self, entry):
+        return WorkdirError("cannot write metrics.jsonl: No space left on device") if entry["step"] >= 5 \
+            else record(self, entry)
+
     monkeypatch.setattr(data.DevicePrefetcher, "__next__", stalls_at_step_6)
     workdir = str(tmp_path / "run")
-    assert runner.train(config, workdir)["status"] == "preempted"
+    if disk_full:
+        monkeypatch.setattr(log.RunLogger, "_record", full_from_step_5)
+        with pytest.raises(WorkdirError, match="No space left"):
+            runner.train(config, workdir)
+    else:
+        assert runner.train(config, workdir)["status"] == "preempted"
     monkeypatch.undo()
     assert runner.train(config, workdir)["status"] == "finished"
-    whole = runner.train(config, str(tmp_path / "whole"))
-    drop = ("wall_time", "steps_per_sec")
-    resumed, uninterrupted = ([{k: v for k, v in r.items() if k not in drop} for r in log.read_metrics(w)]
-                              for w in (workdir, whole["workdir"]))
-    assert resumed == uninterrupted
+    assert _history(workdir) == _history(runner.train(config, str(tmp_path / "whole"))["workdir"])
