@@ -63,7 +63,7 @@ def _train(config, workdir, force, preemption, start_time, before_save=lambda: N
         checkpointer = Checkpointer(ckpt_dir, keep=config.train.keep)
         restored = checkpointer.restore_latest(exp.abstract_state, train_iter)
         described = os.path.join(workdir, DATA_FILE)
-        if restored is not None and os.path.isfile(described):  # the same data set, or the order is another's
+        if restored is not None and not force and os.path.isfile(described):  # the data set it was trained on
             try:
                 description = read_json(described)
             except ConfigError:  # damaged: written anew below

@@ -532,8 +532,11 @@ def test_a_resume_on_a_changed_data_set_is_refused(repo_root, tmp_path):
     runner.train(config, workdir)
     shutil.rmtree(os.path.join(workdir, "checkpoints", "4"))  # as if stopped after step 2
     np.savez(tmp_path / "d.npz", x=x, y=np.zeros(96, np.int32))
-    with pytest.raises(ConfigError, match=r"config.data: the train split has 72 examples, but the run was trained on "
-                                          r"48 \(.*data.json\): the data set changed"):
+    with pytest.raises(ConfigError, match=r"config.data: the train split has 72 examples, but the run was trained "
+                                          r"with 48 \(.*data.json\): the data set changed and the saved data order"):
         runner.train(config, workdir)
+    forced = tmp_path / "forced"  # --force: the user means it; the run continues on the new data
+    shutil.copytree(workdir, forced)
+    assert runner.train(config, str(forced), force=True)["status"] == "finished"
     np.savez(tmp_path / "d.npz", x=x[:64], y=np.zeros(64, np.int32))  # the same data again: resumes
     assert runner.train(config, workdir)["status"] == "finished"

@@ -164,9 +164,11 @@ def check_unchanged(description: Mapping[str, Any], dataset: Dataset, where: str
     for split in ("train", "test"):
         now = access.length(getattr(dataset, split))
         if recorded.get(split) not in (None, now):
-            raise ConfigError(f"config.data: the {split} split has {now} examples, but the run was trained on "
-                              f"{recorded[split]} ({where}): the data set changed, so its checkpoint's data order "
-                              "cannot continue; restore that data, or train afresh (--force, or a new --workdir)")
+            why = ("the saved data order cannot continue on it" if split == "train" else
+                   "its eval metrics would not compare with the ones logged")
+            raise ConfigError(f"config.data: the {split} split has {now} examples, but the run was trained with "
+                              f"{recorded[split]} ({where}): the data set changed and {why}; restore that data, "
+                              "use a new --workdir, or pass --force to continue from the checkpoint on this data")
 
 
 def stand_in(description: Mapping[str, Any]) -> Dataset:
