@@ -61,7 +61,7 @@ def is_remote(path: str) -> bool:
                               f"(or ./{path} for a local folder)")
         return False
     if scheme not in SCHEMES:
-        hint = " (in lower case)" if scheme.lower() in SCHEMES else ""
+        hint = " (in lower case)" if scheme.lower() in SCHEMES else " (write gs://)" if scheme.lower() == "gcs" else ""
         raise ConfigError(f"{path}: dlfx reaches {', '.join(s + '://' for s in SCHEMES)} folders{hint} and local "
                           f"paths, not {scheme}://")
     if not rest.split("/")[0]:  # gs:// or gs:///x: the filesystem's root, no run folder
@@ -292,11 +292,11 @@ class Mirror:
         time.sleep(LOCK_SETTLE_SECONDS)
         try:
             now = json.loads(lock.read_text())
-        except Exception:
+        except Exception:  # not readable back (a blip): ours, as written
             now = None
-        if not (isinstance(now, dict) and now.get("token") == self._token):
-            self._lock_held = False
-            raise self._in_use(now if isinstance(now, dict) else {}, 0.0)
+        if isinstance(now, dict) and now.get("token") != self._token:
+            self._lock_held = False  # the other run's lock: left alone
+            raise self._in_use(now, lock_age(now) or 0.0)
         if gone:
             self._finish_push_of(held)
         for root, owner, url in _orphans():
@@ -436,7 +436,7 @@ def mirrored(workdir: str, writer: bool) -> Iterator[tuple[str, Callable[[], Non
         return
     mirror = Mirror(workdir, writer=writer)
     try:
-        yield mirror.local, mirror.push_before_save
+        yield mirror.local, mirror.push_before_save if writer else (lambda: None)
     except DlfxError as e:
         raise mirror.named(e) from e.__cause__
     finally:

@@ -10,7 +10,7 @@ from etils import epath
 
 from dlfx import config as config_lib, data, remote, steps
 from dlfx.checkpoint import BEST_FOLDER, Checkpointer, check_owner
-from dlfx.errors import CheckpointError, DataError
+from dlfx.errors import CheckpointError, ConfigError, DataError
 from dlfx.experiment import Experiment, build, evaluate
 from dlfx.workdir import DATA_FILE, read_json
 
@@ -18,6 +18,10 @@ from dlfx.workdir import DATA_FILE, read_json
 def checkpoint_dir(config: ml_collections.ConfigDict, workdir: str) -> str:
     """Where a run's checkpoints live: `config.train.checkpoint_dir` (e.g. gs://...) or `workdir/checkpoints`."""
     if config.train.checkpoint_dir:
+        try:
+            remote.is_remote(config.train.checkpoint_dir)  # a URL dlfx cannot reach is refused here
+        except ConfigError as e:
+            raise ConfigError(f"config.train.checkpoint_dir: {e}") from None
         return config.train.checkpoint_dir
     base = remote.origin(workdir)  # a mirror's checkpoints are those of the remote folder, read in place
     return remote.join(base, "checkpoints") if remote.is_remote(base) else os.path.join(workdir, "checkpoints")

@@ -334,6 +334,7 @@ def test_writers_and_sources_refuse_or_survive_what_a_probe_tried(tmp_path):
     assert '"dtype"' not in meta_path.read_text()
     with pytest.raises(DataError, match="every second one is 0: it looks like uint32 ids"):  # not read as uint16
         files.tokens(str(wide), seq_len=8)
+    assert len(files.tokens(str(wide), seq_len=8, dtype="uint16").train)  # named: read as asked
     meta_path.write_text(meta_path.read_text().replace('{', '{"dtype": "uint32", ', 1))
     val = np.fromfile(wide / "val.bin", np.uint32)
     val[3] = 999

@@ -110,6 +110,7 @@ def tokens(path: str = "", seq_len: int = 1024, dtype: str = "") -> Dataset:
     written = meta.get("dtype")
     if written is not None and written not in TOKEN_DTYPES:
         raise DataError(f"{path}/meta.json: 'dtype' {written!r} is not one of {', '.join(TOKEN_DTYPES)}")
+    defaulted = not (dtype or written)
     dtype = dtype or written or "uint16"
     if dtype not in TOKEN_DTYPES:
         raise DataError(f"config.data.dtype={dtype!r} is not one of {', '.join(TOKEN_DTYPES)}")
@@ -124,7 +125,7 @@ def tokens(path: str = "", seq_len: int = 1024, dtype: str = "") -> Dataset:
         if largest >= meta["vocab_size"]:
             raise DataError(f"{path}/{name} holds token id {largest} >= vocab_size {meta['vocab_size']} "
                             f"(is config.data.dtype={dtype!r} the dtype it was written with?)")
-    if not written and dtype == "uint16":  # the default: uint32 ids read as uint16 leave every other one 0
+    if defaulted:  # no one named the dtype: uint32 ids read as uint16 leave every other one 0
         start = train[:min(len(train), 1 << 16) // 2 * 2]
         if len(start) >= 64 and not start[1::2].any() and start[::2].any():
             raise DataError(f"{path}: train.bin reads as uint16 ids of which every second one is 0: it looks "
