@@ -23,7 +23,7 @@ from dlfx.errors import ConfigError, WorkdirError, one_line
 from dlfx.experiment import build, evaluate, init_from_pretrained
 from dlfx.restore import checkpoint_dir, evaluate_workdir, restore_run  # noqa: F401  (re-exported)
 from dlfx.preemption import Preemption
-from dlfx.workdir import DATA_FILE, WorkdirLock, read_json, read_status, write_json, write_status
+from dlfx.workdir import DATA_FILE, WorkdirLock, read_status, write_json, write_status  # noqa: F401
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, force: bool = False,
@@ -62,13 +62,8 @@ def _train(config, workdir, force, preemption, start_time, before_save=lambda: N
             train_iter.interrupted = lambda: preemption.requested
         checkpointer = Checkpointer(ckpt_dir, keep=config.train.keep)
         restored = checkpointer.restore_latest(exp.abstract_state, train_iter)
-        described = os.path.join(workdir, DATA_FILE)
-        if restored is not None and not force and os.path.isfile(described):  # the data set it was trained on
-            try:
-                description = read_json(described)
-            except ConfigError:  # damaged: written anew below
-                description = {}
-            data.check_unchanged(description, exp.dataset, remote.join(remote.shown(workdir), DATA_FILE))
+        if restored is not None and not force:  # the data set it was trained on
+            data.check_unchanged(os.path.join(workdir, DATA_FILE), exp.dataset, remote.shown(workdir))
         if restored is None:  # a fresh run (from pretrained weights, if asked): the one live state
             state = exp.init()
             restored_or_fresh = (init_from_pretrained(exp, state) if config.init_from.path else state), None
@@ -76,9 +71,7 @@ def _train(config, workdir, force, preemption, start_time, before_save=lambda: N
             restored_or_fresh = restored
         done = (restored is not None and restored[1] == exp.total_steps
                 and runs.is_finished(workdir, exp.total_steps))
-        # a rerun after the last step (its eval or plots missing) keeps the timing of the run that trained
-        timing = {k: v for k, v in read_status(workdir).items() if k in ("wall_time", "steps_per_sec")} \
-            if restored is not None and restored[1] == exp.total_steps else {}
+        timing = runs.timing(workdir) if restored is not None and restored[1] == exp.total_steps else {}
         if is_main and not done:
             config_lib.write_workdir(config, workdir)  # with imports.json: where its import paths were found
             checkpoint.claim(ckpt_dir, config, workdir)
@@ -97,12 +90,11 @@ def _train(config, workdir, force, preemption, start_time, before_save=lambda: N
         train_iter.release()
         checkpointer.close()
         lock.release()
-        return _finished_summary(exp, workdir, restored[0])
+        return runs.finished_summary(exp, workdir, restored[0])
     try:
-        best = None
-        if config.train.keep_best:  # the state of the best eval so far, beside the newest ones
-            best = BestCheckpoint(ckpt_dir, config.train.keep_best,
-                                  tasks.best_mode(config.train.keep_best, exp.task, config.train.best_mode))
+        best = BestCheckpoint(ckpt_dir, config.train.keep_best,  # the best eval's state, beside the newest
+                              tasks.best_mode(config.train.keep_best, exp.task, config.train.best_mode)) \
+            if config.train.keep_best else None
         summary = _loop(exp, config, workdir, checkpointer, train_iter, restored_or_fresh, start_time, preemption,
                         best, before_save)
         plotted = True
@@ -110,8 +102,7 @@ def _train(config, workdir, force, preemption, start_time, before_save=lambda: N
             plotted = plot.write_run_plots(workdir, exp.model, summary["state"], exp.dataset, exp.task)
     except BaseException as e:
         if is_main:
-            error = one_line(e)
-            write_status(workdir, "failed", error=error, total_steps=exp.total_steps,
+            write_status(workdir, "failed", error=one_line(e), total_steps=exp.total_steps,
                          wall_time=time.time() - start_time)
         raise
     finally:
@@ -121,21 +112,6 @@ def _train(config, workdir, force, preemption, start_time, before_save=lambda: N
                      **({"wall_time": summary["wall_time"], "steps_per_sec": summary["steps_per_sec"]} | timing),
                      **({} if plotted else {"plots": "failed"}))  # a rerun makes them
     return summary
-
-
-def _finished_summary(exp, workdir: str, state) -> dict[str, Any]:
-    """The summary of a finished run, read back from its files (nothing is written)."""
-    status = read_status(workdir)
-    trains = [r for r in log.read_metrics(workdir) if r["split"] == "train"]
-    train = {k: v for k, v in (trains[-1] if trains else {}).items() if k not in ("step", "split", "wall_time")}
-    if jax.process_index() == 0:
-        print(f"dlfx: {remote.shown(workdir)} already finished all {exp.total_steps} steps; nothing to do "
-              "(raise train.steps, or use a new --workdir)", file=sys.stderr)
-    return {"status": "finished", "step": exp.total_steps, "total_steps": exp.total_steps, "train": train,
-            "eval": runs.final_eval(workdir, exp.total_steps), "wall_time": status.get("wall_time") or 0.0,
-            "steps_per_sec": status.get("steps_per_sec"), "workdir": workdir, "mode": exp.mode,
-            "devices": exp.mesh.devices.size, "state": state, "step_traces": 0, "time_to_first_step": None,
-            "process_index": jax.process_index()}
 
 
 def _loop(exp, config, workdir, checkpointer, train_iter, start, start_time, preemption,

@@ -5,11 +5,13 @@ from __future__ import annotations
 import csv
 import io
 import os
+import sys
+from typing import Any
 
 import jax
 import numpy as np
 
-from dlfx import config as config_lib, log, tasks
+from dlfx import config as config_lib, log, remote, tasks
 from dlfx.errors import ConfigError
 from dlfx.workdir import read_status
 
@@ -127,3 +129,24 @@ def logged_final_eval(workdir: str, step: int, is_main: bool, metric: str) -> di
         return None
     value = multihost_utils.broadcast_one_to_all(np.float64(logged.get(metric, np.nan) if is_main else 0.0))
     return logged if is_main else ({metric: float(value)} if metric else {})
+
+
+def finished_summary(exp: Any, workdir: str, state: Any) -> dict[str, Any]:
+    """The summary of a finished run, read back from its files (nothing is written)."""
+    status = read_status(workdir)
+    trains = [r for r in log.read_metrics(workdir) if r["split"] == "train"]
+    train = {k: v for k, v in (trains[-1] if trains else {}).items() if k not in ("step", "split", "wall_time")}
+    if jax.process_index() == 0:
+        print(f"dlfx: {remote.shown(workdir)} already finished all {exp.total_steps} steps; nothing to do "
+              "(raise train.steps, or use a new --workdir)", file=sys.stderr)
+    return {"status": "finished", "step": exp.total_steps, "total_steps": exp.total_steps, "train": train,
+            "eval": final_eval(workdir, exp.total_steps), "wall_time": status.get("wall_time") or 0.0,
+            "steps_per_sec": status.get("steps_per_sec"), "workdir": workdir, "mode": exp.mode,
+            "devices": exp.mesh.devices.size, "state": state, "step_traces": 0, "time_to_first_step": None,
+            "process_index": jax.process_index()}
+
+
+def timing(workdir: str) -> dict[str, Any]:
+    """The wall time and speed `status.json` records: a rerun after the last step (its final eval or plots
+    missing) keeps those of the run that trained."""
+    return {k: v for k, v in read_status(workdir).items() if k in ("wall_time", "steps_per_sec")}

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -155,10 +156,17 @@ def describe(dataset: Dataset) -> dict[str, Any]:
             "num_examples": {split: access.length(getattr(dataset, split)) for split in ("train", "test")}}
 
 
-def check_unchanged(description: Mapping[str, Any], dataset: Dataset, where: str) -> None:
-    """A resumed run reads the data set its checkpoint was trained on: the example counts `describe` recorded
-    (in `where`) are this data set's, else the saved data order cannot continue (a ConfigError)."""
-    recorded = description.get("num_examples") if isinstance(description, Mapping) else None
+def check_unchanged(described: str, dataset: Dataset, shown: str) -> None:
+    """A resumed run reads the data set it was trained on: the example counts `describe` recorded in the run's
+    `data.json` (the file `described`; `shown`: how to name its run) are this data set's (else a ConfigError)."""
+    from dlfx.workdir import read_json
+
+    try:
+        description = read_json(described) if os.path.isfile(described) else {}
+    except ConfigError:  # damaged: the runner writes it anew
+        description = {}
+    where = f"{shown}/{os.path.basename(described)}"
+    recorded = description.get("num_examples")
     if not isinstance(recorded, Mapping):
         return  # written by an older dlfx
     for split in ("train", "test"):
