@@ -223,6 +223,7 @@ class Mirror:
         self.local = os.path.join(self.root, self.remote.name or "run")
         self._sent: dict[str, tuple[int, int]] = {}
         self._lock_held, self._push_lock, self._token = False, threading.Lock(), uuid.uuid4().hex
+        self.lost: WorkdirError | None = None  # another run took the lock over
         self._wake, self._stop, self._thread = threading.Event(), threading.Event(), None
         try:
             with open(os.path.join(self.root, MARKER), "w") as f:
@@ -362,6 +363,7 @@ class Mirror:
         if not os.path.isfile(os.path.join(self.local, "status.json")):
             return  # the run has not started (or its start-up failed): nothing of it belongs remote
         with self._push_lock:
+            self._check_lock_still_ours()
             now = _snapshot(self.local)
             for rel, stamp in now.items():
                 if self._sent.get(rel) == stamp and not everything:
@@ -382,12 +384,29 @@ class Mirror:
             if self._lock_held:
                 self._write_lock()
 
+    def _check_lock_still_ours(self) -> None:
+        """Raise the `lost` error once another run took this run's lock over (it was not refreshed for
+        `STALE_SECONDS`: a stalled or cut-off host): from then on this run writes nothing more there."""
+        if self.lost is None and self._lock_held:
+            with contextlib.suppress(Exception):  # unreadable: a blip, the lock is rewritten below
+                held = json.loads((self.remote / LOCK).read_text())
+                if isinstance(held, dict) and held.get("token") not in (None, self._token):
+                    self._lock_held = False
+                    self.lost = WorkdirError(
+                        f"{self.url} was taken over by process {held.get('pid')} on host {held.get('host')} (this "
+                        f"run's lock went {STALE_SECONDS:.0f} s without a refresh); this run stops writing there: "
+                        f"its unsent files are kept in {self.root}")
+        if self.lost is not None:
+            raise self.lost
+
     def push_before_save(self) -> None:
         """Push now, in the caller's thread: called before each checkpoint save, so that the logs up to a
         checkpoint are remote before it exists (a resume from it never logs those steps again). A failure is a
-        warning; the pusher retries."""
+        warning (the pusher retries); a lock another run took over stops the run (`lost`)."""
         try:
             self.push()
+        except WorkdirError:
+            raise
         except Exception as e:
             print(f"dlfx: warning: could not copy the run to {self.url} before a checkpoint ({one_line(e)}); "
                   "retrying", file=sys.stderr)
@@ -418,6 +437,11 @@ class Mirror:
             if self.writer:
                 try:
                     self.push(everything=True)  # also what was deleted remotely while the run wrote it
+                except WorkdirError as e:
+                    if e is self.lost:  # its files stay here, its lock is the other run's
+                        raise
+                    raise ConfigError(f"could not copy the run to {self.url} ({one_line(e)}); its files "
+                                      f"are kept in {self.local}") from None
                 except Exception as e:
                     self._lock_held = False
                     raise ConfigError(f"could not copy the run to {self.url} ({one_line(e)}); its files "

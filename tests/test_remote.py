@@ -347,3 +347,27 @@ def test_the_logs_reach_the_bucket_before_each_checkpoint_and_files_deleted_ther
     runner.train(_config(repo_root, tmp_path), "gs://bucket/s")
     assert seen == {4: [2, 4], 8: [2, 4, 6, 8]}
     assert json.loads((run / "config.json").read_text())  # pushed again at the end
+
+
+def test_a_run_whose_lock_another_run_took_over_stops_writing_there(repo_root, tmp_path, gcs, monkeypatch):
+    """A stalled host's lock goes stale and another run takes it: at its next push (before a checkpoint) the first
+    run stops with one error, writes nothing more remote, and keeps its unsent files locally."""
+    save = checkpoint.Checkpointer.save
+
+    def taken_over_after_the_first_save(self, step, *args, **kwargs):
+        if step == 4:
+            (gcs / "bucket" / "t" / ".lock").write_text(json.dumps(
+                {"host": "tpu-vm-3", "pid": 44, "time": time.time(), "token": "theirs"}))
+        return save(self, step, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "save", taken_over_after_the_first_save)
+    monkeypatch.setattr(remote, "PUSH_SECONDS", 3600.0)
+    monkeypatch.setattr(remote.tempfile, "tempdir", str(tmp_path / "tmp"))  # the kept copy stays in this test
+    os.makedirs(tmp_path / "tmp")
+    with pytest.raises(WorkdirError, match=r"gs://bucket/t was taken over by process 44 on host tpu-vm-3 .*this run "
+                                           r"stops writing there: its unsent files are kept in .*dlfx-mirror-"):
+        runner.train(_config(repo_root, tmp_path), "gs://bucket/t")
+    held = json.loads((gcs / "bucket" / "t" / ".lock").read_text())
+    assert held["token"] == "theirs"  # left to the run that holds it
+    assert [r["step"] for r in log.read_metrics(str(gcs / "bucket" / "t")) if r["split"] == "train"] == [2, 4]
+    assert len(os.listdir(tmp_path / "tmp")) == 1  # the kept local copy
