@@ -204,9 +204,9 @@ class Mirror:
     """A temporary local copy of the remote folder `url` (created by the first write if `url` is new).
 
     With `writer`, this process trains there: it holds the remote lock, and `push()` copies every file that
-    changed since the last push (a background thread calls it, and the runner before each checkpoint save). `close()` pushes
-    what is left, releases the lock and deletes the copy; a start-up that failed (no `status.json` in the
-    mirror) pushes nothing, so a new remote folder is left empty as it was.
+    changed since the last push (a background thread calls it, and the runner before each checkpoint save).
+    `close()` pushes every file, releases the lock and deletes the copy; a start-up that failed (no
+    `status.json` in the mirror) pushes nothing, so a new remote folder is left empty as it was.
     """
 
     def __init__(self, url: str, writer: bool = False, skip: tuple[str, ...] = NEVER_PULLED):
