@@ -43,7 +43,7 @@ def output_path(out: str, default_name: str = "curves.png") -> str:
     """Where a figure given by `-o` goes: a folder gets `default_name` inside it, a bare name gets `.png`;
     an extension matplotlib cannot write is refused."""
     if not out.strip():
-        raise ConfigError("-o is empty: give a file name (e.g. curves.png) or a folder")
+        raise ConfigError(f"-o is empty: give a file name (e.g. {default_name}) or a folder")
     if remote.is_remote(out):
         try:
             is_dir = out.endswith("/") or epath.Path(out).is_dir()

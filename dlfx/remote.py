@@ -47,7 +47,7 @@ NOT_READ = NEVER_PULLED + ("events", "plots")  # what readers do not need
 
 
 SCHEMES = ("gs", "s3", "az", "hf")  # the URL schemes etils.epath reaches
-_ONE_SLASH = re.compile(r"(?i)(gs|gcs|s3|az|hf|file|https?):/(?!/)")
+_MISTYPED = re.compile(r"(?i)(gs|gcs|s3|az|hf|file|https?):(?!//)")  # gs:/x, gs:x: read as URLs downstream
 
 
 def is_remote(path: str) -> bool:
@@ -56,9 +56,10 @@ def is_remote(path: str) -> bool:
     path = str(path)
     scheme, sep, rest = path.partition("://")
     if not sep:
-        if _ONE_SLASH.match(path):
-            raise ConfigError(f"{path!r} looks like a URL with one slash: write {path.split(':')[0]}://BUCKET/... "
-                              f"(or ./{path} for a local folder)")
+        mistyped = _MISTYPED.match(os.path.normpath(path))  # ./gs:/x too: epath drops the ./
+        if mistyped:
+            raise ConfigError(f"{path!r} looks like a mistyped URL: write {mistyped[1].lower()}://BUCKET/... (a local "
+                              f"folder's name cannot begin with {mistyped[0]})")
         return False
     if scheme not in SCHEMES:
         hint = " (in lower case)" if scheme.lower() in SCHEMES else " (write gs://)" if scheme.lower() == "gcs" else ""
@@ -393,9 +394,9 @@ class Mirror:
                 if isinstance(held, dict) and held.get("token") not in (None, self._token):
                     self._lock_held = False
                     self.lost = WorkdirError(
-                        f"{self.url} was taken over by process {held.get('pid')} on host {held.get('host')} (this "
-                        f"run's lock went {STALE_SECONDS:.0f} s without a refresh); this run stops writing there: "
-                        f"its unsent files are kept in {self.root}")
+                        f"{self.url} was taken over by process {held.get('pid')} on host {held.get('host')}, which "
+                        f"found this run's lock stale; this run stops writing there: its unsent files are kept in "
+                        f"{self.root}")
         if self.lost is not None:
             raise self.lost
 

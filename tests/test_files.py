@@ -1,6 +1,7 @@
 """File-backed data: token folders (`dlfx data tokens`), memory-mapped arrays, streamed eval, big shuffles."""
 
 import os
+import re
 import subprocess
 import sys
 
@@ -478,6 +479,10 @@ def test_image_and_record_sources_refuse_or_read_what_a_second_probe_tried(tmp_p
     wide = io.BytesIO()  # 16-bit grayscale: scaled to 8 bits, not clipped to white
     Image.fromarray(np.array([[0, 30000, 65535]], np.uint16)).save(wide, format="PNG")
     np.testing.assert_array_equal(np.asarray(images.decode(wide.getvalue()))[0, :, 0], [0, 117, 255])
+    for values, decoded in (([0, 30, 255], [0, 30, 255]), ([0, 30000, 65535], [0, 117, 255])):
+        wide = io.BytesIO()  # 32-bit integer TIFF (mode I): 8-bit values kept, 16-bit ones scaled
+        Image.fromarray(np.array([values], np.int32)).save(wide, format="TIFF")
+        np.testing.assert_array_equal(np.asarray(images.decode(wide.getvalue()))[0, :, 0], decoded)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 8)  # a decompression bomb: one line, also for skip_bad_images
     with pytest.raises(DataError, match="cannot decode image big.png: .*decompression bomb"):
         images.decode(_png(6, 6), "big.png")
@@ -499,6 +504,14 @@ def test_image_and_record_sources_refuse_or_read_what_a_second_probe_tried(tmp_p
         (out / "meta.json").write_text(json.dumps({**meta, "splits": {**meta["splits"], "val": {"shards": shards}}}))
         with pytest.raises(DataError, match=r"meta.json is not a dlfx ArrayRecord description: splits.val.shards "
                                             "must be a non-empty list"):
+            data.load({"name": "array_record", "path": str(out)})
+    train = meta["splits"]["train"]
+    for splits, message in (({"val": {"shards": train["shards"]}}, "lists train-00000-of-00001.array_record more "
+                                                                     "than once"),
+                            ({"train": {**train, "num_examples": 11}}, "splits.train says 11 examples but its shards "
+                                                                       "hold 12: is its shard list complete")):
+        (out / "meta.json").write_text(json.dumps({**meta, "splits": {**meta["splits"], **splits}}))
+        with pytest.raises(DataError, match=re.escape(message)):
             data.load({"name": "array_record", "path": str(out)})
     np.savez(tmp_path / "strings.npz", x=np.array(["a", "b"] * 10), y=np.zeros(20, np.int32))
     with pytest.raises(DataError, match="'x' has dtype <U1, not numbers"):

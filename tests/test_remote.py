@@ -278,7 +278,8 @@ def test_urls_dlfx_cannot_reach_are_one_line_errors_and_one_folder_has_one_spell
                                                                                      monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     for url, message in [("GS://bucket/x", "not GS://"), ("gcs://bucket/x", "not gcs://"), ("file:///x", "not file://"),
-                         ("gs:/x", "looks like a URL with one slash"), ("gs://", "names no bucket")]:
+                         ("gs:/x", "looks like a mistyped URL: write gs://"), ("./gs:/x", "mistyped URL"),
+                         ("gs:x", "mistyped URL"), ("gs://", "names no bucket")]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             runner.train(_config(repo_root, tmp_path, "train.steps=2"), url)
         assert cli.main(["runs", url]) == 2 and message in capsys.readouterr().err
@@ -364,7 +365,7 @@ def test_a_run_whose_lock_another_run_took_over_stops_writing_there(repo_root, t
     monkeypatch.setattr(remote, "PUSH_SECONDS", 3600.0)
     monkeypatch.setattr(remote.tempfile, "tempdir", str(tmp_path / "tmp"))  # the kept copy stays in this test
     os.makedirs(tmp_path / "tmp")
-    with pytest.raises(WorkdirError, match=r"gs://bucket/t was taken over by process 44 on host tpu-vm-3 .*this run "
+    with pytest.raises(WorkdirError, match=r"gs://bucket/t was taken over by process 44 on host tpu-vm-3, .*this run "
                                            r"stops writing there: its unsent files are kept in .*dlfx-mirror-"):
         runner.train(_config(repo_root, tmp_path), "gs://bucket/t")
     held = json.loads((gcs / "bucket" / "t" / ".lock").read_text())

@@ -129,7 +129,8 @@ def tokens(path: str = "", seq_len: int = 1024, dtype: str = "") -> Dataset:
         start = train[:min(len(train), 1 << 16) // 2 * 2]
         if len(start) >= 64 and not start[1::2].any() and start[::2].any():
             raise DataError(f"{path}: train.bin reads as uint16 ids of which every second one is 0: it looks "
-                            "like uint32 ids; add \"dtype\": \"uint32\" to its meta.json (or set config.data.dtype)")
+                            "like uint32 ids; name its dtype in meta.json (\"dtype\": \"uint32\", or \"uint16\" if "
+                            "those zeros are real) or in config.data.dtype")
     encoding = meta.get("encoding", "chars" if meta.get("vocab") else "ids")
     metadata: dict[str, Any] = {"kind": "tokens", "encoding": encoding, "char_level": encoding == "chars"}
     if meta.get("vocab") is not None:

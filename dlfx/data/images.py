@@ -67,13 +67,20 @@ def decode(image: str | os.PathLike | bytes, what: str = ""):
                 image = file.read()
         with Image.open(io.BytesIO(image)) as opened:
             opened.load()
-            if opened.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit: scaled to 8 bits, not clipped to white
-                opened = Image.fromarray(np.rint(np.asarray(opened, np.float64) / 257.0).clip(0, 255).astype(np.uint8))
+            if opened.mode.startswith("I"):  # integer pixels: 16-bit scaled to 8 bits, not clipped to white
+                opened = Image.fromarray(_eight_bits(np.asarray(opened), opened.mode))
             return opened if opened.mode == "RGB" else opened.convert("RGB")
     except (OSError, UnidentifiedImageError, Image.DecompressionBombError) as e:  # Pillow names bytes by their
         # BytesIO object's address
         why = re.sub(r"\s*<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "", str(e)) or type(e).__name__
         raise DataError(f"cannot decode image {what}: {why}") from None
+
+
+def _eight_bits(pixels: np.ndarray, mode: str) -> np.ndarray:
+    """Integer pixels as uint8: 16-bit ones (mode I;16, or 32-bit mode I holding values past 255) divided by 257."""
+    if mode.startswith("I;16") or pixels.max(initial=0) > 255:
+        pixels = np.rint(pixels.astype(np.float64) / 257.0)
+    return pixels.clip(0, 255).astype(np.uint8)
 
 
 def _center(image, size: int) -> np.ndarray:
