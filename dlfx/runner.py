@@ -63,7 +63,7 @@ def _train(config, workdir, force, preemption, start_time, before_save=lambda: N
         checkpointer = Checkpointer(ckpt_dir, keep=config.train.keep)
         restored = checkpointer.restore_latest(exp.abstract_state, train_iter)
         if restored is not None and not force:  # the data set it was trained on
-            data.check_unchanged(os.path.join(workdir, DATA_FILE), exp.dataset, remote.shown(workdir))
+            stopping.on_process_zero(lambda: data.check_unchanged(workdir, exp.dataset))
         if restored is None:  # a fresh run (from pretrained weights, if asked): the one live state
             state = exp.init()
             restored_or_fresh = (init_from_pretrained(exp, state) if config.init_from.path else state), None

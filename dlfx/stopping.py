@@ -15,7 +15,7 @@ from jax.experimental import multihost_utils
 
 from dlfx import log, remote
 from dlfx.checkpoint import BestCheckpoint, Checkpointer
-from dlfx.errors import CheckpointError, WorkdirError
+from dlfx.errors import CheckpointError, DlfxError, WorkdirError
 
 
 def close_writers(checkpointer: Checkpointer, best: BestCheckpoint | None, logger: log.RunLogger,
@@ -51,6 +51,21 @@ def process_zero_failed(logger: log.RunLogger) -> bool:
     if jax.process_count() > 1:
         failed = bool(multihost_utils.broadcast_one_to_all(np.int32(failed)))
     return failed
+
+
+def on_process_zero(check: Callable[[], None]) -> None:
+    """Run `check` (it reads files only process 0 is sure to have) on process 0 and share its outcome, a
+    collective: when it raises, every process raises, so none is left waiting for a process that stopped."""
+    error = None
+    if jax.process_index() == 0:
+        try:
+            check()
+        except DlfxError as e:
+            error = e
+    if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(np.int32(error is not None)) and not error:
+        raise DlfxError(f"process 0 stopped the run (its error line says why); this is process {jax.process_index()}")
+    if error is not None:
+        raise error
 
 
 def save_before_failing(checkpointer: Checkpointer, step: int, state, train_iter, logs: list[dict]) -> None:
@@ -96,6 +111,10 @@ def replay_unwritten(checkpointer: Checkpointer, logger: log.RunLogger, workdir:
     once: an attempt that wrote them and died before its next checkpoint resumes from `step` again. Every
     process reads them (a restore may be a collective); process 0 writes them."""
     kept = checkpointer.unwritten_logs(step)
-    if kept and jax.process_index() == 0:
+
+    def replay() -> None:
         written = {(r["step"], r["split"]) for r in log.read_metrics(workdir)}
         logger.replay([r for r in kept if (r.get("step"), r.get("split")) not in written])
+
+    if kept:  # every process holds the same `kept` (read from the checkpoint), so all take this branch
+        on_process_zero(replay)

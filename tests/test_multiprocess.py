@@ -1,5 +1,6 @@
 """A real multi-process run: 2 processes x 4 CPU devices over loopback (jax.distributed, gloo) equal 1 x 8."""
 
+import json
 import os
 import shutil
 import subprocess
@@ -126,6 +127,23 @@ def test_a_run_file_error_on_process_0_stops_every_process_and_loses_nothing(ref
     np.testing.assert_allclose(_train_losses(workdir), _train_losses(ref_dir), rtol=1e-5)
     state, step = _final_params(workdir)
     chex.assert_trees_all_close(state.params, ref_state.params, rtol=1e-5, atol=1e-6)
+
+
+def test_a_resume_process_0_refuses_stops_every_process(reference, tmp_path):
+    """Only process 0 is sure to hold the run's data.json: when its data-set check refuses to resume, process 1
+    stops too (it would wait for process 0 in the first collective)."""
+    workdir = str(tmp_path / "run")
+    shutil.copytree(reference[0], workdir)
+    described = os.path.join(workdir, "data.json")
+    with open(described) as f:
+        description = json.load(f)
+    description["num_examples"]["train"] += 1
+    with open(described, "w") as f:
+        json.dump(description, f)
+    failed = _launch(workdir, check=False)
+    assert failed.returncode != 0 and "Traceback" not in failed.stderr
+    assert "the data set changed" in failed.stderr and "process 0 stopped the run" in failed.stderr
+    assert "timed out" not in failed.stderr.lower()
 
 
 _LOGGED_ARRAYS = '''

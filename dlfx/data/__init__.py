@@ -156,11 +156,13 @@ def describe(dataset: Dataset) -> dict[str, Any]:
             "num_examples": {split: access.length(getattr(dataset, split)) for split in ("train", "test")}}
 
 
-def check_unchanged(described: str, dataset: Dataset, shown: str) -> None:
-    """A resumed run reads the data set it was trained on: the example counts `describe` recorded in the run's
-    `data.json` (the file `described`; `shown`: how to name its run) are this data set's (else a ConfigError)."""
-    from dlfx.workdir import read_json
+def check_unchanged(workdir: str, dataset: Dataset) -> None:
+    """A resumed run reads the data set it was trained on: the example counts `describe` recorded in the
+    `data.json` of `workdir` (a local folder or a gs:// run's mirror) are this data set's (else a ConfigError)."""
+    from dlfx import remote
+    from dlfx.workdir import DATA_FILE, read_json
 
+    described, shown = os.path.join(workdir, DATA_FILE), remote.shown(workdir)
     try:
         description = read_json(described) if os.path.isfile(described) else {}
     except ConfigError:  # damaged: the runner writes it anew
