@@ -1,4 +1,5 @@
-"""Fused attention (jax.nn.dot_product_attention) against the explicit softmax(QK^T)V path."""
+"""Attention kernels: dlfx's XLA kernel against jax.nn.dot_product_attention, the path that records the weights,
+cached decoding, dropout, and which kernel each backend and config picks."""
 
 import chex
 import jax
@@ -13,23 +14,57 @@ from dlfx.models import transformer
 
 
 def _both_paths(model, variables, x):
-    """Logits from the fused path and from the explicit one (asking for the weights forces it)."""
-    fused = model.apply(variables, x)
-    explicit, recorded = model.apply(variables, x, mutable=["intermediates"])
-    assert recorded["intermediates"], "the explicit path records the attention weights"
-    return fused, explicit
+    """Logits with the weights only computed, and with them recorded (in `intermediates`)."""
+    plain = model.apply(variables, x)
+    recording, recorded = model.apply(variables, x, mutable=["intermediates"])
+    assert recorded["intermediates"], "the weights are recorded"
+    return plain, recording
 
 
-def _count_fused_calls(monkeypatch):
-    calls = []
-    real = jax.nn.dot_product_attention
+def _kernel_calls(monkeypatch):
+    """Calls of the XLA kernel, each as (records the weights, applies dropout)."""
+    calls, real = [], transformer.softmax_attention
 
-    def spy(*args, **kwargs):
-        calls.append(kwargs.get("implementation"))
-        return real(*args, **kwargs)
+    def spy(q, k, v, mask=None, drop=None, record=None):
+        calls.append((record is not None, drop is not None))
+        return real(q, k, v, mask, drop, record)
 
-    monkeypatch.setattr(jax.nn, "dot_product_attention", spy)
+    monkeypatch.setattr(transformer, "softmax_attention", spy)
     return calls
+
+
+@pytest.mark.parametrize("dtype, tolerance", [(jnp.float32, 1e-5), (jnp.bfloat16, 2e-2)])
+@pytest.mark.parametrize("mask", ["causal", "none", "cache"])
+def test_xla_kernel_equals_jax_attention(mask, dtype, tolerance):
+    """Outputs and gradients of `softmax_attention` against JAX's own XLA attention: causal, bidirectional, and
+    a cache's mask (3 new positions from position 5 against 12 keys)."""
+    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 12, 3, 8)).astype(dtype) for i in range(3))
+    keep = None
+    if mask == "causal":
+        keep = jnp.tril(jnp.ones((12, 12), bool))[None, None]
+    elif mask == "cache":
+        q, keep = q[:, :3], (jnp.arange(12)[None, :] <= 5 + jnp.arange(3)[:, None])[None, None]
+
+    def loss(attend):
+        return lambda q, k, v: jnp.sum(jnp.sin(attend(q, k, v).astype(jnp.float32)))
+
+    ours = jax.jit(lambda q, k, v: transformer.softmax_attention(q, k, v, keep))
+    theirs = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=keep, implementation="xla"))
+    assert ours(q, k, v).dtype == dtype
+    chex.assert_trees_all_close(ours(q, k, v).astype(jnp.float32), theirs(q, k, v).astype(jnp.float32),
+                                rtol=tolerance, atol=tolerance)
+    chex.assert_trees_all_close(jax.grad(loss(ours), argnums=(0, 1, 2))(q, k, v),
+                                jax.grad(loss(theirs), argnums=(0, 1, 2))(q, k, v), rtol=4 * tolerance,
+                                atol=4 * tolerance)
+
+
+def test_dropout_on_the_unnormalised_weights_is_dropout_on_the_weights():
+    q, k, v = (jax.random.normal(jax.random.PRNGKey(i), (2, 6, 2, 4)) for i in range(3))
+    kept = jax.random.bernoulli(jax.random.PRNGKey(3), 0.8, (2, 2, 6, 6))
+    out = transformer.softmax_attention(q, k, v, drop=lambda w: jnp.where(kept, w / 0.8, 0))
+    weights = jax.nn.softmax(jnp.einsum("bqhd,bkhd->bhqk", q, k) / 2.0, axis=-1)
+    expected = jnp.einsum("bhqk,bkhd->bqhd", jnp.where(kept, weights / 0.8, 0), v)
+    chex.assert_trees_all_close(out, expected, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("name, x, kwargs", [
@@ -37,41 +72,40 @@ def _count_fused_calls(monkeypatch):
     ("transformer", jnp.linspace(-1, 1, 2 * 12 * 3).reshape(2, 12, 3), dict(num_classes=5, max_len=16)),
     ("vit", jnp.linspace(0, 1, 2 * 8 * 8).reshape(2, 8, 8, 1), dict(num_classes=5, patch_size=4)),
 ])
-def test_fused_equals_explicit_attention(name, x, kwargs, monkeypatch):
+def test_recording_the_weights_leaves_the_logits_as_they_are(name, x, kwargs, monkeypatch):
     model = models.build(name, num_layers=2, num_heads=2, embed_dim=16, **kwargs)
     variables = {"params": model.init(jax.random.PRNGKey(0), x)["params"]}
-    calls = _count_fused_calls(monkeypatch)
-    fused, explicit = _both_paths(model, variables, x)
-    assert calls == ["xla", "xla"], "one fused call per layer, XLA on a CPU"
-    chex.assert_trees_all_close(fused, explicit, rtol=1e-5, atol=1e-5)
+    calls = _kernel_calls(monkeypatch)
+    plain, recording = _both_paths(model, variables, x)
+    assert calls == [(False, False)] * 2 + [(True, False)] * 2, "one XLA kernel call per layer on a CPU"
+    chex.assert_trees_all_close(plain, recording, rtol=1e-5, atol=1e-5)
 
 
-def test_fused_equals_explicit_in_bfloat16():
+def test_recording_the_weights_in_bfloat16():
     model = models.build("gpt", vocab_size=11, max_len=16, num_layers=2, num_heads=2, embed_dim=16,
                          dtype=jnp.bfloat16)
     tokens = jnp.arange(24).reshape(2, 12) % 11
-    fused, explicit = _both_paths(model, {"params": model.init(jax.random.PRNGKey(0), tokens)["params"]}, tokens)
-    chex.assert_trees_all_close(fused, explicit, rtol=0.05, atol=0.05)
+    plain, recording = _both_paths(model, {"params": model.init(jax.random.PRNGKey(0), tokens)["params"]}, tokens)
+    chex.assert_trees_all_close(plain, recording, rtol=0.05, atol=0.05)
 
 
-def test_cached_decoding_equals_full_fused_forward():
+def test_cached_decoding_equals_full_forward():
     model = models.build("gpt", vocab_size=13, max_len=16, num_layers=2, num_heads=2, embed_dim=16)
     prompt = jnp.array([[1, 2, 3], [4, 5, 6]], jnp.int32)
     params = model.init(jax.random.PRNGKey(1), prompt)["params"]
     tokens, step_logits = transformer.generate(model, params, prompt, 6, jax.random.PRNGKey(0), temperature=0.0)
-    full = model.apply({"params": params}, jnp.concatenate([prompt, tokens], axis=1))  # fused, one pass
+    full = model.apply({"params": params}, jnp.concatenate([prompt, tokens], axis=1))  # one pass
     chex.assert_trees_all_close(step_logits, full[:, 2:-1], rtol=1e-5, atol=1e-5)
 
 
-def test_attention_dropout_takes_the_explicit_path(monkeypatch):
+def test_attention_dropout_applies_in_training_only(monkeypatch):
     model = models.build("gpt", vocab_size=11, max_len=16, num_layers=1, num_heads=2, embed_dim=16, dropout_rate=0.1)
     tokens = jnp.arange(12).reshape(1, 12) % 11
     variables = {"params": model.init(jax.random.PRNGKey(0), tokens)["params"]}
-    calls = _count_fused_calls(monkeypatch)
+    calls = _kernel_calls(monkeypatch)
     model.apply(variables, tokens, train=True, rngs={"dropout": jax.random.PRNGKey(1)})
-    assert calls == []  # dropout on the weights needs them
     model.apply(variables, tokens, train=False)
-    assert calls == ["xla"]
+    assert calls == [(False, True), (False, False)]
 
 
 def test_auto_picks_cudnn_only_on_a_gpu_for_half_precision(monkeypatch):

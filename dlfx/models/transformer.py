@@ -63,15 +63,38 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, causal: bool, int
     return out.transpose(0, 2, 1, 3)
 
 
+def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None,
+                      drop: Any = None, record: Any = None) -> jax.Array:
+    """softmax(QK^T / sqrt(head_dim)) V over (batch, length, heads, head_dim) inputs: the `xla` kernel.
+
+    Two einsums with heads ahead of positions, the rows normalised after the second product (one pass less
+    over the weights): on XLA:CPU its gradient ran ~1.7x faster than `jax.nn.dot_product_attention`'s XLA
+    path (see benchmarks/RESULTS.md). `mask` (broadcast to (batch, heads, q, k)) keeps True; `drop` (dropout)
+    gets the unnormalised weights, which it scales like the normalised ones; `record` gets the weights.
+    """
+    q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+    if mask is not None:  # every row keeps a key (its own position), so no row is all -1e30
+        scores = scores + jnp.where(mask, 0.0, -1e30)
+    exps = jnp.exp(scores - lax.stop_gradient(scores.max(axis=-1, keepdims=True)))  # softmax is shift-invariant
+    totals = exps.sum(axis=-1, keepdims=True)
+    if record is not None:
+        record((exps / totals).astype(v.dtype))
+    weights = exps.astype(v.dtype)
+    if drop is not None:
+        weights = drop(weights)
+    out = jnp.einsum("bhqk,bhkd->bhqd", weights, v).astype(jnp.float32) / totals
+    return out.astype(v.dtype).transpose(0, 2, 1, 3)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention; with `decode=True` keys/values are appended to a 'cache' collection.
 
-    Attention runs fused through `jax.nn.dot_product_attention` (`attention`: auto = cuDNN flash attention on
-    a GPU for bf16/fp16, XLA otherwise) or, with `attention='splash'` on a TPU, JAX's Pallas splash kernel.
-    The explicit softmax(QK^T)V path, which materialises the weights, is taken only when the weights are
-    needed: when 'intermediates' is mutable (they are sown there, e.g. for `dlfx interpret --method
-    attention`) or when dropout applies to them (training with `dropout_rate > 0`).
-    Decoding from a filled KV cache always uses the XLA kernel with an explicit position mask.
+    `attention` picks the kernel: auto = cuDNN flash attention (`jax.nn.dot_product_attention`) on a GPU for
+    bf16/fp16, else `softmax_attention` compiled by XLA; `splash` = JAX's Pallas splash kernel on a TPU. The
+    XLA kernel runs whenever the weights are needed: when 'intermediates' is mutable (they are sown there,
+    e.g. for `dlfx interpret --method attention`) or when dropout applies to them (training with
+    `dropout_rate > 0`), and for decoding from a filled KV cache (with a position mask).
     """
 
     num_heads: int
@@ -113,29 +136,19 @@ class SelfAttention(nn.Module):
         causal = self.causal or self.decode
         mask = (k_pos[None, :] <= q_pos[:, None])[None, None] if causal else None  # (1, 1, q, k)
         explicit = self.is_mutable_collection("intermediates") or (train and self.dropout_rate > 0)
-        if explicit:
-            # heads ahead of positions, so both products batch over leading axes; one transpose moves q, k and v
-            if from_cache:
-                q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
-            else:
-                q, k, v = qkv.transpose(2, 0, 3, 1, 4)
-            scores = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32) / math.sqrt(head_dim)
-            if causal:
-                scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
-            weights = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
-            self.sow("intermediates", "attention_weights", weights)
-            weights = Dropout(self.dropout_rate, deterministic=not train)(weights)
-            out = jnp.einsum("bhqk,bhkd->bhqd", weights, v).transpose(0, 2, 1, 3)
-        elif from_cache:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
+        kernel = "xla" if explicit or from_cache else fused_implementation(self.attention, q.dtype, head_dim,
+                                                                              length, train)
+        if kernel == "splash" and self.decode:
+            kernel = "xla"  # sampling: the cache's first call and prompts of any length
+        if kernel == "splash":
+            out = splash_attention(q, k, v, causal, interpret=jax.default_backend() != "tpu")
+        elif kernel == "cudnn":
+            out = jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
         else:
-            kernel = fused_implementation(self.attention, q.dtype, head_dim, length, train)
-            if kernel == "splash" and self.decode:
-                kernel = "xla"  # sampling: the cache's first call and prompts of any length
-            if kernel == "splash":
-                out = splash_attention(q, k, v, causal, interpret=jax.default_backend() != "tpu")
-            else:
-                out = jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation=kernel)
+            record = functools.partial(self.sow, "intermediates", "attention_weights") \
+                if self.is_mutable_collection("intermediates") else None
+            drop = Dropout(self.dropout_rate, deterministic=not train) if train and self.dropout_rate > 0 else None
+            out = softmax_attention(q, k, v, mask, drop, record)
         out = out.reshape(batch, length, embed)
         return dense(embed, name="proj")(out)
 
