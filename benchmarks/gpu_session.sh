@@ -53,6 +53,8 @@ flax.__version__, 'orbax', o.__version__)" || echo "device: exit $?" >> "$out/fa
       # dlfx's gathered rows 12
       measure gpt_posgrad 90 python3 -m experiments.gpu_position_grad --model gpt --variants broadcast,add \
         --steps 50 --windows 5
+      # dlfx's XLA attention kernel against JAX's on a GPU (float32 char-GPT; CPU: 1.09-1.15x)
+      measure attention_kernels 90 python3 -m benchmarks.attention_kernels --steps 20 --windows 5
     else
       # GPT-2-small shape: dlfx bare/runner/baseline with MFU, then the PyTorch peer (bf16 autocast, SDPA,
       # fused AdamW, torch.compile) on the same card

@@ -47,7 +47,8 @@ NOT_READ = NEVER_PULLED + ("events", "plots")  # what readers do not need
 
 
 SCHEMES = ("gs", "s3", "az", "hf")  # the URL schemes etils.epath reaches
-_MISTYPED = re.compile(r"(?i)(gs|gcs|s3|az|hf|file|https?):(?!//)")  # gs:/x, gs:x: read as URLs downstream
+# read as URLs downstream: a scheme and one slash (gs:/x; epath drops a leading ./), or gs:x / s3:x (tensorboardX)
+_MISTYPED = re.compile(r"(?i:(gs|gcs|s3|az|hf|file|https?):/(?!/))|(gs|s3):")
 
 
 def is_remote(path: str) -> bool:
@@ -56,10 +57,12 @@ def is_remote(path: str) -> bool:
     path = str(path)
     scheme, sep, rest = path.partition("://")
     if not sep:
-        mistyped = _MISTYPED.match(os.path.normpath(path))  # ./gs:/x too: epath drops the ./
+        mistyped = _MISTYPED.match(os.path.normpath(path))
         if mistyped:
-            raise ConfigError(f"{path!r} looks like a mistyped URL: write {mistyped[1].lower()}://BUCKET/... (a local "
-                              f"folder's name cannot begin with {mistyped[0]})")
+            scheme = (mistyped[1] or mistyped[2]).lower()
+            url = f"write {'gs' if scheme == 'gcs' else scheme}://BUCKET/..., or " if scheme in SCHEMES + ("gcs",) \
+                else ""
+            raise ConfigError(f"{path!r} looks like a mistyped URL: {url}give a local folder as an absolute path")
         return False
     if scheme not in SCHEMES:
         hint = " (in lower case)" if scheme.lower() in SCHEMES else " (write gs://)" if scheme.lower() == "gcs" else ""

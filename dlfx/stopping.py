@@ -60,9 +60,10 @@ def on_process_zero(check: Callable[[], None]) -> None:
     if jax.process_index() == 0:
         try:
             check()
-        except DlfxError as e:
+        except BaseException as e:  # any error: the others must still hear of it
             error = e
-    if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(np.int32(error is not None)) and not error:
+    if jax.process_count() > 1 and multihost_utils.broadcast_one_to_all(np.int32(error is not None)) \
+            and error is None:
         raise DlfxError(f"process 0 stopped the run (its error line says why); this is process {jax.process_index()}")
     if error is not None:
         raise error

@@ -279,10 +279,12 @@ def test_urls_dlfx_cannot_reach_are_one_line_errors_and_one_folder_has_one_spell
     monkeypatch.chdir(tmp_path)
     for url, message in [("GS://bucket/x", "not GS://"), ("gcs://bucket/x", "not gcs://"), ("file:///x", "not file://"),
                          ("gs:/x", "looks like a mistyped URL: write gs://"), ("./gs:/x", "mistyped URL"),
-                         ("gs:x", "mistyped URL"), ("gs://", "names no bucket")]:
+                         ("gs:x", "mistyped URL"), ("file:/x", "mistyped URL: give a local folder as an absolute"),
+                         ("gs://", "names no bucket")]:
         with pytest.raises(ConfigError, match=re.escape(message)):
             runner.train(_config(repo_root, tmp_path, "train.steps=2"), url)
         assert cli.main(["runs", url]) == 2 and message in capsys.readouterr().err
+    assert not any(remote.is_remote(path) for path in ("hf:x", "file:x", "GS:x", "https_runs", "/abs/gs:/x"))
     assert cli.main(["plot", "gs://bucket/none", "-o", "gs://"]) == 2
     assert not os.path.exists(tmp_path / "gs:") and not list(gcs.iterdir())
 

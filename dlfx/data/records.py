@@ -10,6 +10,7 @@ augmented per record like `image_folder`. `meta.json`: `kind` (`images` or `arra
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 from typing import Any
@@ -109,14 +110,14 @@ def array_record(path: str = "", image_size: int = 224, normalize: str = "imagen
     missing = [p for shards in splits.values() for p in shards if not os.path.isfile(p)]
     if missing:
         raise DataError(f"{missing[0]} (listed in {meta_path}) does not exist")
-    every = [p for shards in splits.values() for p in shards]
-    twice = sorted({p for p in every if every.count(p) > 1})
+    listed_times = collections.Counter(os.path.normpath(p) for shards in splits.values() for p in shards)
+    twice = sorted(p for p, times in listed_times.items() if times > 1)
     if twice:  # its examples would be read twice an epoch, or be both trained and evaluated on
         raise DataError(f"{meta_path} lists {os.path.basename(twice[0])} more than once")
     sources = {prefix: _open(shards, meta_path) for prefix, shards in splits.items()}
     for prefix, source in sources.items():
         expected = meta["splits"][prefix].get("num_examples")
-        if isinstance(expected, int) and expected != len(source):  # a shard left out of (or added to) the list
+        if isinstance(expected, int) and not isinstance(expected, bool) and expected != len(source):  # a shard left out of (or added to) the list
             raise DataError(f"{meta_path}: splits.{prefix} says {expected} examples but its shards hold "
                             f"{len(source)}: is its shard list complete?")
     metadata: dict[str, Any] = {"kind": kind}

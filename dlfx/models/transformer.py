@@ -73,7 +73,7 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array 
     gets the unnormalised weights, which it scales like the normalised ones; `record` gets the weights.
     """
     q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
-    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+    scores = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) / math.sqrt(q.shape[-1])
     if mask is not None:  # every row keeps a key (its own position), so no row is all -1e30
         scores = scores + jnp.where(mask, 0.0, -1e30)
     exps = jnp.exp(scores - lax.stop_gradient(scores.max(axis=-1, keepdims=True)))  # softmax is shift-invariant
@@ -83,7 +83,7 @@ def softmax_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array 
     weights = exps.astype(v.dtype)
     if drop is not None:
         weights = drop(weights)
-    out = jnp.einsum("bhqk,bhkd->bhqd", weights, v).astype(jnp.float32) / totals
+    out = jnp.einsum("bhqk,bhkd->bhqd", weights, v, preferred_element_type=jnp.float32) / totals  # f32: unnormalised
     return out.astype(v.dtype).transpose(0, 2, 1, 3)
 
 
