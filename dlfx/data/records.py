@@ -117,7 +117,8 @@ def array_record(path: str = "", image_size: int = 224, normalize: str = "imagen
     sources = {prefix: _open(shards, meta_path) for prefix, shards in splits.items()}
     for prefix, source in sources.items():
         expected = meta["splits"][prefix].get("num_examples")
-        if isinstance(expected, int) and not isinstance(expected, bool) and expected != len(source):  # a shard left out of (or added to) the list
+        # a shard left out of (or added to) the list
+        if isinstance(expected, int) and not isinstance(expected, bool) and expected != len(source):
             raise DataError(f"{meta_path}: splits.{prefix} says {expected} examples but its shards hold "
                             f"{len(source)}: is its shard list complete?")
     metadata: dict[str, Any] = {"kind": kind}
