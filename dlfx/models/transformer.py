@@ -135,9 +135,12 @@ class SelfAttention(nn.Module):
                 from_cache = True
         causal = self.causal or self.decode
         mask = (k_pos[None, :] <= q_pos[:, None])[None, None] if causal else None  # (1, 1, q, k)
-        explicit = self.is_mutable_collection("intermediates") or (train and self.dropout_rate > 0)
-        kernel = "xla" if explicit or from_cache else fused_implementation(self.attention, q.dtype, head_dim,
-                                                                              length, train)
+        record = functools.partial(self.sow, "intermediates", "attention_weights") \
+            if self.is_mutable_collection("intermediates") else None
+        drop = Dropout(self.dropout_rate, deterministic=not train) if train and self.dropout_rate > 0 else None
+        weights_needed = record is not None or drop is not None
+        kernel = "xla" if weights_needed or from_cache else fused_implementation(self.attention, q.dtype, head_dim,
+                                                                                    length, train)
         if kernel == "splash" and self.decode:
             kernel = "xla"  # sampling: the cache's first call and prompts of any length
         if kernel == "splash":
@@ -145,9 +148,6 @@ class SelfAttention(nn.Module):
         elif kernel == "cudnn":
             out = jax.nn.dot_product_attention(q, k, v, is_causal=causal, implementation="cudnn")
         else:
-            record = functools.partial(self.sow, "intermediates", "attention_weights") \
-                if self.is_mutable_collection("intermediates") else None
-            drop = Dropout(self.dropout_rate, deterministic=not train) if train and self.dropout_rate > 0 else None
             out = softmax_attention(q, k, v, mask, drop, record)
         out = out.reshape(batch, length, embed)
         return dense(embed, name="proj")(out)
